@@ -1,0 +1,1 @@
+"""LightningDataModules for what the l2c trainers consume."""

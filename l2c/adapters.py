@@ -1,0 +1,126 @@
+"""Find the cacheable branches of a diffusers transformer and describe the model as a `ModelSpec`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from torch import nn
+
+BRANCH_NAMES = ("attn1", "attn2", "ff")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The fingerprint a policy is made for: what must match for its plan to mean anything."""
+
+    family: str
+    num_blocks: int
+    branches: tuple[str, ...]
+    hidden_size: int
+    num_tokens: int | None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "branches": list(self.branches)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelSpec:
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - set(data))
+        extra = sorted(set(data) - names)
+        if missing or extra:
+            raise ValueError(f"model fingerprint: missing keys {missing}, unexpected keys {extra}")
+        return cls(**{**data, "branches": tuple(data["branches"])})
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One cacheable branch module: its block index, its name, and the module itself."""
+
+    block: int
+    name: str
+    module: nn.Module
+
+
+def resolve_denoiser(target: nn.Module | object) -> nn.Module:
+    """The denoiser of a pipeline (`pipe.transformer`, else `pipe.unet`), or the module itself."""
+    if isinstance(target, nn.Module):
+        return target
+    for attr in ("transformer", "unet"):
+        module = getattr(target, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise TypeError(
+        f"cannot find a denoiser in {type(target).__name__}: expected an nn.Module or a pipeline "
+        "with a `transformer` or `unet` attribute"
+    )
+
+
+def _family(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name == "DiTTransformer2DModel":
+        return "dit"
+    if name == "PixArtTransformer2DModel":
+        return "pixart"
+    return "generic"
+
+
+def find_blocks(model: nn.Module) -> list[BasicTransformerBlock]:
+    """The transformer blocks in execution order (`transformer_blocks`, else every BasicTransformerBlock)."""
+    blocks = getattr(model, "transformer_blocks", None)
+    if isinstance(blocks, nn.ModuleList) and all(isinstance(b, BasicTransformerBlock) for b in blocks):
+        return list(blocks)
+    found = [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+    if not found:
+        raise TypeError(
+            f"{type(model).__name__} has no BasicTransformerBlock: l2c caches diffusers DiT, PixArt and "
+            "BasicTransformerBlock-based models"
+        )
+    return found
+
+
+def branch_names(model: nn.Module) -> tuple[str, ...]:
+    """Branch names present in every block (attn2 only where blocks have cross-attention)."""
+    blocks = find_blocks(model)
+    return tuple(name for name in BRANCH_NAMES if all(getattr(b, name, None) is not None for b in blocks))
+
+
+def find_branches(model: nn.Module) -> list[Branch]:
+    names = branch_names(model)
+    return [Branch(i, name, getattr(block, name)) for i, block in enumerate(find_blocks(model)) for name in names]
+
+
+def _num_tokens(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    sample_size = getattr(config, "sample_size", None)
+    patch_size = getattr(config, "patch_size", None)
+    if isinstance(sample_size, int) and isinstance(patch_size, int) and _family(model) != "generic":
+        return (sample_size // patch_size) ** 2
+    return None
+
+
+def model_spec(target: nn.Module | object) -> ModelSpec:
+    model = resolve_denoiser(target)
+    blocks = find_blocks(model)
+    return ModelSpec(
+        family=_family(model),
+        num_blocks=len(blocks),
+        branches=branch_names(model),
+        hidden_size=int(blocks[0].attn1.to_q.in_features),
+        num_tokens=_num_tokens(model),
+    )
+
+
+def token_partial_supported(branch: Branch) -> bool:
+    """Whether a branch's output for a token depends only on that token (plus full keys for attention)."""
+    if branch.name == "ff":
+        return True
+    attn = branch.module
+    return not any(
+        getattr(attn, attr, None) for attr in ("group_norm", "spatial_norm", "residual_connection", "norm_cross")
+    )
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device

@@ -1,0 +1,58 @@
+"""What a policy decides: for every sampling step, block and branch, compute, reuse or partial."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+
+class Action(IntEnum):
+    COMPUTE = 0  # run the branch, store its output
+    REUSE = 1  # return the output stored at the last step that computed this branch
+    PARTIAL = 2  # recompute a share of the tokens, reuse the rest
+
+
+@dataclass
+class Plan:
+    """Dense decision table: `actions[step, block, branch]`, `token_ratio` for PARTIAL slots."""
+
+    actions: torch.Tensor  # int8 [steps, blocks, branches]
+    token_ratio: torch.Tensor  # float32 [steps, blocks, branches], in (0, 1] where PARTIAL
+
+    @classmethod
+    def full(cls, num_steps: int, num_blocks: int, num_branches: int) -> Plan:
+        shape = (num_steps, num_blocks, num_branches)
+        return cls(torch.zeros(shape, dtype=torch.int8), torch.ones(shape, dtype=torch.float32))
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.actions.shape[0])
+
+    def validate(self, num_steps: int, num_blocks: int, num_branches: int, source: str = "plan") -> None:
+        """Raise ValueError naming the field at fault; a plan that passes can always be executed."""
+        expected = (num_steps, num_blocks, num_branches)
+        for name, tensor in (("actions", self.actions), ("token_ratio", self.token_ratio)):
+            if tuple(tensor.shape) != expected:
+                raise ValueError(
+                    f"{source}: field '{name}' has shape {tuple(tensor.shape)}, expected "
+                    f"(steps, blocks, branches) = {expected}"
+                )
+        if self.actions.dtype.is_floating_point or self.actions.dtype == torch.bool:
+            raise ValueError(f"{source}: field 'actions' must hold integers, got {self.actions.dtype}")
+        valid = {int(a) for a in Action}
+        found = set(torch.unique(self.actions).tolist())
+        if not found <= valid:
+            raise ValueError(f"{source}: field 'actions' holds {sorted(found - valid)}, expected codes {sorted(valid)}")
+        if num_steps and bool((self.actions[0] != Action.COMPUTE).any()):
+            raise ValueError(f"{source}: field 'actions' must compute every branch at step 0 (nothing is cached yet)")
+        partial = self.actions == Action.PARTIAL
+        ratios = self.token_ratio[partial]
+        if not torch.isfinite(self.token_ratio).all() or bool(((ratios <= 0) | (ratios > 1)).any()):
+            raise ValueError(f"{source}: field 'token_ratio' must be finite and in (0, 1] on partial slots")
+
+    def compute_fraction(self) -> float:
+        """Share of branch slots whose work is done (partial counts its token ratio)."""
+        work = (self.actions == Action.COMPUTE).float() + (self.actions == Action.PARTIAL).float() * self.token_ratio
+        return float(work.mean()) if work.numel() else 1.0

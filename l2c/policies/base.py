@@ -1,0 +1,116 @@
+"""What every caching policy shares: a plan builder, the model it was made for, apply and save."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ..adapters import ModelSpec
+from ..plan import Plan
+from ..runtime import CacheRuntime, TokenSelector, stalest_tokens
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class PolicyTarget:
+    """The model, scheduler and exact timesteps a saved policy was made for."""
+
+    model: ModelSpec
+    scheduler: str | None
+    timesteps: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.to_dict(),
+            "scheduler": {"class": self.scheduler, "num_steps": len(self.timesteps), "timesteps": list(self.timesteps)},
+        }
+
+
+@dataclass
+class CachePolicy:
+    """Base of every policy: subclasses are dataclasses of their knobs and implement `build_plan`."""
+
+    kind: ClassVar[str]
+    target: PolicyTarget | None = field(default=None, kw_only=True, repr=False)
+    provenance: dict = field(default_factory=dict, kw_only=True, repr=False)
+
+    # -- what subclasses provide ----------------------------------------------------------------
+    def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
+        raise NotImplementedError
+
+    def token_selector(self) -> TokenSelector:
+        return stalest_tokens
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Learned tensors saved beside the plan in `policy.safetensors` (none for rule-based policies)."""
+        return {}
+
+    @classmethod
+    def from_artifact(cls, params: dict, tensors: dict[str, torch.Tensor], target: PolicyTarget) -> CachePolicy:
+        return cls(**params, target=target)
+
+    # -- shared ---------------------------------------------------------------------------------
+    def params(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and not f.kw_only}
+
+    @property
+    def timesteps(self) -> tuple[float, ...] | None:
+        return None if self.target is None else self.target.timesteps
+
+    def describe(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.kind}:{args}" if args else self.kind
+
+    def plan_for(self, spec: ModelSpec, timesteps: torch.Tensor) -> Plan:
+        plan = self.build_plan(spec, len(timesteps))
+        plan.validate(len(timesteps), spec.num_blocks, len(spec.branches), source=f"policy {self.describe()!r}")
+        return plan
+
+    def check_model(self, spec: ModelSpec, pipeline: object | None = None) -> None:
+        """Raise ValueError naming the first field where the model differs from the policy's target."""
+        if self.target is None:
+            return
+        mine = self.target.model
+        for name in ("num_blocks", "branches", "hidden_size", "num_tokens"):
+            ours, theirs = getattr(mine, name), getattr(spec, name)
+            if ours != theirs:
+                raise ValueError(
+                    f"policy does not fit this model: field '{name}' is {ours!r} in the policy, "
+                    f"{theirs!r} in the model ({type_name(spec)})"
+                )
+        scheduler = getattr(pipeline, "scheduler", None)
+        if scheduler is not None and self.target.scheduler is not None:
+            if type(scheduler).__name__ != self.target.scheduler:
+                raise ValueError(
+                    f"policy does not fit this pipeline: field 'scheduler' is {self.target.scheduler!r} in the "
+                    f"policy, {type(scheduler).__name__!r} in the pipeline"
+                )
+
+    def bind(self, model: nn.Module | object, timesteps: torch.Tensor | list, scheduler: str | None) -> CachePolicy:
+        """A copy of this policy tied to a model, a scheduler class and exact timesteps (needed to save)."""
+        from ..adapters import model_spec
+
+        bound = copy.copy(self)
+        values = tuple(float(t) for t in torch.as_tensor(timesteps).flatten().tolist())
+        bound.target = PolicyTarget(model_spec(model), scheduler, values)
+        return bound
+
+    def apply(self, target: nn.Module | object, timesteps: torch.Tensor | list | None = None) -> CacheRuntime:
+        """Hook a pipeline (or its denoiser); returns the runtime, whose `remove()` undoes everything."""
+        return CacheRuntime(target, self, timesteps=timesteps)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from ..policy_io import save_policy
+
+        return save_policy(self, directory)
+
+
+def type_name(spec: ModelSpec) -> str:
+    return f"{spec.family}, {spec.num_blocks} blocks"

@@ -1,0 +1,216 @@
+"""The policy artifact: a directory with `config.json` and `policy.safetensors`; never a pickle.
+
+Loading checks everything it reads and raises `PolicyFormatError` naming the file, the field, the
+value found and what was expected. Saving writes into a temporary sibling directory and renames
+it into place, so a crash never leaves a half-written policy that loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import typing
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapters import ModelSpec
+from .plan import Plan
+from .policies import POLICY_KINDS, CachePolicy, PolicyTarget
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "policy.safetensors"
+CONFIG_KEYS = {"format_version", "kind", "params", "model", "scheduler", "provenance"}
+SCHEDULER_KEYS = {"class", "num_steps", "timesteps"}
+PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle protocol header, or torch.save's zip container
+
+
+class PolicyFormatError(ValueError):
+    """A policy file that is not what l2c writes: the message names file, field, value and expectation."""
+
+
+def save_policy(policy: CachePolicy, directory: str | Path) -> Path:
+    if policy.target is None:
+        raise ValueError(
+            f"policy {policy.describe()!r} is not bound to a model: call policy.bind(model, timesteps, "
+            "scheduler) before save_pretrained"
+        )
+    directory = Path(directory)
+    target = policy.target
+    plan = policy.plan_for(target.model, torch.tensor(target.timesteps))
+    config = {
+        "format_version": FORMAT_VERSION,
+        "kind": policy.kind,
+        "params": policy.params(),
+        **target.to_dict(),
+        "provenance": policy.provenance,
+    }
+    tensors = {"plan.actions": plan.actions, "plan.token_ratio": plan.token_ratio, **policy.tensors()}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(staging / WEIGHTS_NAME))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_policy(source: str | Path) -> CachePolicy:
+    """A policy from a preset name (`static:interval=2`), a local directory, or a hub repository id."""
+    text = str(source)
+    name = text.split(":", 1)[0]
+    if name in POLICY_KINDS and not Path(text).exists():
+        return parse_preset(text)
+    path = Path(text)
+    if not path.exists():
+        path = _download(text)
+    return _load_directory(path)
+
+
+def parse_preset(text: str) -> CachePolicy:
+    """`kind[:key=value,...]` → a policy; values are converted to the field's declared type."""
+    name, _, rest = text.partition(":")
+    if name not in POLICY_KINDS:
+        raise ValueError(f"unknown policy {name!r}: expected one of {sorted(POLICY_KINDS)} or a policy directory")
+    cls = POLICY_KINDS[name]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init and not f.kw_only}
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"policy {name!r}: unknown option {item!r}; options are {sorted(fields)} as key=value")
+        params[key] = _convert(name, key, value, hints[key])
+    return cls(**params)
+
+
+def _convert(policy: str, key: str, value: str, hint: object) -> object:
+    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    try:
+        if base is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        return base(value) if base in (int, float, str) else json.loads(value)
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"policy {policy!r}: option {key!r} expects {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def _download(repo_id: str) -> Path:
+    if repo_id.count("/") != 1:
+        raise FileNotFoundError(f"policy {repo_id!r}: no such directory, preset or hub repository id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except Exception as error:  # noqa: BLE001 - hub errors come in many classes; report the cause
+        raise FileNotFoundError(f"policy {repo_id!r}: not a local directory, and the hub download failed: {error}")
+
+
+def _fail(path: Path, field: str, value: object, expected: str) -> typing.NoReturn:
+    raise PolicyFormatError(f"{path}: field '{field}' is {value!r}, expected {expected}")
+
+
+def _read_config(path: Path) -> dict:
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise PolicyFormatError(f"{file}: missing; a policy directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PolicyFormatError(f"{file}: not valid JSON ({error})")
+    if not isinstance(config, dict):
+        _fail(file, "<root>", type(config).__name__, "a JSON object")
+    missing, extra = sorted(CONFIG_KEYS - set(config)), sorted(set(config) - CONFIG_KEYS)
+    if missing or extra:
+        raise PolicyFormatError(f"{file}: missing keys {missing}, unexpected keys {extra}; expected {sorted(CONFIG_KEYS)}")
+    version = config["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        _fail(file, "format_version", version, "a positive integer")
+    if version > FORMAT_VERSION:
+        _fail(file, "format_version", version, f"≤ {FORMAT_VERSION} (written by a newer l2c; upgrade l2c)")
+    if config["kind"] not in POLICY_KINDS:
+        _fail(file, "kind", config["kind"], f"one of {sorted(POLICY_KINDS)}")
+    for key, kind in (("params", dict), ("model", dict), ("scheduler", dict), ("provenance", dict)):
+        if not isinstance(config[key], kind):
+            _fail(file, key, config[key], f"a JSON object")
+    return config
+
+
+def _read_target(file: Path, config: dict) -> PolicyTarget:
+    try:
+        model = ModelSpec.from_dict(config["model"])
+    except (ValueError, TypeError) as error:
+        raise PolicyFormatError(f"{file}: field 'model': {error}")
+    for name, kind in (("num_blocks", int), ("hidden_size", int), ("family", str)):
+        if not isinstance(getattr(model, name), kind):
+            _fail(file, f"model.{name}", getattr(model, name), kind.__name__)
+    scheduler = config["scheduler"]
+    missing, extra = sorted(SCHEDULER_KEYS - set(scheduler)), sorted(set(scheduler) - SCHEDULER_KEYS)
+    if missing or extra:
+        raise PolicyFormatError(f"{file}: field 'scheduler': missing keys {missing}, unexpected keys {extra}")
+    timesteps = scheduler["timesteps"]
+    if not isinstance(timesteps, list) or not timesteps or not all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) for t in timesteps
+    ):
+        _fail(file, "scheduler.timesteps", timesteps, "a non-empty list of numbers")
+    if scheduler["num_steps"] != len(timesteps):
+        _fail(file, "scheduler.num_steps", scheduler["num_steps"], f"{len(timesteps)} (the length of timesteps)")
+    return PolicyTarget(model, scheduler["class"], tuple(float(t) for t in timesteps))
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        raise PolicyFormatError(f"{file}: missing; a policy directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    with open(file, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(PICKLE_MAGIC):
+        raise PolicyFormatError(f"{file}: is a pickle / torch.save file; l2c never unpickles a policy (expected safetensors)")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise PolicyFormatError(f"{file}: not a readable safetensors file ({error})")
+
+
+def _load_directory(path: Path) -> CachePolicy:
+    config = _read_config(path)
+    file = path / CONFIG_NAME
+    target = _read_target(file, config)
+    tensors = _read_tensors(path)
+    cls = POLICY_KINDS[config["kind"]]
+    try:
+        policy = cls.from_artifact(config["params"], tensors, target)
+    except (TypeError, ValueError) as error:
+        raise PolicyFormatError(f"{file}: field 'params' {config['params']!r} does not make a {cls.kind} policy: {error}")
+    policy.provenance = config["provenance"]
+    _check_plan(path, policy, tensors)
+    return policy
+
+
+def _check_plan(path: Path, policy: CachePolicy, tensors: dict[str, torch.Tensor]) -> None:
+    file = path / WEIGHTS_NAME
+    for key in ("plan.actions", "plan.token_ratio"):
+        if key not in tensors:
+            _fail(file, key, None, "a tensor (the plan the policy was saved with)")
+    target = policy.target
+    saved = Plan(tensors["plan.actions"], tensors["plan.token_ratio"])
+    try:
+        saved.validate(len(target.timesteps), target.model.num_blocks, len(target.model.branches), source=str(file))
+    except ValueError as error:
+        raise PolicyFormatError(str(error))
+    plan = policy.plan_for(target.model, torch.tensor(target.timesteps))
+    if not torch.equal(plan.actions.to(saved.actions.dtype), saved.actions) or not torch.allclose(
+        plan.token_ratio, saved.token_ratio.float()
+    ):
+        raise PolicyFormatError(f"{file}: field 'plan.actions' disagrees with the plan its config.json describes")

@@ -1,0 +1,297 @@
+"""The cache runtime: diffusers hooks that execute a policy's plan on every branch of every block.
+
+One `CacheRuntime` per application of a policy to one model. Its state lives on its hooks (one
+`TrajectoryState` per diffusers cache context), never on a class or in a global, so two models in
+one process never share anything. Outputs are stored before the block's adaLN gate because the
+hooks sit on the branch modules (`attn1`, `attn2`, `ff`) that the block then gates.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+from torch import nn
+
+from .adapters import Branch, ModelSpec, find_branches, model_spec, resolve_denoiser, token_partial_supported
+from .plan import Action, Plan
+
+if TYPE_CHECKING:
+    from .policies.base import CachePolicy
+
+STEP_HOOK = "l2c_step"
+BRANCH_HOOK = "l2c_branch"
+DEFAULT_CONTEXT = "default"
+
+
+@dataclass
+class BranchStore:
+    """A branch's cached output for one trajectory, and each token's age in steps since computed."""
+
+    output: torch.Tensor | None = None  # [batch, tokens, channels]
+    age: torch.Tensor | None = None  # [batch, tokens], int64
+
+
+@dataclass
+class TrajectoryState(BaseState):
+    """Per-trajectory (and per diffusers cache context) cache: reset whenever a new sampling run starts."""
+
+    step: int = -1
+    batch_size: int | None = None
+    stores: dict[tuple[int, str], BranchStore] = field(default_factory=dict)
+
+    def reset(self, *args, **kwargs) -> None:
+        self.step = -1
+        self.batch_size = None
+        self.stores.clear()
+
+
+@dataclass(frozen=True)
+class SelectionRequest:
+    """What a token selector sees for one partial branch execution."""
+
+    step: int
+    block: int
+    branch: str
+    inputs: torch.Tensor  # the branch input [batch, tokens, channels]
+    store: BranchStore
+    num_selected: int
+
+
+TokenSelector = Callable[[SelectionRequest], torch.Tensor]  # -> indices [batch, num_selected]
+
+
+def stalest_tokens(request: SelectionRequest) -> torch.Tensor:
+    """Recompute the tokens computed longest ago (ties: lowest index first); needs no extra work."""
+    order = torch.argsort(request.store.age, dim=1, descending=True, stable=True)
+    return order[:, : request.num_selected]
+
+
+def _timestep_argument(model: nn.Module) -> Callable[[tuple, dict], torch.Tensor]:
+    signature = inspect.signature(model.forward)
+    if "timestep" not in signature.parameters:
+        raise TypeError(f"{type(model).__name__}.forward takes no `timestep`; l2c cannot tell which step runs")
+
+    def read(args: tuple, kwargs: dict) -> torch.Tensor:
+        bound = signature.bind_partial(*args, **kwargs)
+        value = bound.arguments.get("timestep")
+        if value is None:
+            raise ValueError(f"{type(model).__name__} was called without `timestep`; l2c needs it to pick the step")
+        return torch.as_tensor(value)
+
+    return read
+
+
+class StepTrackerHook(ModelHook):
+    """On the denoiser: maps the called timestep to a step index and opens the matching trajectory state."""
+
+    _is_stateful = True
+
+    def __init__(self, runtime: CacheRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.states = StateManager(TrajectoryState)
+        self.read_timestep = _timestep_argument(runtime.model)
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
+        timestep = self.read_timestep(args, kwargs)
+        step = self.runtime.step_of(timestep)
+        if self.states._context is None:
+            self.states.set_context(_default_context())
+        state = self.states.get_state()
+        batch_size = _batch_size(args, kwargs)
+        if step <= state.step:
+            state.reset()
+        if state.batch_size is not None and state.batch_size != batch_size:
+            raise ValueError(
+                f"batch size changed from {state.batch_size} to {batch_size} inside one sampling run "
+                f"(step {step}); the cache holds one row per sample"
+            )
+        state.step, state.batch_size = step, batch_size
+        self.runtime.current = state
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        self.runtime.current = None
+        return output
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.states.reset()
+        return module
+
+
+def _default_context():
+    from diffusers.hooks.hooks import CacheContext
+
+    return CacheContext(DEFAULT_CONTEXT)
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return int(hidden.shape[0])
+
+
+class BranchHook(ModelHook):
+    """On one branch module: executes the current step's action for this (block, branch)."""
+
+    def __init__(self, runtime: CacheRuntime, branch: Branch, branch_index: int) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.branch = branch
+        self.branch_index = branch_index
+        self.partial_ok = token_partial_supported(branch)
+
+    def new_forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
+        original = self.fn_ref.original_forward
+        state = self.runtime.current
+        if state is None:  # branch called outside the denoiser's forward: leave it alone
+            return original(*args, **kwargs)
+        key = (self.branch.block, self.branch.name)
+        store = state.stores.setdefault(key, BranchStore())
+        action, ratio = self.runtime.decision(state.step, self.branch.block, self.branch_index)
+        if action != Action.COMPUTE and store.output is None:
+            raise RuntimeError(
+                f"plan asks to {action.name.lower()} block {self.branch.block} {self.branch.name} at step "
+                f"{state.step}, but no step of this run computed it yet"
+            )
+        self.runtime.executed[action] += 1
+        if action == Action.REUSE:
+            store.age += 1
+            return store.output
+        if action == Action.PARTIAL:
+            return self._partial(original, store, state.step, ratio, args, kwargs)
+        output = original(*args, **kwargs)
+        store.output = output
+        store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
+        return output
+
+    def _partial(self, original, store: BranchStore, step: int, ratio: float, args: tuple, kwargs: dict):
+        if not self.partial_ok:
+            raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot be recomputed token by token")
+        args = list(args)
+        hidden = args.pop(0) if args else kwargs.pop("hidden_states")
+        num_tokens = hidden.shape[1]
+        count = max(1, min(num_tokens, round(ratio * num_tokens)))
+        request = SelectionRequest(step, self.branch.block, self.branch.name, hidden, store, count)
+        index = self.runtime.selector(request)
+        selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        if self.branch.name == "attn1":
+            if kwargs.get("attention_mask") is not None:
+                raise RuntimeError("partial self-attention with an attention mask is not supported")
+            # Selected tokens are the queries; keys and values come from every token of this step.
+            kwargs["encoder_hidden_states"] = hidden
+        fresh = original(selected, *args, **kwargs)
+        output = store.output.scatter(1, index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]), fresh)
+        store.output = output
+        store.age = (store.age + 1).scatter(1, index, 0)
+        return output
+
+
+class CacheRuntime:
+    """A policy applied to one model: owns the hooks, the step table and the resolved plan."""
+
+    def __init__(
+        self,
+        target: nn.Module | object,
+        policy: CachePolicy,
+        timesteps: torch.Tensor | list | None = None,
+    ) -> None:
+        self.model = resolve_denoiser(target)
+        self.pipeline = None if isinstance(target, nn.Module) else target
+        self.policy = policy
+        self.spec: ModelSpec = model_spec(self.model)
+        policy.check_model(self.spec, self.pipeline)
+        self.branches = find_branches(self.model)
+        self.branch_names = self.spec.branches
+        self.selector: TokenSelector = policy.token_selector()
+        self.current: TrajectoryState | None = None
+        self.executed: Counter[Action] = Counter()
+        self._timesteps: torch.Tensor | None = None
+        self._plan: Plan | None = None
+        if timesteps is not None:
+            self._bind(torch.as_tensor(timesteps))
+        elif policy.timesteps is not None:
+            self._bind(torch.as_tensor(policy.timesteps))
+        self._attach()
+
+    # -- steps and plan ---------------------------------------------------------------------------
+    def _bind(self, timesteps: torch.Tensor) -> None:
+        self._timesteps = timesteps.detach().to("cpu", torch.float64).flatten()
+        self._plan = self.policy.plan_for(self.spec, self._timesteps)
+        self._actions = self._plan.actions.tolist()
+        self._ratios = self._plan.token_ratio.tolist()
+
+    @property
+    def plan(self) -> Plan | None:
+        return self._plan
+
+    def step_of(self, timestep: torch.Tensor) -> int:
+        values = timestep.detach().flatten().to("cpu", torch.float64)
+        if values.numel() == 0:
+            raise ValueError("empty timestep tensor")
+        if not bool((values == values[0]).all()):
+            raise ValueError(f"samples in one batch are at different timesteps {values.unique().tolist()}")
+        value = float(values[0])
+        index = self._lookup(value)
+        if index is None and self.pipeline is not None and self.policy.timesteps is None:
+            scheduler_steps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
+            if scheduler_steps is not None:
+                self._bind(torch.as_tensor(scheduler_steps))
+                index = self._lookup(value)
+        if index is None:
+            known = None if self._timesteps is None else [round(t, 4) for t in self._timesteps.tolist()]
+            raise ValueError(
+                f"field 'timesteps': the model was called at timestep {value:g}, which is not in the policy's "
+                f"timestep table {known}; pass the sampling timesteps to apply(..., timesteps=...) or sample "
+                "with the scheduler and step count the policy was made for"
+            )
+        return index
+
+    def _lookup(self, value: float) -> int | None:
+        if self._timesteps is None:
+            return None
+        hits = torch.nonzero(torch.isclose(self._timesteps, torch.tensor(value, dtype=torch.float64), atol=1e-4))
+        return int(hits[0, 0]) if len(hits) else None
+
+    def decision(self, step: int, block: int, branch_index: int) -> tuple[Action, float]:
+        return Action(self._actions[step][block][branch_index]), self._ratios[step][block][branch_index]
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        modules = [self.model] + [b.module for b in self.branches]
+        for module in modules:
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and (registry.get_hook(STEP_HOOK) or registry.get_hook(BRANCH_HOOK)):
+                raise RuntimeError("this model already has an l2c policy applied; call remove() first")
+        self._saved = [(m, "forward" in m.__dict__, "_diffusers_hook" in m.__dict__) for m in modules]
+        HookRegistry.check_if_exists_or_initialize(self.model).register_hook(StepTrackerHook(self), STEP_HOOK)
+        index = {name: i for i, name in enumerate(self.branch_names)}
+        for branch in self.branches:
+            registry = HookRegistry.check_if_exists_or_initialize(branch.module)
+            registry.register_hook(BranchHook(self, branch, index[branch.name]), BRANCH_HOOK)
+        HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
+
+    def remove(self) -> None:
+        """Detach every hook and put each module back exactly as it was before `apply`."""
+        for module, had_forward, had_registry in self._saved:
+            registry = module._diffusers_hook
+            for name in (STEP_HOOK, BRANCH_HOOK):
+                registry.remove_hook(name, recurse=False)
+            if not had_forward and not registry.hooks:
+                module.__dict__.pop("forward", None)
+            if not had_registry and not registry.hooks:
+                del module._diffusers_hook
+        self._saved = []
+        self.current = None
+
+    def __enter__(self) -> CacheRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
