@@ -103,7 +103,9 @@ def _convert(policy: str, key: str, value: str, hint: object) -> object:
             return value.lower() in ("true", "1")
         return base(value) if base in (int, float, str) else json.loads(value)
     except (ValueError, json.JSONDecodeError):
-        raise ValueError(f"policy {policy!r}: option {key!r} expects {getattr(base, '__name__', base)}, got {value!r}")
+        raise ValueError(
+            f"policy {policy!r}: option {key!r} expects {getattr(base, '__name__', base)}, got {value!r}"
+        ) from None
 
 
 def _download(repo_id: str) -> Path:
@@ -114,7 +116,9 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     except Exception as error:  # noqa: BLE001 - hub errors come in many classes; report the cause
-        raise FileNotFoundError(f"policy {repo_id!r}: not a local directory, and the hub download failed: {error}")
+        raise FileNotFoundError(
+            f"policy {repo_id!r}: not a local directory, and the hub download failed: {error}"
+        ) from error
 
 
 def _fail(path: Path, field: str, value: object, expected: str) -> typing.NoReturn:
@@ -128,12 +132,14 @@ def _read_config(path: Path) -> dict:
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PolicyFormatError(f"{file}: not valid JSON ({error})")
+        raise PolicyFormatError(f"{file}: not valid JSON ({error})") from error
     if not isinstance(config, dict):
         _fail(file, "<root>", type(config).__name__, "a JSON object")
     missing, extra = sorted(CONFIG_KEYS - set(config)), sorted(set(config) - CONFIG_KEYS)
     if missing or extra:
-        raise PolicyFormatError(f"{file}: missing keys {missing}, unexpected keys {extra}; expected {sorted(CONFIG_KEYS)}")
+        raise PolicyFormatError(
+            f"{file}: missing keys {missing}, unexpected keys {extra}; expected {sorted(CONFIG_KEYS)}"
+        )
     version = config["format_version"]
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         _fail(file, "format_version", version, "a positive integer")
@@ -143,7 +149,7 @@ def _read_config(path: Path) -> dict:
         _fail(file, "kind", config["kind"], f"one of {sorted(POLICY_KINDS)}")
     for key, kind in (("params", dict), ("model", dict), ("scheduler", dict), ("provenance", dict)):
         if not isinstance(config[key], kind):
-            _fail(file, key, config[key], f"a JSON object")
+            _fail(file, key, config[key], "a JSON object")
     return config
 
 
@@ -151,7 +157,7 @@ def _read_target(file: Path, config: dict) -> PolicyTarget:
     try:
         model = ModelSpec.from_dict(config["model"])
     except (ValueError, TypeError) as error:
-        raise PolicyFormatError(f"{file}: field 'model': {error}")
+        raise PolicyFormatError(f"{file}: field 'model': {error}") from error
     for name, kind in (("num_blocks", int), ("hidden_size", int), ("family", str)):
         if not isinstance(getattr(model, name), kind):
             _fail(file, f"model.{name}", getattr(model, name), kind.__name__)
@@ -160,8 +166,10 @@ def _read_target(file: Path, config: dict) -> PolicyTarget:
     if missing or extra:
         raise PolicyFormatError(f"{file}: field 'scheduler': missing keys {missing}, unexpected keys {extra}")
     timesteps = scheduler["timesteps"]
-    if not isinstance(timesteps, list) or not timesteps or not all(
-        isinstance(t, (int, float)) and not isinstance(t, bool) for t in timesteps
+    if (
+        not isinstance(timesteps, list)
+        or not timesteps
+        or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in timesteps)
     ):
         _fail(file, "scheduler.timesteps", timesteps, "a non-empty list of numbers")
     if scheduler["num_steps"] != len(timesteps):
@@ -176,11 +184,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     with open(file, "rb") as handle:
         head = handle.read(4)
     if head.startswith(PICKLE_MAGIC):
-        raise PolicyFormatError(f"{file}: is a pickle / torch.save file; l2c never unpickles a policy (expected safetensors)")
+        raise PolicyFormatError(
+            f"{file}: is a pickle / torch.save file; l2c never unpickles a policy (expected safetensors)"
+        )
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise PolicyFormatError(f"{file}: not a readable safetensors file ({error})")
+        raise PolicyFormatError(f"{file}: not a readable safetensors file ({error})") from error
 
 
 def _load_directory(path: Path) -> CachePolicy:
@@ -192,7 +202,9 @@ def _load_directory(path: Path) -> CachePolicy:
     try:
         policy = cls.from_artifact(config["params"], tensors, target)
     except (TypeError, ValueError) as error:
-        raise PolicyFormatError(f"{file}: field 'params' {config['params']!r} does not make a {cls.kind} policy: {error}")
+        raise PolicyFormatError(
+            f"{file}: field 'params' {config['params']!r} does not make a {cls.kind} policy: {error}"
+        ) from error
     policy.provenance = config["provenance"]
     _check_plan(path, policy, tensors)
     return policy
@@ -208,7 +220,7 @@ def _check_plan(path: Path, policy: CachePolicy, tensors: dict[str, torch.Tensor
     try:
         saved.validate(len(target.timesteps), target.model.num_blocks, len(target.model.branches), source=str(file))
     except ValueError as error:
-        raise PolicyFormatError(str(error))
+        raise PolicyFormatError(str(error)) from error
     plan = policy.plan_for(target.model, torch.tensor(target.timesteps))
     if not torch.equal(plan.actions.to(saved.actions.dtype), saved.actions) or not torch.allclose(
         plan.token_ratio, saved.token_ratio.float()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,9 @@ class StepTrackerHook(ModelHook):
         self.read_timestep = _timestep_argument(runtime.model)
 
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
+        if self.runtime.paused:
+            self.runtime.current = None
+            return args, kwargs
         timestep = self.read_timestep(args, kwargs)
         step = self.runtime.step_of(timestep)
         if self.states._context is None:
@@ -154,6 +158,8 @@ class BranchHook(ModelHook):
             return original(*args, **kwargs)
         key = (self.branch.block, self.branch.name)
         store = state.stores.setdefault(key, BranchStore())
+        if self.runtime.blend is not None and store.output is not None:
+            return self._blend(original, store, args, kwargs)
         action, ratio = self.runtime.decision(state.step, self.branch.block, self.branch_index)
         if action != Action.COMPUTE and store.output is None:
             raise RuntimeError(
@@ -170,6 +176,16 @@ class BranchHook(ModelHook):
         store.output = output
         store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
         return output
+
+    def _blend(self, original, store: BranchStore, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Training: g·f(x) + (1−g)·cached, differentiable in the gate g; the cache is left as it was."""
+        gate = self.runtime.blend[self.branch.block, self.branch_index]
+        if gate.ndim == 2:  # per (sample, token)
+            gate = gate.unsqueeze(-1)
+        elif gate.ndim == 1:  # per sample
+            gate = gate.view(-1, 1, 1)
+        fresh = original(*args, **kwargs)
+        return gate * fresh + (1 - gate) * store.output
 
     def _partial(self, original, store: BranchStore, step: int, ratio: float, args: tuple, kwargs: dict):
         if not self.partial_ok:
@@ -211,10 +227,14 @@ class CacheRuntime:
         self.branch_names = self.spec.branches
         self.selector: TokenSelector = policy.token_selector()
         self.current: TrajectoryState | None = None
+        # Training only: gates [blocks, branches(, batch(, tokens))] that blend fresh and cached outputs.
+        self.blend: torch.Tensor | None = None
+        self.paused = False
         self.executed: Counter[Action] = Counter()
         self._timesteps: torch.Tensor | None = None
         self._plan: Plan | None = None
         if timesteps is not None:
+            policy.check_timesteps(torch.as_tensor(timesteps))
             self._bind(torch.as_tensor(timesteps))
         elif policy.timesteps is not None:
             self._bind(torch.as_tensor(policy.timesteps))
@@ -289,6 +309,15 @@ class CacheRuntime:
                 del module._diffusers_hook
         self._saved = []
         self.current = None
+
+    @contextmanager
+    def pause(self) -> Iterator[None]:
+        """Run the model as if unhooked (trainers use it for teacher passes); cache state is kept."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
 
     def __enter__(self) -> CacheRuntime:
         return self

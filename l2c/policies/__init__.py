@@ -2,8 +2,9 @@
 
 from .base import CachePolicy, PolicyTarget
 from .full import FullPolicy
+from .learned import LayerRouterPolicy
 from .static import StaticPolicy
 
-POLICY_KINDS: dict[str, type[CachePolicy]] = {cls.kind: cls for cls in (FullPolicy, StaticPolicy)}
+POLICY_KINDS: dict[str, type[CachePolicy]] = {cls.kind: cls for cls in (FullPolicy, StaticPolicy, LayerRouterPolicy)}
 
-__all__ = ["POLICY_KINDS", "CachePolicy", "FullPolicy", "PolicyTarget", "StaticPolicy"]
+__all__ = ["POLICY_KINDS", "CachePolicy", "FullPolicy", "LayerRouterPolicy", "PolicyTarget", "StaticPolicy"]

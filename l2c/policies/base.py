@@ -93,6 +93,23 @@ class CachePolicy:
                     f"policy, {type(scheduler).__name__!r} in the pipeline"
                 )
 
+    def check_timesteps(self, timesteps: torch.Tensor) -> None:
+        """Raise ValueError if a run's step count or timesteps differ from the ones the policy was made for."""
+        if self.target is None:
+            return
+        ours = torch.tensor(self.target.timesteps, dtype=torch.float64)
+        theirs = timesteps.detach().flatten().to("cpu", torch.float64)
+        if len(ours) != len(theirs):
+            raise ValueError(
+                f"policy does not fit this run: field 'num_steps' is {len(ours)} in the policy, "
+                f"{len(theirs)} in the run"
+            )
+        if not torch.allclose(ours, theirs, atol=1e-4):
+            raise ValueError(
+                f"policy does not fit this run: field 'timesteps' is {[round(t, 4) for t in ours.tolist()]} in the "
+                f"policy, {[round(t, 4) for t in theirs.tolist()]} in the run"
+            )
+
     def bind(self, model: nn.Module | object, timesteps: torch.Tensor | list, scheduler: str | None) -> CachePolicy:
         """A copy of this policy tied to a model, a scheduler class and exact timesteps (needed to save)."""
         from ..adapters import model_spec

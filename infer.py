@@ -1,0 +1,138 @@
+"""Sample with a caching policy and report what it costs and what it changes.
+
+    python infer.py sample --model embedded:digits --policy static:interval=2 --steps 20 \
+        --scheduler ddim --num-samples 64 --seed 0 --out out/static2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from l2c.evaluate import SamplingSetup, SideBySide, report
+from l2c.models import SCHEDULERS, load_model
+from l2c.plots import save_comparison, save_grid, save_plan
+from l2c.policy_io import load_policy
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("sample", help="sample with a policy beside the uncached model and write a report")
+    run.add_argument("--model", default="embedded:digits", help="embedded:digits, a diffusers directory or a hub id")
+    run.add_argument("--policy", default="full", help="full | static:interval=2 | a policy directory | a hub id")
+    run.add_argument("--steps", type=positive_int, default=20)
+    run.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    run.add_argument("--num-samples", type=positive_int, default=64)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", type=Path, required=True, help="directory for report.json and the PNGs")
+    run.add_argument("--guidance-scale", type=float, default=2.0)
+    run.add_argument("--batch-size", type=positive_int, default=64)
+    run.add_argument("--flops-samples", type=int, default=0, help="count FLOPs over the first N samples (0: all)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    run.add_argument("--no-progress", action="store_true")
+    imp = commands.add_parser("import-l2c", help="convert the routers released with Learning-to-Cache to a policy")
+    imp.add_argument("checkpoint", type=Path, help="the released router .pt (read with weights_only=True)")
+    imp.add_argument("--threshold", type=float, default=0.1, help="compute a branch when sigmoid(logit) > this")
+    imp.add_argument("--out", type=Path, required=True, help="policy directory to write")
+    imp.add_argument("--model", default=None, help="a DiT to fit the policy to (default: DiT-XL/2 at 256×256)")
+    imp.add_argument("--timestep-spacing", default="linspace", help="DDIM spacing the timesteps table uses")
+    return parser
+
+
+def cmd_import_l2c(args: argparse.Namespace) -> int:
+    from l2c.adapters import model_spec
+    from l2c.import_l2c import DIT_XL_2_256, import_official_router
+
+    spec = DIT_XL_2_256 if args.model is None else model_spec(load_model(args.model).transformer)
+    policy = import_official_router(args.checkpoint, args.threshold, spec, args.timestep_spacing)
+    policy.save_pretrained(args.out)
+    print(policy.reuse_summary(len(policy.timesteps)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_table(result: dict) -> None:
+    rows = [
+        ("policy", result["policy"]),
+        ("steps / scheduler", f"{result['steps']} / {result['scheduler']}"),
+        ("samples", result["num_samples"]),
+        ("flops_ratio", f"{result['flops_ratio']:.3f}"),
+        (
+            "speedup_wall",
+            f"{result['speedup_wall']:.2f}x  ({result['wall_s_uncached']:.1f}s → {result['wall_s']:.1f}s)",
+        ),
+        ("psnr_db", f"{result['psnr_db']:.2f}"),
+        ("ssim", f"{result['ssim']:.4f}"),
+    ]
+    if "digit_accuracy" in result:
+        rows += [
+            ("digit_accuracy", f"{result['digit_accuracy']:.3f}  (uncached {result['digit_accuracy_uncached']:.3f})"),
+            ("fd_digits", f"{result['fd_digits']:.2f}  (uncached {result['fd_digits_uncached']:.2f})"),
+        ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    bundle = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    policy = load_policy(args.policy)
+    setup = SamplingSetup(
+        steps=args.steps,
+        scheduler=args.scheduler,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        flops_samples=args.flops_samples,
+    )
+    quality = None
+    if bundle.is_digits:
+        from l2c.metrics import DigitsQuality
+
+        quality = DigitsQuality()
+    run = SideBySide(bundle, setup, progress=not args.no_progress).run(policy, label=args.policy)
+    result = report(run, setup, args.model, quality)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_grid(run.images, args.out / "samples.png")
+    save_comparison(run.reference, run.images, args.out / "comparison.png", args.policy)
+    if run.plan is not None:
+        save_plan(run.plan, bundle_branches(bundle), args.out / "plan.png", args.policy)
+    print_table(result)
+    print(f"  wrote {args.out / 'report.json'}, samples.png, comparison.png, plan.png")
+    return 0
+
+
+def bundle_branches(bundle) -> tuple[str, ...]:
+    from l2c.adapters import branch_names
+
+    return branch_names(bundle.transformer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"sample": cmd_sample, "import-l2c": cmd_import_l2c}[args.command](args)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

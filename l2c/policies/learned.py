@@ -1,0 +1,101 @@
+"""`l2c`: Learning-to-Cache layer routers; one logit per (step, block, branch), score = sigmoid(logit).
+
+Full steps follow the refresh pattern (every `refresh_interval` steps, step 0 first); on the
+steps between, a branch is computed when its score passes the threshold, or, with a budget,
+when it is among the highest-scoring slots that fit the budget. The rest reuse their cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import ModelSpec
+from ..plan import Action, Plan
+from .base import CachePolicy, PolicyTarget
+
+
+def full_step_mask(num_steps: int, refresh_interval: int) -> torch.Tensor:
+    """True on the steps that compute every branch: 0, N, 2N, …"""
+    return torch.arange(num_steps) % refresh_interval == 0
+
+
+def select_by_budget(scores: torch.Tensor, full_steps: torch.Tensor, budget: float) -> torch.Tensor:
+    """Computed-slot mask: full steps, plus the best-scoring reuse-step slots until `budget` of all slots run."""
+    total = scores.numel()
+    per_step = scores[0].numel()
+    fixed = int(full_steps.sum()) * per_step
+    wanted = round(budget * total)
+    if wanted < fixed:
+        raise ValueError(
+            f"field 'budget' is {budget}: below the {fixed / total:.3f} of branch slots that the full steps "
+            f"already compute (refresh interval {int(full_steps.numel() / max(1, int(full_steps.sum())))})"
+        )
+    free = scores.masked_fill(full_steps.view(-1, 1, 1), float("-inf")).flatten()
+    keep = torch.zeros(total, dtype=torch.bool)
+    extra = min(wanted - fixed, total - fixed)
+    if extra > 0:
+        keep[torch.argsort(free, descending=True, stable=True)[:extra]] = True
+    return keep.view_as(scores) | full_steps.view(-1, 1, 1)
+
+
+@dataclass
+class LayerRouterPolicy(CachePolicy):
+    kind = "l2c"
+    refresh_interval: int = 2
+    threshold: float | None = 0.5
+    budget: float | None = None  # fraction of all branch slots (full steps included) to compute
+    logits: torch.Tensor | None = field(default=None, repr=False, kw_only=True)  # [steps, blocks, branches]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.refresh_interval, bool) or not isinstance(self.refresh_interval, int):
+            raise ValueError(f"l2c policy: field 'refresh_interval' must be an integer, got {self.refresh_interval!r}")
+        if self.refresh_interval < 1:
+            raise ValueError(f"l2c policy: field 'refresh_interval' must be ≥ 1, got {self.refresh_interval}")
+        if (self.threshold is None) == (self.budget is None):
+            raise ValueError("l2c policy: set exactly one of 'threshold' and 'budget'")
+        if self.budget is not None and not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"l2c policy: field 'budget' must be in [0, 1], got {self.budget}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"l2c policy: field 'threshold' must be in [0, 1], got {self.threshold}")
+
+    def scores(self) -> torch.Tensor:
+        if self.logits is None:
+            raise ValueError("l2c policy has no router logits (load it from a policy directory)")
+        return torch.sigmoid(self.logits.float())
+
+    def computed_mask(self, num_steps: int) -> torch.Tensor:
+        scores = self.scores()
+        if scores.shape[0] != num_steps:
+            raise ValueError(f"l2c policy: router has {scores.shape[0]} steps, the run has {num_steps}")
+        full = full_step_mask(num_steps, self.refresh_interval)
+        if self.budget is not None:
+            return select_by_budget(scores, full, self.budget)
+        return (scores > self.threshold) | full.view(-1, 1, 1)
+
+    def reuse_summary(self, num_steps: int) -> str:
+        """`computed <n> of <m> branch slots in reuse steps`, as `import-l2c` and the trainer print it."""
+        reuse = ~full_step_mask(num_steps, self.refresh_interval)
+        computed = self.computed_mask(num_steps)[reuse]
+        return f"computed {int(computed.sum())} of {computed.numel()} branch slots in reuse steps"
+
+    def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
+        expected = (num_steps, spec.num_blocks, len(spec.branches))
+        if self.logits is not None and tuple(self.logits.shape) != expected:
+            raise ValueError(
+                f"l2c policy: field 'router.logits' has shape {tuple(self.logits.shape)}, the model and run need "
+                f"(steps, blocks, branches) = {expected}"
+            )
+        plan = Plan.full(*expected)
+        plan.actions[~self.computed_mask(num_steps)] = Action.REUSE
+        return plan
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"router.logits": self.logits.detach().float().cpu()}
+
+    @classmethod
+    def from_artifact(cls, params: dict, tensors: dict[str, torch.Tensor], target: PolicyTarget) -> CachePolicy:
+        if "router.logits" not in tensors:
+            raise ValueError("missing tensor 'router.logits' in policy.safetensors")
+        return cls(**params, logits=tensors["router.logits"].float(), target=target)

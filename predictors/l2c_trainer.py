@@ -1,0 +1,162 @@
+"""Learning-to-Cache: train a `LayerRouter` against a frozen DiT and export an `l2c` policy.
+
+For each segment of the refresh pattern (a full step i, then reuse steps i+1 … i+N−1), the
+runtime stores every branch output of the teacher's full step i; at each following step the
+student's branches return s·f(x) + (1−s)·cached with s = sigmoid(router logit), and the loss is
+the MSE between the student's and the teacher's model output at that step plus λ·Σ s.
+Simplification (documented): within a segment the cache is the full step's, even where the
+exported plan would recompute a branch at an earlier reuse step and refresh its cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from l2c.adapters import model_spec
+from l2c.plots import router_figure
+from l2c.policies import FullPolicy, LayerRouterPolicy
+from l2c.policies.learned import full_step_mask
+
+from .frozen_teacher import FrozenTeacherModule
+from .layer_router import LayerRouter
+
+
+class LayerRouterTrainer(FrozenTeacherModule):
+    def __init__(
+        self,
+        teacher: str = "embedded:digits",
+        steps: int = 20,
+        scheduler: str = "ddim",
+        guidance_scale: float = 2.0,
+        refresh_interval: int = 2,
+        l1: float = 5e-6,
+        lr: float = 1e-3,
+        init_logit: float = 2.0,
+        segments_per_step: int = 0,
+        export_dir: str | None = None,
+        export_threshold: float = 0.5,
+        export_budget: float | None = None,
+    ) -> None:
+        for name, value, low in (("steps", steps, 2), ("refresh_interval", refresh_interval, 2)):
+            if value < low:
+                raise ValueError(f"l2c trainer: field '{name}' must be ≥ {low}, got {value}")
+        if export_budget is not None and not 0.0 <= export_budget <= 1.0:
+            raise ValueError(f"l2c trainer: field 'export_budget' must be in [0, 1], got {export_budget}")
+        super().__init__(teacher, steps, scheduler, guidance_scale)
+        self.save_hyperparameters()
+        self.spec = model_spec(self.teacher)
+        self.router = LayerRouter(steps, self.spec.num_blocks, len(self.spec.branches), init_logit)
+        full = full_step_mask(steps, refresh_interval)
+        self.segment_starts = [i for i in range(steps - 1) if full[i]]
+        self.register_buffer("reuse_steps", ~full, persistent=False)
+        self.runtime = None
+
+    # -- the cache runtime lives on the teacher only while fitting -------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.runtime = FullPolicy().apply(self.teacher, timesteps=self.timesteps)
+
+    def on_fit_end(self) -> None:
+        self.runtime.remove()
+        self.runtime = None
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            policy = self.export(self.hparams.export_dir)
+            print(f"exported l2c policy to {self.hparams.export_dir}: {policy.reuse_summary(len(self.timesteps))}")
+
+    # -- training ----------------------------------------------------------------------------------
+    def _segments(self) -> list[int]:
+        count = self.hparams.segments_per_step
+        if not count or count >= len(self.segment_starts):
+            return self.segment_starts
+        pick = torch.randperm(len(self.segment_starts))[:count].sort().values
+        return [self.segment_starts[i] for i in pick.tolist()]
+
+    def _trajectory(self, batch: tuple[torch.Tensor, torch.Tensor]):
+        first, second = batch
+        if first.is_floating_point():  # real images (or latents) noised to a random segment start
+            images, labels = first, second
+            start = self.segment_starts[int(torch.randint(len(self.segment_starts), ()))]
+            t = self.timesteps[start]
+            noise = torch.randn_like(images)
+            x = self.sampler.add_noise(images, noise, t.expand(images.shape[0]).to(images.device))
+            end = min(start + self.hparams.refresh_interval - 1, len(self.timesteps) - 1)
+            return self.teacher_trajectory(x, labels, start=start, until=end), [start]
+        labels, seeds = first, second
+        segments = self._segments()
+        end = min(segments[-1] + self.hparams.refresh_interval - 1, len(self.timesteps) - 1)
+        return self.teacher_trajectory(self.noise_for(seeds), labels, until=end), segments
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        trajectory, segments = self._trajectory(batch)
+        scores = self.router()
+        mse_terms, l1_terms = [], []
+        for start in segments:
+            self.runtime.blend = None
+            with torch.no_grad():  # the full step: every branch computes and stores its output
+                self._call(trajectory, start)
+            for step in range(start + 1, min(start + self.hparams.refresh_interval, len(self.timesteps))):
+                self.runtime.blend = scores[step]
+                out = self._call(trajectory, step)
+                mse_terms.append(F.mse_loss(out, trajectory.outputs[step - trajectory.start]))
+                l1_terms.append(scores[step].sum())
+        self.runtime.blend = None
+        mse, l1 = torch.stack(mse_terms).mean(), torch.stack(l1_terms).mean()
+        loss = mse + self.hparams.l1 * l1
+        reuse_scores = scores.detach()[self.reuse_steps]
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/mse": mse,
+                "train/l1": self.hparams.l1 * l1,
+                "router/mean_score": reuse_scores.mean(),
+                "router/computed_fraction": (reuse_scores > self.hparams.export_threshold).float().mean(),
+            },
+            prog_bar=True,
+        )
+        return loss
+
+    def _call(self, trajectory, step: int) -> torch.Tensor:
+        x = trajectory.inputs[step - trajectory.start]
+        t = self.timesteps[step].to(self.device).expand(x.shape[0])
+        return self.teacher(x, timestep=t, class_labels=trajectory.labels).sample
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.router.clamp_()
+
+    def on_train_epoch_end(self) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            figure = router_figure(
+                self.router().detach(), self.spec.branches, f"router scores, epoch {self.current_epoch}"
+            )
+            experiment.add_figure("router/scores", figure, self.global_step)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.router.parameters(), lr=self.hparams.lr, weight_decay=0.0)
+
+    # -- export ------------------------------------------------------------------------------------
+    def export(self, directory: str | Path) -> LayerRouterPolicy:
+        hp = self.hparams
+        policy = LayerRouterPolicy(
+            refresh_interval=hp.refresh_interval,
+            threshold=None if hp.export_budget is not None else hp.export_threshold,
+            budget=hp.export_budget,
+            logits=self.router.logits.detach().float().cpu(),
+        )
+        policy = policy.bind(self.teacher, self.timesteps, type(self.sampler).__name__)
+        policy.provenance = {
+            "trainer": "l2c",
+            "teacher": hp.teacher,
+            "l1": hp.l1,
+            "lr": hp.lr,
+            "guidance_scale": hp.guidance_scale,
+            "refresh_interval": hp.refresh_interval,
+            "global_steps": int(self.global_step),
+            "export_threshold": hp.export_threshold,
+            "export_budget": hp.export_budget,
+        }
+        policy.save_pretrained(directory)
+        return policy
