@@ -8,6 +8,10 @@ from enum import IntEnum
 import torch
 
 
+INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class Action(IntEnum):
     COMPUTE = 0  # run the branch, store its output
     REUSE = 1  # return the output stored at the last step that computed this branch
@@ -39,8 +43,10 @@ class Plan:
                     f"{source}: field '{name}' has shape {tuple(tensor.shape)}, expected "
                     f"(steps, blocks, branches) = {expected}"
                 )
-        if self.actions.dtype.is_floating_point or self.actions.dtype == torch.bool:
+        if self.actions.dtype not in INTEGER_DTYPES:
             raise ValueError(f"{source}: field 'actions' must hold integers, got {self.actions.dtype}")
+        if self.token_ratio.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{source}: field 'token_ratio' must hold floats, got {self.token_ratio.dtype}")
         valid = {int(a) for a in Action}
         found = set(torch.unique(self.actions).tolist())
         if not found <= valid:

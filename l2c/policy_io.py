@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -68,13 +69,12 @@ def save_policy(policy: CachePolicy, directory: str | Path) -> Path:
 def load_policy(source: str | Path) -> CachePolicy:
     """A policy from a preset name (`static:interval=2`), a local directory, or a hub repository id."""
     text = str(source)
-    name = text.split(":", 1)[0]
-    if name in POLICY_KINDS and not Path(text).exists():
-        return parse_preset(text)
     path = Path(text)
-    if not path.exists():
-        path = _download(text)
-    return _load_directory(path)
+    if path.exists():
+        return _load_directory(path)
+    if "/" not in text:  # neither a path nor a hub id: a preset name, or a typo of one
+        return parse_preset(text)
+    return _load_directory(_download(text))
 
 
 def parse_preset(text: str) -> CachePolicy:
@@ -145,7 +145,7 @@ def _read_config(path: Path) -> dict:
         _fail(file, "format_version", version, "a positive integer")
     if version > FORMAT_VERSION:
         _fail(file, "format_version", version, f"≤ {FORMAT_VERSION} (written by a newer l2c; upgrade l2c)")
-    if config["kind"] not in POLICY_KINDS:
+    if not isinstance(config["kind"], str) or config["kind"] not in POLICY_KINDS:
         _fail(file, "kind", config["kind"], f"one of {sorted(POLICY_KINDS)}")
     for key, kind in (("params", dict), ("model", dict), ("scheduler", dict), ("provenance", dict)):
         if not isinstance(config[key], kind):
@@ -166,15 +166,17 @@ def _read_target(file: Path, config: dict) -> PolicyTarget:
     if missing or extra:
         raise PolicyFormatError(f"{file}: field 'scheduler': missing keys {missing}, unexpected keys {extra}")
     timesteps = scheduler["timesteps"]
-    if (
-        not isinstance(timesteps, list)
-        or not timesteps
-        or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in timesteps)
-    ):
-        _fail(file, "scheduler.timesteps", timesteps, "a non-empty list of numbers")
+    if not isinstance(timesteps, list) or not timesteps or not all(_is_timestep(t) for t in timesteps):
+        _fail(file, "scheduler.timesteps", timesteps, "a non-empty list of finite numbers")
     if scheduler["num_steps"] != len(timesteps):
         _fail(file, "scheduler.num_steps", scheduler["num_steps"], f"{len(timesteps)} (the length of timesteps)")
     return PolicyTarget(model, scheduler["class"], tuple(float(t) for t in timesteps))
+
+
+def _is_timestep(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 1e12 and math.isfinite(value)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

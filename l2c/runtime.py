@@ -233,6 +233,7 @@ class CacheRuntime:
         self.executed: Counter[Action] = Counter()
         self._timesteps: torch.Tensor | None = None
         self._plan: Plan | None = None
+        self._explicit_timesteps = timesteps is not None
         if timesteps is not None:
             policy.check_timesteps(torch.as_tensor(timesteps))
             self._bind(torch.as_tensor(timesteps))
@@ -258,12 +259,8 @@ class CacheRuntime:
         if not bool((values == values[0]).all()):
             raise ValueError(f"samples in one batch are at different timesteps {values.unique().tolist()}")
         value = float(values[0])
+        self._follow_pipeline()
         index = self._lookup(value)
-        if index is None and self.pipeline is not None and self.policy.timesteps is None:
-            scheduler_steps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
-            if scheduler_steps is not None:
-                self._bind(torch.as_tensor(scheduler_steps))
-                index = self._lookup(value)
         if index is None:
             known = None if self._timesteps is None else [round(t, 4) for t in self._timesteps.tolist()]
             raise ValueError(
@@ -272,6 +269,17 @@ class CacheRuntime:
                 "with the scheduler and step count the policy was made for"
             )
         return index
+
+    def _follow_pipeline(self) -> None:
+        """On a pipeline, the table is the scheduler's current timesteps: every call may set new ones."""
+        steps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
+        if steps is None or self._explicit_timesteps:
+            return
+        steps = torch.as_tensor(steps).detach().to("cpu", torch.float64).flatten()
+        if self._timesteps is not None and steps.shape == self._timesteps.shape and torch.equal(steps, self._timesteps):
+            return
+        self.policy.check_timesteps(steps)
+        self._bind(steps)
 
     def _lookup(self, value: float) -> int | None:
         if self._timesteps is None:

@@ -86,15 +86,6 @@ def test_dit_pipeline_with_explicit_timesteps_and_a_saved_policy(tmp_path):
     runtime.remove()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="l2c bug: a runtime applied to a pipeline binds pipe.scheduler.timesteps at the first call only. A later "
-    "call with another num_inference_steps whose timesteps all appear in the first table (DDIM 2 steps = [500, 0] "
-    "within 4 steps = [750, 500, 250, 0]) is looked up in the stale table: its step 0 (t=500) becomes step 1, the "
-    "run's state resets, and static:interval=2 asks to REUSE at 'step 1' -> RuntimeError 'plan asks to reuse block "
-    "0 attn1 at step 1, but no step of this run computed it yet' (with `full` it runs but on the wrong plan rows).",
-)
 def test_dit_pipeline_second_call_with_fewer_steps_uses_its_own_table():
     pipe = tiny_dit_pipeline()
     fresh = l2c.load_policy("static:interval=2").apply(pipe)

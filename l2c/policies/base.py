@@ -102,12 +102,12 @@ class CachePolicy:
         if len(ours) != len(theirs):
             raise ValueError(
                 f"policy does not fit this run: field 'num_steps' is {len(ours)} in the policy, "
-                f"{len(theirs)} in the run"
+                f"{len(theirs)} in the run (timesteps {_rounded(ours)} in the policy, {_rounded(theirs)} in the run)"
             )
         if not torch.allclose(ours, theirs, atol=1e-4):
             raise ValueError(
-                f"policy does not fit this run: field 'timesteps' is {[round(t, 4) for t in ours.tolist()]} in the "
-                f"policy, {[round(t, 4) for t in theirs.tolist()]} in the run"
+                f"policy does not fit this run: field 'timesteps' is {_rounded(ours)} in the policy, "
+                f"{_rounded(theirs)} in the run"
             )
 
     def bind(self, model: nn.Module | object, timesteps: torch.Tensor | list, scheduler: str | None) -> CachePolicy:
@@ -131,3 +131,7 @@ class CachePolicy:
 
 def type_name(spec: ModelSpec) -> str:
     return f"{spec.family}, {spec.num_blocks} blocks"
+
+
+def _rounded(timesteps: torch.Tensor) -> list[float]:
+    return [round(t, 4) for t in timesteps.tolist()]
