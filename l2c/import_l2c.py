@@ -40,13 +40,16 @@ def read_official_routers(path: str | Path) -> tuple[torch.Tensor, dict]:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise PolicyFormatError(f"{path}: field 'routers' missing (found {found}); expected the released dict")
     routers = checkpoint["routers"]
-    count = len(routers)
-    keys = [f"{i}.prob" for i in range(count)]
-    if sorted(routers) != sorted(keys):
-        raise PolicyFormatError(
-            f"{path}: field 'routers' has keys {sorted(routers)[:4]}…, expected '0.prob'…'{count - 1}.prob'"
-        )
-    logits = torch.stack([routers[k].float().flatten() for k in keys])
+    if not isinstance(routers, dict) or not routers:
+        raise PolicyFormatError(f"{path}: field 'routers' is {type(routers).__name__}, expected a non-empty state dict")
+    keys = [f"{i}.prob" for i in range(len(routers))]
+    if set(routers) != set(keys):
+        found = sorted(map(str, routers))[:4]
+        raise PolicyFormatError(f"{path}: field 'routers' has keys {found}…, expected '0.prob'…'{keys[-1]}'")
+    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in routers.items()}
+    if len(set(shapes.values())) != 1 or not isinstance(routers["0.prob"], torch.Tensor) or routers["0.prob"].ndim != 1:
+        raise PolicyFormatError(f"{path}: field 'routers' must hold 1-D tensors of one length, found {shapes}")
+    logits = torch.stack([routers[k].float() for k in keys])
     args = vars(checkpoint.get("args", argparse.Namespace()))
     return logits, args
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,11 +46,14 @@ class TrajectoryState(BaseState):
     step: int = -1
     batch_size: int | None = None
     stores: dict[tuple[int, str], BranchStore] = field(default_factory=dict)
+    # Signals a dynamic policy measured on this trajectory (scores, changes, per-sample countdowns), keyed by it.
+    signals: dict[Any, Any] = field(default_factory=dict)
 
     def reset(self, *args, **kwargs) -> None:
         self.step = -1
         self.batch_size = None
         self.stores.clear()
+        self.signals.clear()
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,24 @@ class SelectionRequest:
     inputs: torch.Tensor  # the branch input [batch, tokens, channels]
     store: BranchStore
     num_selected: int
+    state: TrajectoryState | None = None  # the trajectory, for selectors that read `state.signals`
+
+
+@dataclass(frozen=True)
+class BranchCall:
+    """One branch execution, as a policy's optional `observe(call)` sees it (see `CacheRuntime.observe`)."""
+
+    step: int
+    block: int
+    branch: str
+    action: Action  # what runs: COMPUTE (of every row, or of `rows`), REUSE or PARTIAL
+    rows: torch.Tensor | None  # per-sample decision: indices of the rows computed (None: every row)
+    module: nn.Module
+    store: BranchStore  # `store.output` is the previous output on entry, the new one on exit
+    state: TrajectoryState
+    plan: Plan | None
+    args: tuple
+    kwargs: dict
 
 
 TokenSelector = Callable[[SelectionRequest], torch.Tensor]  # -> indices [batch, num_selected]
@@ -160,22 +181,46 @@ class BranchHook(ModelHook):
         store = state.stores.setdefault(key, BranchStore())
         if self.runtime.blend is not None and store.output is not None:
             return self._blend(original, store, args, kwargs)
-        action, ratio = self.runtime.decision(state.step, self.branch.block, self.branch_index)
-        if action != Action.COMPUTE and store.output is None:
+        action, ratio = self.runtime.decision(state.step, self.branch.block, self.branch_index, state)
+        rows = None
+        if isinstance(action, torch.Tensor):  # a per-sample decision: one action code per batch row
+            action, rows = _split_rows(action, state.step, self.branch)
+        if (action != Action.COMPUTE or rows is not None) and store.output is None:
+            verb = "reuse rows of" if rows is not None else action.name.lower()
             raise RuntimeError(
-                f"plan asks to {action.name.lower()} block {self.branch.block} {self.branch.name} at step "
+                f"plan asks to {verb} block {self.branch.block} {self.branch.name} at step "
                 f"{state.step}, but no step of this run computed it yet"
             )
         self.runtime.executed[action] += 1
-        if action == Action.REUSE:
-            store.age += 1
-            return store.output
-        if action == Action.PARTIAL:
-            return self._partial(original, store, state.step, ratio, args, kwargs)
-        output = original(*args, **kwargs)
-        store.output = output
-        store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
-        return output
+        branch, plan = self.branch, self.runtime.plan
+        call = BranchCall(state.step, branch.block, branch.name, action, rows, module, store, state, plan, args, kwargs)
+        with self.runtime.observe(call):
+            if action == Action.REUSE:
+                store.age += 1
+                return store.output
+            if action == Action.PARTIAL:
+                return self._partial(original, store, state, ratio, args, kwargs)
+            if rows is not None:
+                return self._rows(original, store, rows, args, kwargs)
+            output = original(*args, **kwargs)
+            store.output = output
+            store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
+            return output
+
+    def _rows(self, original, store: BranchStore, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Compute only the batch rows in `rows` (every batch-sized tensor argument is sliced); the rest reuse."""
+        batch = store.output.shape[0]
+
+        def take(value):
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+                return value.index_select(0, rows.to(value.device))
+            return value
+
+        fresh = original(*[take(a) for a in args], **{k: take(v) for k, v in kwargs.items()})
+        index = rows.to(store.output.device)
+        store.output = store.output.index_copy(0, index, fresh.to(store.output.dtype))
+        store.age = (store.age + 1).index_fill(0, index, 0)
+        return store.output
 
     def _blend(self, original, store: BranchStore, args: tuple, kwargs: dict) -> torch.Tensor:
         """Training: g·f(x) + (1−g)·cached, differentiable in the gate g; the cache is left as it was."""
@@ -187,14 +232,14 @@ class BranchHook(ModelHook):
         fresh = original(*args, **kwargs)
         return gate * fresh + (1 - gate) * store.output
 
-    def _partial(self, original, store: BranchStore, step: int, ratio: float, args: tuple, kwargs: dict):
+    def _partial(self, original, store: BranchStore, state: TrajectoryState, ratio: float, args: tuple, kwargs: dict):
         if not self.partial_ok:
             raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot be recomputed token by token")
         args = list(args)
         hidden = args.pop(0) if args else kwargs.pop("hidden_states")
         num_tokens = hidden.shape[1]
         count = max(1, min(num_tokens, round(ratio * num_tokens)))
-        request = SelectionRequest(step, self.branch.block, self.branch.name, hidden, store, count)
+        request = SelectionRequest(state.step, self.branch.block, self.branch.name, hidden, store, count, state)
         index = self.runtime.selector(request)
         selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         if self.branch.name == "attn1":
@@ -209,8 +254,31 @@ class BranchHook(ModelHook):
         return output
 
 
+def _split_rows(codes: torch.Tensor, step: int, branch: Branch) -> tuple[Action, torch.Tensor | None]:
+    """Per-row action codes → (COMPUTE, row indices) when mixed, else the one action every row takes."""
+    codes = codes.flatten()
+    compute = codes == Action.COMPUTE
+    if bool((~compute & (codes != Action.REUSE)).any()):
+        raise ValueError(
+            f"per-sample decision for block {branch.block} {branch.name} at step {step} holds codes "
+            f"{sorted(set(codes.tolist()))}; per-sample decisions may only compute or reuse"
+        )
+    if bool(compute.all()):
+        return Action.COMPUTE, None
+    if not bool(compute.any()):
+        return Action.REUSE, None
+    return Action.COMPUTE, compute.nonzero().flatten()
+
+
 class CacheRuntime:
-    """A policy applied to one model: owns the hooks, the step table and the resolved plan."""
+    """A policy applied to one model: owns the hooks, the step table and the resolved plan.
+
+    Dynamic policies may define two optional methods (looked up on the policy, so static policies need neither):
+    `decide(step, block, branch_index, state) -> (action, ratio) | None` overrides the plan's entry at run time
+    (`action` may be a tensor of per-row codes, COMPUTE or REUSE, for per-sample decisions: only the computing
+    rows run); `observe(call: BranchCall) -> context manager | None` is entered around each branch execution, to
+    measure signals into `state.signals`. Both see only the trajectory's own state.
+    """
 
     def __init__(
         self,
@@ -226,6 +294,8 @@ class CacheRuntime:
         self.branches = find_branches(self.model)
         self.branch_names = self.spec.branches
         self.selector: TokenSelector = policy.token_selector()
+        self._decide = getattr(policy, "decide", None)
+        self._observe = getattr(policy, "observe", None)
         self.current: TrajectoryState | None = None
         # Training only: gates [blocks, branches(, batch(, tokens))] that blend fresh and cached outputs.
         self.blend: torch.Tensor | None = None
@@ -287,8 +357,18 @@ class CacheRuntime:
         hits = torch.nonzero(torch.isclose(self._timesteps, torch.tensor(value, dtype=torch.float64), atol=1e-4))
         return int(hits[0, 0]) if len(hits) else None
 
-    def decision(self, step: int, block: int, branch_index: int) -> tuple[Action, float]:
+    def decision(
+        self, step: int, block: int, branch_index: int, state: TrajectoryState | None = None
+    ) -> tuple[Action | torch.Tensor, float]:
+        if self._decide is not None and state is not None:
+            dynamic = self._decide(step, block, branch_index, state)
+            if dynamic is not None:
+                return dynamic
         return Action(self._actions[step][block][branch_index]), self._ratios[step][block][branch_index]
+
+    def observe(self, call: BranchCall) -> AbstractContextManager:
+        probe = self._observe(call) if self._observe is not None else None
+        return probe if probe is not None else nullcontext()
 
     # -- hooks ------------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -317,6 +397,10 @@ class CacheRuntime:
                 del module._diffusers_hook
         self._saved = []
         self.current = None
+
+    def reset(self) -> None:
+        """Forget every cached output (all cache contexts); the next call starts a new trajectory."""
+        HookRegistry.check_if_exists_or_initialize(self.model).get_hook(STEP_HOOK).reset_state(self.model)
 
     @contextmanager
     def pause(self) -> Iterator[None]:

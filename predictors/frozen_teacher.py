@@ -7,6 +7,7 @@ eval mode with `requires_grad_(False)` whatever Lightning does to the trainable 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import lightning as L
@@ -14,18 +15,48 @@ import torch
 from torch import nn
 
 from l2c.models import ModelBundle, load_model, make_scheduler
+from l2c.runtime import CacheRuntime
 from l2c.sampling import GuidedDenoiser, noise_from_seeds
 
 
 @dataclass
 class Trajectory:
-    """The teacher's own sampling run: inputs and raw model outputs at every step (CFG halves stacked)."""
+    """A stretch of the teacher's own sampling run: what the transformer saw and said at each step."""
 
-    start: int  # step index of inputs[0]
-    inputs: list[torch.Tensor]  # x_s fed to the transformer, [2B, C, H, W] with guidance
-    outputs: list[torch.Tensor]  # raw transformer output at step s
-    timesteps: torch.Tensor
-    labels: torch.Tensor  # [2B] labels actually fed (cond; null)
+    start: int  # step index of the first entry
+    inputs: torch.Tensor  # [steps, B, C, H, W]: x_s after `scale_model_input`
+    outputs: torch.Tensor  # [steps, G, B, C', H, W]: raw output; G = 2 (cond, null) under guidance, else 1
+    labels: torch.Tensor  # [B]
+
+    def model_output(self, step: int) -> torch.Tensor:
+        """The output at `step` in the transformer's batch order (cond rows, then null rows)."""
+        return self.outputs[step - self.start].flatten(0, 1)
+
+
+class TrajectoryCache:
+    """Full teacher trajectories from noise, computed once per (label, seed) and kept on the CPU.
+
+    The first epoch pays one uncached sampling run per condition; afterwards a training step
+    costs only the cached-step and student passes, whatever step it trains.
+    """
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, module: FrozenTeacherModule, labels: torch.Tensor, seeds: torch.Tensor) -> Trajectory:
+        keys = list(zip(labels.tolist(), seeds.tolist()))
+        missing = [i for i, key in enumerate(keys) if key not in self.items]
+        if missing:
+            index = torch.tensor(missing)
+            fresh = module.teacher_trajectory(module.noise_for(seeds[index]), labels[index].to(module.device))
+            for j, i in enumerate(missing):
+                self.items[keys[i]] = (fresh.inputs[:, j].cpu(), fresh.outputs[:, :, j].cpu())
+        inputs = torch.stack([self.items[key][0] for key in keys], dim=1).to(module.device)
+        outputs = torch.stack([self.items[key][1] for key in keys], dim=2).to(module.device)
+        return Trajectory(0, inputs, outputs, labels.to(module.device))
 
 
 class FrozenTeacherModule(L.LightningModule):
@@ -37,6 +68,7 @@ class FrozenTeacherModule(L.LightningModule):
         self.sampler = make_scheduler(scheduler, bundle.scheduler_config)
         self.sampler.set_timesteps(steps)
         self.guidance = GuidedDenoiser(self.teacher, guidance_scale)
+        self.runtime: CacheRuntime | None = None  # a subclass's cache runtime on the teacher, while fitting
 
     @property
     def bundle(self) -> ModelBundle:
@@ -52,11 +84,16 @@ class FrozenTeacherModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
+        if self.bundle.vae is not None:
+            self.bundle.vae.to(self.device)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        teacher_keys = [k for k in checkpoint["state_dict"] if k.startswith("_bundle.")]
-        for key in teacher_keys:
-            del checkpoint["state_dict"][key]
+    @torch.no_grad()
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] → what the transformer denoises (VAE latents when the teacher has a VAE)."""
+        vae = self.bundle.vae
+        if vae is None or images.shape[1] == self.teacher.config.in_channels:
+            return images
+        return vae.encode(images.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
 
     def model_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch the transformer sees at a step: [x; x] with [labels; null] under guidance."""
@@ -65,26 +102,33 @@ class FrozenTeacherModule(L.LightningModule):
         return torch.cat([x, x]), torch.cat([labels, torch.full_like(labels, self.guidance.null_class)])
 
     @torch.no_grad()
-    def teacher_trajectory(self, x: torch.Tensor, labels: torch.Tensor, start: int = 0, until: int | None = None):
+    def teacher_trajectory(
+        self, x: torch.Tensor, labels: torch.Tensor, start: int = 0, until: int | None = None
+    ) -> Trajectory:
         """Sample with the uncached teacher from state `x` at step `start` up to step `until` inclusive."""
         scheduler = make_scheduler_like(self.sampler)
-        inputs, outputs = [], []
-        channels = x.shape[1]
         last = len(scheduler.timesteps) - 1 if until is None else until
-        model_labels = labels
-        for i in range(start, last + 1):
-            t = scheduler.timesteps[i]
-            model_x, model_labels = self.model_inputs(scheduler.scale_model_input(x, t), labels)
-            out = self.teacher(model_x, timestep=t.to(self.device).expand(model_x.shape[0]), class_labels=model_labels)
-            inputs.append(model_x)
-            outputs.append(out.sample)
-            eps = out.sample[:, :channels]
-            if model_x.shape[0] != x.shape[0]:
-                cond, uncond = eps.chunk(2)
-                eps = uncond + self.guidance.guidance_scale * (cond - uncond)
-            if i < last:
-                x = scheduler.step(eps, t, x).prev_sample
-        return Trajectory(start, inputs, outputs, scheduler.timesteps, model_labels)
+        inputs, outputs = [], []
+        with self.runtime.pause() if self.runtime is not None else nullcontext():
+            for i in range(start, last + 1):
+                t = scheduler.timesteps[i]
+                scaled = scheduler.scale_model_input(x, t)
+                model_x, model_labels = self.model_inputs(scaled, labels)
+                timestep = t.to(self.device).expand(len(model_x))
+                out = self.teacher(model_x, timestep=timestep, class_labels=model_labels).sample
+                halves = out.unflatten(0, (len(model_x) // len(x), len(x)))
+                inputs.append(scaled)
+                outputs.append(halves)
+                if i < last:
+                    x = scheduler.step(self.guided_eps(halves, x.shape[1]), t, x).prev_sample
+        return Trajectory(start, torch.stack(inputs), torch.stack(outputs), labels)
+
+    def guided_eps(self, halves: torch.Tensor, channels: int) -> torch.Tensor:
+        """Classifier-free guidance on [G, B, ...] outputs (learned-sigma channels dropped)."""
+        eps = halves[:, :, :channels]
+        if eps.shape[0] == 1:
+            return eps[0]
+        return eps[1] + self.guidance.guidance_scale * (eps[0] - eps[1])
 
     def noise_for(self, seeds: torch.Tensor) -> torch.Tensor:
         config = self.teacher.config

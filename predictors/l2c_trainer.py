@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from l2c.adapters import model_spec
 from l2c.plots import router_figure
 from l2c.policies import FullPolicy, LayerRouterPolicy
-from l2c.policies.learned import full_step_mask
+from l2c.policies.learned import check_budget, full_step_mask
 
-from .frozen_teacher import FrozenTeacherModule
+from .frozen_teacher import FrozenTeacherModule, TrajectoryCache
 from .layer_router import LayerRouter
 
 
@@ -35,7 +35,6 @@ class LayerRouterTrainer(FrozenTeacherModule):
         l1: float = 5e-6,
         lr: float = 1e-3,
         init_logit: float = 2.0,
-        segments_per_step: int = 0,
         export_dir: str | None = None,
         export_threshold: float = 0.5,
         export_budget: float | None = None,
@@ -45,6 +44,8 @@ class LayerRouterTrainer(FrozenTeacherModule):
                 raise ValueError(f"l2c trainer: field '{name}' must be ≥ {low}, got {value}")
         if export_budget is not None and not 0.0 <= export_budget <= 1.0:
             raise ValueError(f"l2c trainer: field 'export_budget' must be in [0, 1], got {export_budget}")
+        if export_budget is not None:
+            check_budget(export_budget, steps, refresh_interval)
         super().__init__(teacher, steps, scheduler, guidance_scale)
         self.save_hyperparameters()
         self.spec = model_spec(self.teacher)
@@ -53,6 +54,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
         self.segment_starts = [i for i in range(steps - 1) if full[i]]
         self.register_buffer("reuse_steps", ~full, persistent=False)
         self.runtime = None
+        self.trajectories = TrajectoryCache()
 
     # -- the cache runtime lives on the teacher only while fitting -------------------------------
     def on_fit_start(self) -> None:
@@ -67,41 +69,30 @@ class LayerRouterTrainer(FrozenTeacherModule):
             print(f"exported l2c policy to {self.hparams.export_dir}: {policy.reuse_summary(len(self.timesteps))}")
 
     # -- training ----------------------------------------------------------------------------------
-    def _segments(self) -> list[int]:
-        count = self.hparams.segments_per_step
-        if not count or count >= len(self.segment_starts):
-            return self.segment_starts
-        pick = torch.randperm(len(self.segment_starts))[:count].sort().values
-        return [self.segment_starts[i] for i in pick.tolist()]
-
-    def _trajectory(self, batch: tuple[torch.Tensor, torch.Tensor]):
+    def _trajectory(self, batch: tuple[torch.Tensor, torch.Tensor], start: int):
         first, second = batch
-        if first.is_floating_point():  # real images (or latents) noised to a random segment start
-            images, labels = first, second
-            start = self.segment_starts[int(torch.randint(len(self.segment_starts), ()))]
-            t = self.timesteps[start]
-            noise = torch.randn_like(images)
-            x = self.sampler.add_noise(images, noise, t.expand(images.shape[0]).to(images.device))
+        if first.is_floating_point():  # real images (or latents) noised to the segment's full step
+            images, labels = self.to_model_space(first), second
+            t = self.timesteps[start].to(images.device)
+            x = self.sampler.add_noise(images, torch.randn_like(images), t.expand(len(images)))
             end = min(start + self.hparams.refresh_interval - 1, len(self.timesteps) - 1)
-            return self.teacher_trajectory(x, labels, start=start, until=end), [start]
-        labels, seeds = first, second
-        segments = self._segments()
-        end = min(segments[-1] + self.hparams.refresh_interval - 1, len(self.timesteps) - 1)
-        return self.teacher_trajectory(self.noise_for(seeds), labels, until=end), segments
+            return self.teacher_trajectory(x, labels, start=start, until=end)
+        return self.trajectories.get(self, first, second)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        trajectory, segments = self._trajectory(batch)
+        start = self.segment_starts[int(torch.randint(len(self.segment_starts), ()))]
+        trajectory = self._trajectory(batch, start)
+        self.runtime.reset()  # each training step is a trajectory of its own, whatever its batch size
         scores = self.router()
+        self.runtime.blend = None
+        with torch.no_grad():  # the full step: every branch computes and stores its output
+            self._call(trajectory, start)
         mse_terms, l1_terms = [], []
-        for start in segments:
-            self.runtime.blend = None
-            with torch.no_grad():  # the full step: every branch computes and stores its output
-                self._call(trajectory, start)
-            for step in range(start + 1, min(start + self.hparams.refresh_interval, len(self.timesteps))):
-                self.runtime.blend = scores[step]
-                out = self._call(trajectory, step)
-                mse_terms.append(F.mse_loss(out, trajectory.outputs[step - trajectory.start]))
-                l1_terms.append(scores[step].sum())
+        for step in range(start + 1, min(start + self.hparams.refresh_interval, len(self.timesteps))):
+            self.runtime.blend = scores[step]
+            out = self._call(trajectory, step)
+            mse_terms.append(F.mse_loss(out, trajectory.model_output(step)))
+            l1_terms.append(scores[step].sum())
         self.runtime.blend = None
         mse, l1 = torch.stack(mse_terms).mean(), torch.stack(l1_terms).mean()
         loss = mse + self.hparams.l1 * l1
@@ -119,9 +110,9 @@ class LayerRouterTrainer(FrozenTeacherModule):
         return loss
 
     def _call(self, trajectory, step: int) -> torch.Tensor:
-        x = trajectory.inputs[step - trajectory.start]
-        t = self.timesteps[step].to(self.device).expand(x.shape[0])
-        return self.teacher(x, timestep=t, class_labels=trajectory.labels).sample
+        x, labels = self.model_inputs(trajectory.inputs[step - trajectory.start], trajectory.labels)
+        t = self.timesteps[step].to(self.device).expand(len(x))
+        return self.teacher(x, timestep=t, class_labels=labels).sample
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.router.clamp_()

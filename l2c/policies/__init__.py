@@ -1,10 +1,36 @@
 """Policies: each turns signals into plans for the shared runtime; `POLICY_KINDS` maps names to classes."""
 
+from .adacache import AdaCachePolicy
 from .base import CachePolicy, PolicyTarget
+from .blockcache import BlockCachePolicy
+from .duca import DuCaPolicy
 from .full import FullPolicy
 from .learned import LayerRouterPolicy
 from .static import StaticPolicy
+from .toca import ToCaPolicy
 
-POLICY_KINDS: dict[str, type[CachePolicy]] = {cls.kind: cls for cls in (FullPolicy, StaticPolicy, LayerRouterPolicy)}
+POLICY_KINDS: dict[str, type[CachePolicy]] = {
+    cls.kind: cls
+    for cls in (
+        FullPolicy,
+        StaticPolicy,
+        LayerRouterPolicy,
+        ToCaPolicy,
+        DuCaPolicy,
+        BlockCachePolicy,
+        AdaCachePolicy,
+    )
+}
 
-__all__ = ["POLICY_KINDS", "CachePolicy", "FullPolicy", "LayerRouterPolicy", "PolicyTarget", "StaticPolicy"]
+__all__ = [
+    "POLICY_KINDS",
+    "AdaCachePolicy",
+    "BlockCachePolicy",
+    "CachePolicy",
+    "DuCaPolicy",
+    "FullPolicy",
+    "LayerRouterPolicy",
+    "PolicyTarget",
+    "StaticPolicy",
+    "ToCaPolicy",
+]

@@ -21,20 +21,23 @@ def full_step_mask(num_steps: int, refresh_interval: int) -> torch.Tensor:
     return torch.arange(num_steps) % refresh_interval == 0
 
 
+def check_budget(budget: float, num_steps: int, refresh_interval: int) -> None:
+    """A budget must at least cover the full steps, which compute every branch."""
+    share = float(full_step_mask(num_steps, refresh_interval).float().mean())
+    if budget < share:
+        raise ValueError(
+            f"field 'budget' is {budget}: below the {share:.3f} of branch slots that the full steps already "
+            f"compute ({num_steps} steps, refresh interval {refresh_interval})"
+        )
+
+
 def select_by_budget(scores: torch.Tensor, full_steps: torch.Tensor, budget: float) -> torch.Tensor:
     """Computed-slot mask: full steps, plus the best-scoring reuse-step slots until `budget` of all slots run."""
     total = scores.numel()
-    per_step = scores[0].numel()
-    fixed = int(full_steps.sum()) * per_step
-    wanted = round(budget * total)
-    if wanted < fixed:
-        raise ValueError(
-            f"field 'budget' is {budget}: below the {fixed / total:.3f} of branch slots that the full steps "
-            f"already compute (refresh interval {int(full_steps.numel() / max(1, int(full_steps.sum())))})"
-        )
+    fixed = int(full_steps.sum()) * scores[0].numel()
     free = scores.masked_fill(full_steps.view(-1, 1, 1), float("-inf")).flatten()
     keep = torch.zeros(total, dtype=torch.bool)
-    extra = min(wanted - fixed, total - fixed)
+    extra = min(round(budget * total) - fixed, total - fixed)
     if extra > 0:
         keep[torch.argsort(free, descending=True, stable=True)[:extra]] = True
     return keep.view_as(scores) | full_steps.view(-1, 1, 1)
@@ -71,6 +74,7 @@ class LayerRouterPolicy(CachePolicy):
             raise ValueError(f"l2c policy: router has {scores.shape[0]} steps, the run has {num_steps}")
         full = full_step_mask(num_steps, self.refresh_interval)
         if self.budget is not None:
+            check_budget(self.budget, num_steps, self.refresh_interval)
             return select_by_budget(scores, full, self.budget)
         return (scores > self.threshold) | full.view(-1, 1, 1)
 

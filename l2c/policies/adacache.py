@@ -1,0 +1,155 @@
+"""`adacache`: adaptive caching (AdaCache, Kahatapitiya et al. 2024), per sample and content dependent.
+
+Each sample (batch row) either computes every branch at a step or reuses every branch's cache. Whenever a
+sample computes, the probe branch's output (by default the middle block's self-attention, the residual it adds
+to the stream) is compared with its output at the sample's previous computed step:
+
+    change = mean|out_t − out_prev| / mean|out_prev| / (t − prev)        (per sample)
+
+and the codebook picks how many steps until that sample computes again: `codebook="0.05:4/0.1:3/0.2:2"` means
+change < 0.05 → compute again 4 steps later (reuse 3), < 0.1 → 3, < 0.2 → 2, otherwise the next step. Steps 0
+and 1 always compute (the first change needs two computed steps). The paper's motion regularisation scales the
+rate with a video's frame-to-frame motion; it is video-only and left out here.
+
+The decision lives in `decide` and the measurement in `observe` (the runtime's dynamic hooks); all per-trajectory
+signals sit in the trajectory state (`state.signals["adacache"]`), never on the policy. Rows that reuse are not
+computed at all: the runtime runs each branch on the computing rows only, so FLOPs fall with every reused sample.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import ModelSpec
+from ..plan import Action, Plan
+from ..runtime import BranchCall, TrajectoryState
+from .base import CachePolicy
+
+SIGNAL = "adacache"
+
+
+def parse_codebook(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`"0.05:4/0.1:3"` → (thresholds [K] increasing, steps-until-next-compute [K]); raises ValueError if malformed."""
+    pairs = []
+    for item in filter(None, str(text).split("/")):
+        threshold, sep, rate = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError(item)
+            pairs.append((float(threshold), int(rate)))
+        except ValueError:
+            raise ValueError(
+                f"adacache policy: field 'codebook' entry {item!r} is not threshold:steps (e.g. 0.05:4/0.1:3)"
+            ) from None
+    thresholds = [t for t, _ in pairs]
+    if not pairs or any(not t > 0 for t in thresholds) or thresholds != sorted(set(thresholds)):
+        raise ValueError(f"adacache policy: field 'codebook' needs thresholds > 0 in increasing order, got {text!r}")
+    if any(r < 1 for _, r in pairs):
+        raise ValueError(f"adacache policy: field 'codebook' needs steps ≥ 1, got {text!r}")
+    return torch.tensor(thresholds, dtype=torch.float64), torch.tensor([r for _, r in pairs], dtype=torch.long)
+
+
+def steps_until_next(change: torch.Tensor, thresholds: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+    """Per sample: the rate of the first codebook threshold above `change`; 1 (the next step) above them all."""
+    slot = torch.searchsorted(thresholds, change.double().cpu().contiguous(), right=True)
+    table = torch.cat([rates, torch.ones(1, dtype=torch.long)])
+    return table[slot]
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per sample (row): mean|new − old| / mean|old|, [B]."""
+    dims = tuple(range(1, new.ndim))
+    delta = (new.float() - old.float()).abs().mean(dim=dims)
+    return delta / old.float().abs().mean(dim=dims).clamp_min(1e-12)
+
+
+@dataclass
+class AdaState:
+    """One trajectory's per-sample bookkeeping (lives in `TrajectoryState.signals`)."""
+
+    next_compute: torch.Tensor  # [B] step at which each sample computes next
+    last_computed: torch.Tensor  # [B] last step the sample computed (-1: never)
+    codes_step: int = -1
+    codes: torch.Tensor | None = None  # [B] this step's action per sample
+    history: list[tuple[int, list[int]]] = field(default_factory=list)  # (step, action per sample)
+    changes: list[tuple[int, list[int], list[float]]] = field(default_factory=list)  # (step, rows, change)
+
+
+@dataclass
+class AdaCachePolicy(CachePolicy):
+    kind = "adacache"
+    codebook: str = "0.05:4/0.1:3/0.2:2"  # threshold:steps-until-next-compute, '/'-separated
+    probe_block: int = -1  # -1: the middle block (num_blocks // 2)
+    probe_branch: str = "attn1"
+
+    def __post_init__(self) -> None:
+        parse_codebook(self.codebook)
+        if isinstance(self.probe_block, bool) or not isinstance(self.probe_block, int) or self.probe_block < -1:
+            raise ValueError(
+                f"adacache policy: field 'probe_block' must be -1 (middle) or a block index, got {self.probe_block!r}"
+            )
+
+    def check_model(self, spec: ModelSpec, pipeline: object | None = None) -> None:
+        if self.probe_branch not in spec.branches:
+            raise ValueError(
+                f"adacache policy: field 'probe_branch' is {self.probe_branch!r}; the model's branches are "
+                f"{list(spec.branches)}"
+            )
+        if self.probe_block >= spec.num_blocks:
+            raise ValueError(
+                f"adacache policy: field 'probe_block' is {self.probe_block}; the model has {spec.num_blocks} blocks"
+            )
+        super().check_model(spec, pipeline)
+
+    def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
+        """Static view: compute everywhere. The real decisions are made per sample at run time (`decide`)."""
+        return Plan.full(num_steps, spec.num_blocks, len(spec.branches))
+
+    def _state(self, state: TrajectoryState) -> AdaState:
+        ada = state.signals.get(SIGNAL)
+        if ada is None:
+            batch = state.batch_size
+            ada = AdaState(torch.zeros(batch, dtype=torch.long), torch.full((batch,), -1, dtype=torch.long))
+            state.signals[SIGNAL] = ada
+        return ada
+
+    def decide(self, step: int, block: int, branch_index: int, state: TrajectoryState):
+        """Every branch of a step follows the same per-sample codes, fixed at the step's first branch."""
+        ada = self._state(state)
+        if ada.codes_step != step:
+            compute = ada.next_compute <= step
+            ada.codes = torch.where(compute, int(Action.COMPUTE), int(Action.REUSE)).to(torch.int8)
+            ada.codes_step = step
+            ada.history.append((step, ada.codes.tolist()))
+        return ada.codes, 1.0
+
+    def observe(self, call: BranchCall):
+        if call.action != Action.COMPUTE or call.branch != self.probe_branch:
+            return None
+        num_blocks = call.plan.actions.shape[1] if call.plan is not None else call.block + 1
+        probe = num_blocks // 2 if self.probe_block == -1 else self.probe_block
+        if call.block != probe:
+            return None
+        return self._measure(call)
+
+    @contextmanager
+    def _measure(self, call: BranchCall):
+        old = call.store.output
+        yield
+        ada = self._state(call.state)
+        new = call.store.output
+        rows = call.rows if call.rows is not None else torch.arange(new.shape[0])
+        rows_cpu = rows.cpu()
+        if old is None:  # the first computed step: measure from the next one
+            ada.next_compute[rows_cpu] = call.step + 1
+        else:
+            device_rows = rows.to(new.device)
+            gap = (call.step - ada.last_computed[rows_cpu]).clamp_min(1)
+            change = relative_change(new.index_select(0, device_rows), old.index_select(0, device_rows)).cpu()
+            change = change / gap
+            ada.next_compute[rows_cpu] = call.step + steps_until_next(change, *parse_codebook(self.codebook))
+            ada.changes.append((call.step, rows_cpu.tolist(), change.tolist()))
+        ada.last_computed[rows_cpu] = call.step

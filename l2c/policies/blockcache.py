@@ -1,0 +1,215 @@
+"""`blockcache`: Block Caching ("Cache Me if You Can", Wimbauer et al. 2024), training-free part.
+
+A calibration run samples without caching while plain torch forward hooks record every branch's output at
+every step. From it, each branch's relative change between consecutive steps,
+
+    change[s] = ‖out_s − out_{s−1}‖₁ / ‖out_s‖₁      (summed over the calibration batch; change[0] = 0),
+
+gives a static schedule: a branch is computed at step 0, then reused until the change accumulated since its
+last computation passes `threshold`, computed at that step, and so on. The caching unit is the runtime's
+branch (attn1 / attn2 / ff of each block), the residual branch that the paper's "block" is for a UNet layer.
+The paper's learned scale-shift alignment is not training-free and is left out.
+
+Calibrate once, then save: the directory stores the measured changes (`blockcache.change`) and the plan they
+give, so loading it rebuilds the same schedule without a calibration run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import ModelSpec, find_branches, model_spec, resolve_denoiser
+from ..plan import Action, Plan
+from ..runtime import BRANCH_HOOK, STEP_HOOK
+from .base import CachePolicy, PolicyTarget
+
+CHANGE_TENSOR = "blockcache.change"
+
+
+def schedule_from_change(change: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Computed mask [steps, …]: step 0, then every step where the change summed since the last compute > threshold."""
+    computed = torch.zeros(change.shape, dtype=torch.bool)
+    accumulated = torch.zeros(change.shape[1:], dtype=torch.float64)
+    for step in range(change.shape[0]):
+        if step == 0:
+            computed[0] = True
+            continue
+        accumulated += change[step].double()
+        computed[step] = accumulated > threshold
+        accumulated[computed[step]] = 0.0
+    return computed
+
+
+@dataclass
+class BlockCachePolicy(CachePolicy):
+    kind = "blockcache"
+    threshold: float = 0.1  # recompute once the accumulated relative change passes this
+    change: torch.Tensor | None = field(default=None, repr=False, kw_only=True)  # [steps, blocks, branches]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or self.threshold < 0:
+            raise ValueError(f"blockcache policy: field 'threshold' must be a number ≥ 0, got {self.threshold!r}")
+
+    def _uncalibrated(self) -> ValueError:
+        return ValueError(
+            "blockcache policy is not calibrated: Block Caching schedules each branch from its measured change "
+            "between steps. Calibrate on an uncached sampling run with the scheduler and step count you will use, "
+            "e.g. `policy = BlockCachePolicy(threshold=0.1).calibrate(pipe, lambda: pipe(class_labels=[1], "
+            "num_inference_steps=50))`, then `policy.apply(pipe)`, or `policy.save_pretrained(dir)` and pass "
+            "that directory as --policy"
+        )
+
+    def check_model(self, spec: ModelSpec, pipeline: object | None = None) -> None:
+        if self.change is None:
+            raise self._uncalibrated()
+        super().check_model(spec, pipeline)
+
+    def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
+        if self.change is None:
+            raise self._uncalibrated()
+        expected = (num_steps, spec.num_blocks, len(spec.branches))
+        if tuple(self.change.shape) != expected:
+            raise ValueError(
+                f"blockcache policy: field '{CHANGE_TENSOR}' has shape {tuple(self.change.shape)}, the model and run "
+                f"need (steps, blocks, branches) = {expected}; calibrate with this model and step count"
+            )
+        plan = Plan.full(*expected)
+        plan.actions[~schedule_from_change(self.change, self.threshold)] = Action.REUSE
+        return plan
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.change is None else {CHANGE_TENSOR: self.change.detach().float().cpu()}
+
+    @classmethod
+    def from_artifact(cls, params: dict, tensors: dict[str, torch.Tensor], target: PolicyTarget) -> CachePolicy:
+        if CHANGE_TENSOR not in tensors:
+            raise ValueError(f"missing tensor '{CHANGE_TENSOR}' in policy.safetensors")
+        return cls(**params, change=tensors[CHANGE_TENSOR].float(), target=target)
+
+    @torch.no_grad()
+    def calibrate(self, target: nn.Module | object, run: Callable[[], Any]) -> BlockCachePolicy:
+        """Run `run()` (uncached sampling with `target`) and return a copy calibrated and bound to it.
+
+        `run` may sample several batches; each run restarts at the first timestep, and the changes are summed
+        over all of them. Calls at the same timestep (e.g. separate conditional / unconditional passes) are
+        matched by their order within the step.
+        """
+        model = resolve_denoiser(target)
+        branches = find_branches(model)
+        if any(_has_hook(b.module, BRANCH_HOOK) for b in branches) or _has_hook(model, STEP_HOOK):
+            raise RuntimeError("blockcache calibration needs an uncached run: remove the l2c policy applied first")
+        spec = model_spec(model)
+        recorder = _ChangeRecorder(model, spec, branches)
+        try:
+            run()
+        finally:
+            recorder.remove()
+        change, timesteps = recorder.result()
+        scheduler = None if isinstance(target, nn.Module) else getattr(target, "scheduler", None)
+        scheduler_name = None if scheduler is None else type(scheduler).__name__
+        provenance = {**self.provenance, "calibration": {"runs": recorder.runs, "model_calls": recorder.calls}}
+        return dataclasses.replace(
+            self,
+            change=change,
+            target=PolicyTarget(spec, scheduler_name, tuple(timesteps)),
+            provenance=provenance,
+        )
+
+
+def _has_hook(module: nn.Module, name: str) -> bool:
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook(name) is not None
+
+
+class _ChangeRecorder:
+    """Plain torch forward hooks: the denoiser's timestep per call, each branch's ‖Δout‖₁ and ‖out‖₁ per step."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, branches) -> None:
+        self.spec = spec
+        self.index = {name: i for i, name in enumerate(spec.branches)}
+        self.signature = inspect.signature(model.forward)
+        self.timesteps: list[float] = []  # of the first run
+        self.step = -1
+        self.runs = 0
+        self.calls = 0
+        self.call_in_step = 0
+        self.previous: dict[tuple[int, int, int], torch.Tensor] = {}  # (call in step, block, branch) -> output
+        self.current: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.delta: dict[tuple[int, int, int], float] = {}  # (step, block, branch) -> Σ‖Δ‖₁
+        self.norm: dict[tuple[int, int, int], float] = {}
+        self.last_value: float | None = None
+        self.handles = [model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
+        for branch in branches:
+            key = (branch.block, self.index[branch.name])
+            self.handles.append(branch.module.register_forward_hook(self._on_branch(key)))
+
+    def _on_model(self, module, args, kwargs):
+        bound = self.signature.bind_partial(*args, **kwargs)
+        value = bound.arguments.get("timestep")
+        if value is None:
+            raise ValueError("blockcache calibration: the model was called without `timestep`")
+        value = float(torch.as_tensor(value).flatten()[0])
+        self.calls += 1
+        if value == self.last_value:  # another call within the same step (e.g. a separate unconditional pass)
+            self.call_in_step += 1
+            return
+        self._close_step()
+        if self.runs == 0 or value == self.timesteps[0]:  # a run starts
+            self.runs += 1
+            self.step = 0
+            self.previous.clear()
+            if self.runs == 1:
+                self.timesteps.append(value)
+        elif self.runs == 1:  # the first run defines the timestep table
+            self.step += 1
+            self.timesteps.append(value)
+        else:
+            self.step += 1
+            if self.step >= len(self.timesteps) or abs(self.timesteps[self.step] - value) > 1e-4:
+                raise ValueError(
+                    f"blockcache calibration: run {self.runs} called the model at timestep {value:g} as step "
+                    f"{self.step}; every run must use the first run's timesteps {self.timesteps}"
+                )
+        self.last_value = value
+        self.call_in_step = 0
+
+    def _on_branch(self, key: tuple[int, int]):
+        def hook(module, args, output):
+            if self.step < 0:
+                return
+            self.current[(self.call_in_step, *key)] = output.detach()
+
+        return hook
+
+    def _close_step(self) -> None:
+        """Fold the finished step's outputs into the sums, against the previous step of the same run."""
+        if self.step < 0:
+            return
+        for key, output in self.current.items():
+            before = self.previous.get(key)
+            slot = (self.step, key[1], key[2])
+            if before is not None and before.shape == output.shape:
+                self.delta[slot] = self.delta.get(slot, 0.0) + float((output - before).abs().double().sum())
+                self.norm[slot] = self.norm.get(slot, 0.0) + float(output.abs().double().sum())
+        self.previous, self.current = self.current, {}
+
+    def result(self) -> tuple[torch.Tensor, list[float]]:
+        self._close_step()
+        if not self.timesteps:
+            raise ValueError("blockcache calibration: the run never called the model")
+        shape = (len(self.timesteps), self.spec.num_blocks, len(self.spec.branches))
+        change = torch.zeros(shape, dtype=torch.float32)
+        for (step, block, branch), delta in self.delta.items():
+            change[step, block, branch] = delta / max(self.norm[(step, block, branch)], 1e-12)
+        return change, self.timesteps
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -1,0 +1,240 @@
+"""`toca`: token-wise feature caching (ToCa, Zou et al. 2024) on the shared runtime.
+
+Every `interval`-th step is full. On the steps between, each branch recomputes the fraction of its tokens given
+by the fresh-ratio schedule (step × block depth × branch type) and reuses the rest; ratio 0 reuses the branch.
+Which tokens: the highest of
+
+    score = s (per block, measured at the last full step) + freq_weight · age / interval, then the spatial bonus
+
+where s is the attention each token received (self-attention, DiT), the entropy of its cross-attention over the
+text (PixArt), the value-norm score (DuCa's V-caching) or nothing; `age` is the steps since the token was last
+computed in that branch. s is measured only on full steps whose block has a partial step before its next full
+step, by reading the attention module's own q/k (or v) projections (see `scores.py`).
+
+Fields left `None` take the published settings of the model family the policy is applied to (`PRESETS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ..adapters import ModelSpec, model_spec
+from ..plan import Action, Plan
+from ..runtime import BranchCall, SelectionRequest, TokenSelector
+from .base import CachePolicy
+from .scores import (
+    attention_bias,
+    attention_received,
+    capture_projections,
+    cross_attention_entropy,
+    frequency_term,
+    spatial_bonus,
+    split_heads,
+    top_tokens,
+    value_norm_score,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+SCORES = ("attention", "cross_entropy", "value_norm", "none")
+SCORE_SOURCE = {"attention": "attn1", "value_norm": "attn1", "cross_entropy": "attn2"}
+SCORE_PROJECTIONS = {"attention": ("to_q", "to_k"), "cross_entropy": ("to_q", "to_k"), "value_norm": ("to_v",)}
+SIGNAL = "toca.score"  # state.signals[(SIGNAL, block)] -> [batch, tokens]
+TUNABLE = (
+    "ratio",
+    "score",
+    "bonus",
+    "grid",
+    "step_weight",
+    "layer_weight",
+    "attn1_factor",
+    "attn2_factor",
+    "ff_factor",
+)
+
+# The reference code's recommended settings (ToCa repository, `ToCa-ddim50` for DiT-XL/2 DDIM-50 with N=3,
+# `ToCa` for PixArt-α with N=3). attn1_factor 0: self-attention is reused on partial steps in both.
+DIT_DDIM50 = dict(
+    ratio=0.07,
+    score="attention",
+    bonus=0.6,
+    grid=2,
+    step_weight=2.0,
+    layer_weight=-0.2,
+    attn1_factor=0.0,
+    attn2_factor=1.0,
+    ff_factor=2.5,
+)
+PIXART_ALPHA = dict(
+    ratio=0.30,
+    score="cross_entropy",
+    bonus=0.4,
+    grid=4,
+    step_weight=-0.9,
+    layer_weight=0.6,
+    attn1_factor=0.0,
+    attn2_factor=0.6,
+    ff_factor=1.6,
+)
+
+
+@dataclass
+class ToCaPolicy(CachePolicy):
+    kind = "toca"
+    presets: ClassVar[dict[str, dict]] = {"dit": DIT_DDIM50, "pixart": PIXART_ALPHA}
+
+    interval: int = 3  # N: a full step every N steps (step 0 first)
+    ratio: float | None = None  # base fresh ratio
+    score: str | None = None  # attention | cross_entropy | value_norm | none
+    freq_weight: float = 0.25  # weight of the cache-frequency term (steps since computed / interval)
+    bonus: float | None = None  # spatial bonus: the best token per grid cell gains bonus × its score
+    grid: int | None = None  # side of the spatial-bonus cells, in tokens
+    step_weight: float | None = None  # step factor 1 − w + 2w·step/steps (w > 0: more fresh tokens late)
+    layer_weight: float | None = None  # depth factor 1 + w − 2w·block/(blocks − 1) (w > 0: more in early blocks)
+    attn1_factor: float | None = None  # branch factors
+    attn2_factor: float | None = None
+    ff_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        name = self.kind
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"{name} policy: field 'interval' must be an integer ≥ 1, got {self.interval!r}")
+        if self.score is not None and self.score not in SCORES:
+            raise ValueError(f"{name} policy: field 'score' must be one of {list(SCORES)}, got {self.score!r}")
+        if self.grid is not None and (isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1):
+            raise ValueError(f"{name} policy: field 'grid' must be an integer ≥ 1, got {self.grid!r}")
+        for key in ("ratio", "bonus", "freq_weight", "attn1_factor", "attn2_factor", "ff_factor"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} policy: field '{key}' must be a finite number ≥ 0, got {value!r}")
+        for key in ("step_weight", "layer_weight"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} policy: field '{key}' must be a finite number, got {value!r}")
+
+    # -- settings --------------------------------------------------------------------------------------------------
+    def resolved(self, spec: ModelSpec) -> ToCaPolicy:
+        """A copy with every `None` field set from the published settings of the model's family."""
+        family = spec.family if spec.family in self.presets else ("pixart" if "attn2" in spec.branches else "dit")
+        preset = self.presets[family]
+        filled = {key: preset[key] for key in TUNABLE if getattr(self, key) is None}
+        policy = dataclasses.replace(self, **filled) if filled else self
+        source = SCORE_SOURCE.get(policy.score)
+        if source is not None and source not in spec.branches:
+            raise ValueError(
+                f"{self.kind} policy: score {policy.score!r} reads branch {source!r}, which this model "
+                f"({spec.family}, branches {list(spec.branches)}) does not have"
+            )
+        return policy
+
+    def _require_resolved(self) -> None:
+        missing = [key for key in TUNABLE if getattr(self, key) is None]
+        if missing:
+            raise RuntimeError(
+                f"{self.kind} policy: fields {missing} are unset; apply it with policy.apply(model) (which fills them "
+                "from the model family's published settings) or set them explicitly"
+            )
+
+    def apply(self, target: nn.Module | object, timesteps=None):
+        return CachePolicy.apply(self.resolved(model_spec(target)), target, timesteps)
+
+    def bind(self, model, timesteps, scheduler):
+        bound = super().bind(model, timesteps, scheduler)
+        return bound.resolved(bound.target.model)
+
+    def describe(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.params().items() if v is not None)
+        return f"{self.kind}:{args}" if args else self.kind
+
+    # -- plan ------------------------------------------------------------------------------------------------------
+    def step_kinds(self, num_steps: int) -> list[str]:
+        """`full` every `interval` steps, `partial` in between."""
+        return ["full" if s % self.interval == 0 else "partial" for s in range(num_steps)]
+
+    def ratio_table(self, spec: ModelSpec, num_steps: int) -> torch.Tensor:
+        """The fresh-ratio schedule [steps, blocks, branches]: ratio · step factor · depth factor · branch factor."""
+        p = self.resolved(spec)
+        step = torch.arange(num_steps, dtype=torch.float64) / max(num_steps, 1)
+        step_factor = 1 - p.step_weight + 2 * p.step_weight * step
+        depth = torch.arange(spec.num_blocks, dtype=torch.float64) / max(spec.num_blocks - 1, 1)
+        layer_factor = 1 + p.layer_weight - 2 * p.layer_weight * depth
+        branch_factor = torch.tensor([getattr(p, f"{name}_factor") for name in spec.branches], dtype=torch.float64)
+        table = p.ratio * step_factor.view(-1, 1, 1) * layer_factor.view(1, -1, 1) * branch_factor.view(1, 1, -1)
+        return table.clamp(0.0, 1.0)
+
+    def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
+        shape = (num_steps, spec.num_blocks, len(spec.branches))
+        plan = Plan.full(*shape)
+        kinds = self.step_kinds(num_steps)
+        partial = torch.tensor([k == "partial" for k in kinds], dtype=torch.bool).view(-1, 1, 1).expand(shape)
+        reuse = torch.tensor([k == "reuse" for k in kinds], dtype=torch.bool).view(-1, 1, 1).expand(shape)
+        ratio = self.ratio_table(spec, num_steps)
+        if spec.num_tokens:  # exact token counts, as the reference: floor(ratio · tokens); 0 tokens → reuse
+            count = torch.floor(ratio * spec.num_tokens + 1e-9)
+            ratio = count / spec.num_tokens
+        plan.actions[reuse | (partial & (ratio <= 0))] = Action.REUSE
+        fresh = partial & (ratio > 0) & (ratio < 1)
+        plan.actions[fresh] = Action.PARTIAL
+        plan.token_ratio[fresh] = ratio[fresh].float()
+        return plan
+
+    # -- scoring ---------------------------------------------------------------------------------------------------
+    def token_selector(self) -> TokenSelector:
+        self._require_resolved()
+        interval, freq_weight, bonus, grid = self.interval, self.freq_weight, self.bonus, self.grid
+
+        def select(request: SelectionRequest) -> torch.Tensor:
+            age = request.store.age
+            signals = request.state.signals if request.state is not None else {}
+            score = signals.get((SIGNAL, request.block))
+            total = frequency_term(age, interval, freq_weight)
+            if score is not None:
+                total = total + score.to(total.device)
+            return top_tokens(spatial_bonus(total, bonus, grid), request.num_selected)
+
+        return select
+
+    def observe(self, call: BranchCall):
+        """On full steps, read the block's score from its attention projections (only where a partial step needs it)."""
+        if self.score == "none" or call.action != Action.COMPUTE or call.rows is not None:
+            return None
+        if call.branch != SCORE_SOURCE.get(self.score) or not _score_needed(call):
+            return None
+        return self._measure(call)
+
+    @contextmanager
+    def _measure(self, call: BranchCall):
+        attn = call.module
+        with capture_projections(attn, SCORE_PROJECTIONS[self.score]) as got:
+            yield
+        if self.score == "value_norm":
+            score = value_norm_score(split_heads(attn, got["to_v"]))
+        else:
+            query, key = split_heads(attn, got["to_q"], "norm_q"), split_heads(attn, got["to_k"], "norm_k")
+            if self.score == "attention":
+                score = attention_received(query, key, attn.scale)
+            else:
+                bias = attention_bias(attn, call.kwargs.get("attention_mask"), query.shape[0], key.shape[2])
+                score = cross_attention_entropy(query, key, bias, attn.scale)
+        call.state.signals[(SIGNAL, call.block)] = score
+
+
+def _score_needed(call: BranchCall) -> bool:
+    """Whether a later step recomputes part of this block before the block is next computed in full."""
+    if call.plan is None:
+        return True
+    actions = call.plan.actions[:, call.block]
+    for step in range(call.step + 1, actions.shape[0]):
+        row = actions[step]
+        if bool((row == Action.PARTIAL).any()):
+            return True
+        if bool((row == Action.COMPUTE).all()):
+            return False
+    return False

@@ -1,0 +1,671 @@
+"""Learning-to-Cache end to end: the runtime's differentiable blend, `LayerRouterPolicy` plans, the importer of the
+published DiT-XL/2 router, and `LayerRouterTrainer` fitted on a tiny real teacher (API and CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+from l2c_testing import FixedPlanPolicy, ddim_timesteps, dit_inputs, plan_maker, tiny_dit
+from torch.utils.data import DataLoader, TensorDataset
+
+import l2c
+from data.conditions import ClassConditionDataModule
+from l2c import Action, PolicyFormatError
+from l2c.import_l2c import DIT_XL_2_256, import_official_router
+from l2c.models import load_model, make_scheduler
+from l2c.policies import LayerRouterPolicy
+from l2c.policies.learned import full_step_mask, select_by_budget
+from l2c.runtime import BRANCH_HOOK, STEP_HOOK
+from l2c.sampling import GuidedDenoiser, noise_from_seeds, sample
+from predictors.l2c_trainer import LayerRouterTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+OFFICIAL = FIXTURES / "l2c_official" / "DiT-XL-2_DDIM20_router.pt"
+OFFICIAL_SUMMARY = "computed 312 of 560 branch slots in reuse steps"
+DIT_XL_2 = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    sample_size=32,
+    patch_size=2,
+    num_embeds_ada_norm=1000,
+)
+TEACHER = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=2, sample_size=8, patch_size=2,
+    num_embeds_ada_norm=10,
+)  # fmt: skip
+TRAINER_KWARGS = dict(steps=4, guidance_scale=2.0, refresh_interval=2, lr=0.05, l1=1e-3)
+SPEC = l2c.ModelSpec(family="dit", num_blocks=2, branches=("attn1", "ff"), hidden_size=16, num_tokens=16)
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def at(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1).expand(x.shape[0])
+
+
+def quiet_trainer(root: Path, **overrides) -> L.Trainer:
+    kwargs = dict(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=True,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    return L.Trainer(**{**kwargs, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. The runtime's training blend: g·f(x) + (1−g)·cached
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def blend_setup():
+    """A tiny DiT, 4 DDIM steps, two different step inputs (so that reuse and compute differ)."""
+    model = tiny_dit().requires_grad_(False)
+    timesteps = ddim_timesteps(4)
+    x0, labels = dit_inputs(batch=2, seed=1)
+    x1, _ = dit_inputs(batch=2, seed=2)
+    with torch.no_grad():
+        compute = model(x1, timestep=at(timesteps[1], x1), class_labels=labels).sample  # unhooked: a compute step
+        reuse_policy = FixedPlanPolicy(plan_maker({1: Action.REUSE}))
+        with reuse_policy.apply(model, timesteps=timesteps):
+            model(x0, timestep=at(timesteps[0], x0), class_labels=labels)
+            reuse = model(x1, timestep=at(timesteps[1], x1), class_labels=labels).sample  # pure reuse of step 0
+    assert not torch.allclose(compute, reuse, atol=1e-4), "the test needs reuse to differ from compute"
+    return SimpleNamespace(model=model, timesteps=timesteps, x0=x0, x1=x1, labels=labels, compute=compute, reuse=reuse)
+
+
+def blended_step(s, runtime, gates) -> torch.Tensor:
+    """Step 0 computes (and caches) every branch without a blend; step 1 runs with `gates` as the blend."""
+    runtime.blend = None
+    with torch.no_grad():
+        s.model(s.x0, timestep=at(s.timesteps[0], s.x0), class_labels=s.labels)
+    runtime.blend = gates
+    try:
+        return s.model(s.x1, timestep=at(s.timesteps[1], s.x1), class_labels=s.labels).sample
+    finally:
+        runtime.blend = None
+
+
+def test_blend_all_ones_equals_compute_and_all_zeros_equals_reuse(blend_setup):
+    s = blend_setup
+    with l2c.FullPolicy().apply(s.model, timesteps=s.timesteps) as runtime:
+        with torch.no_grad():
+            ones = blended_step(s, runtime, torch.ones(2, 2))
+            zeros = blended_step(s, runtime, torch.zeros(2, 2))
+    torch.testing.assert_close(ones, s.compute, atol=1e-6, rtol=0)
+    torch.testing.assert_close(zeros, s.reuse, atol=1e-6, rtol=0)
+
+
+def test_blend_per_sample_and_per_token_gates(blend_setup):
+    s = blend_setup
+    per_sample = torch.zeros(2, 2, 2)  # [blocks, branches, batch]: sample 0 computes, sample 1 reuses
+    per_sample[..., 0] = 1.0
+    per_token = torch.zeros(2, 2, 2, 16)  # [blocks, branches, batch, tokens]: sample 1 computes every token
+    per_token[:, :, 1] = 1.0
+    with l2c.FullPolicy().apply(s.model, timesteps=s.timesteps) as runtime:
+        with torch.no_grad():
+            by_sample = blended_step(s, runtime, per_sample)
+            by_token = blended_step(s, runtime, per_token)
+    torch.testing.assert_close(by_sample[0], s.compute[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(by_sample[1], s.reuse[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(by_token[0], s.reuse[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(by_token[1], s.compute[1], atol=1e-6, rtol=0)
+
+
+def test_blend_leaves_the_cache_as_the_full_step_stored_it(blend_setup):
+    """After a blended step 1, a plan's REUSE at step 2 still returns step 0's outputs (the blend stores nothing)."""
+    s = blend_setup
+    x2, _ = dit_inputs(batch=2, seed=3)
+    policy = FixedPlanPolicy(plan_maker({1: Action.REUSE, 2: Action.REUSE}))
+    outputs = []
+    with torch.no_grad():
+        for gates in (None, torch.ones(2, 2)):
+            with policy.apply(s.model, timesteps=s.timesteps) as runtime:
+                blended_step(s, runtime, gates)  # gates None: the plan's own REUSE at step 1
+                outputs.append(s.model(x2, timestep=at(s.timesteps[2], x2), class_labels=s.labels).sample)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
+
+
+def test_blend_gradients_reach_the_gates_only(blend_setup):
+    s = blend_setup
+    gates = torch.full((2, 2), 0.5, requires_grad=True)
+    with l2c.FullPolicy().apply(s.model, timesteps=s.timesteps) as runtime:
+        out = blended_step(s, runtime, gates)
+        loss = torch.nn.functional.mse_loss(out, s.compute)
+        loss.backward()
+    assert gates.grad is not None
+    assert torch.isfinite(gates.grad).all() and bool((gates.grad != 0).all())
+    assert bool((gates.grad < 0).all()), "raising a gate toward 1 moves the output toward the compute step"
+    assert all(p.grad is None for p in s.model.parameters())
+
+
+def test_blend_gradient_matches_finite_differences():
+    model = tiny_dit().double().requires_grad_(False)
+    timesteps = ddim_timesteps(4)
+    x0, labels = dit_inputs(batch=2, seed=1)
+    x1, _ = dit_inputs(batch=2, seed=2)
+    s = SimpleNamespace(model=model, timesteps=timesteps, x0=x0.double(), x1=x1.double(), labels=labels)
+    with l2c.FullPolicy().apply(model, timesteps=timesteps) as runtime:
+        ok = torch.autograd.gradcheck(
+            lambda g: blended_step(s, runtime, g).pow(2).mean(),
+            (torch.full((2, 2), 0.4, dtype=torch.float64, requires_grad=True),),
+            eps=1e-6,
+            atol=1e-7,
+        )
+    assert ok
+
+
+def test_pause_runs_unhooked_and_keeps_the_cache(blend_setup):
+    s = blend_setup
+    policy = FixedPlanPolicy(plan_maker({1: Action.REUSE}))
+    with torch.no_grad(), policy.apply(s.model, timesteps=s.timesteps) as runtime:
+        s.model(s.x0, timestep=at(s.timesteps[0], s.x0), class_labels=s.labels)
+        with runtime.pause():
+            paused = s.model(s.x1, timestep=at(s.timesteps[1], s.x1), class_labels=s.labels).sample
+            s.model(s.x1, timestep=torch.full((2,), 123.0), class_labels=s.labels)  # not in the table: fine paused
+        after = s.model(s.x1, timestep=at(s.timesteps[1], s.x1), class_labels=s.labels).sample
+    torch.testing.assert_close(paused, s.compute, atol=1e-6, rtol=0)
+    torch.testing.assert_close(after, s.reuse, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. LayerRouterPolicy: threshold and budget plans, round trip, summary
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def logit(p: float) -> float:
+    return float(torch.logit(torch.tensor(p, dtype=torch.float64)))
+
+
+def test_threshold_plan_known_slots():
+    logits = torch.full((4, 2, 2), -3.0)  # every reuse-step slot scores below the threshold …
+    logits[1, 0, 1] = 3.0  # … except these two
+    logits[3, 1, 0] = 0.5
+    logits[3, 0, 0] = 0.0  # score exactly 0.5: not above the threshold, reused
+    policy = LayerRouterPolicy(refresh_interval=2, threshold=0.5, logits=logits)
+    plan = policy.build_plan(SPEC, 4)
+    expected = torch.full((4, 2, 2), int(Action.REUSE), dtype=torch.int8)
+    expected[[0, 2]] = int(Action.COMPUTE)  # full steps compute whatever their logits say
+    expected[1, 0, 1] = expected[3, 1, 0] = int(Action.COMPUTE)
+    assert torch.equal(plan.actions, expected)
+    assert policy.reuse_summary(4) == "computed 2 of 8 branch slots in reuse steps"
+
+
+def test_full_steps_follow_the_refresh_interval():
+    policy = LayerRouterPolicy(refresh_interval=3, threshold=0.5, logits=torch.full((7, 2, 2), -9.0))
+    plan = policy.build_plan(SPEC, 7)
+    full = (plan.actions == Action.COMPUTE).flatten(1).all(1)
+    reuse = (plan.actions == Action.REUSE).flatten(1).all(1)
+    assert full.tolist() == [True, False, False, True, False, False, True]
+    assert torch.equal(reuse, ~full)
+    assert full_step_mask(7, 3).tolist() == full.tolist()
+    assert policy.reuse_summary(7) == "computed 0 of 16 branch slots in reuse steps"
+
+
+def budget_logits() -> torch.Tensor:
+    """Reuse-step slots (steps 1, 3) with distinct scores in a known order; full steps score highest of all."""
+    logits = torch.full((4, 2, 2), 9.0)
+    order = [(1, 0, 0), (3, 1, 1), (1, 1, 0), (3, 0, 1), (1, 0, 1), (3, 0, 0), (1, 1, 1), (3, 1, 0)]  # best first
+    for rank, slot in enumerate(order):
+        logits[slot] = logit(0.9 - 0.1 * rank)
+    return logits, order
+
+
+@pytest.mark.parametrize("kept", [0, 1, 3, 8])
+def test_budget_keeps_exactly_the_top_scoring_reuse_slots(kept):
+    logits, order = budget_logits()
+    budget = (8 + kept) / 16  # 8 full-step slots of 16, plus `kept` reuse-step slots
+    policy = LayerRouterPolicy(refresh_interval=2, threshold=None, budget=budget, logits=logits)
+    mask = policy.computed_mask(4)
+    expected = full_step_mask(4, 2).view(-1, 1, 1).expand(4, 2, 2).clone()
+    for slot in order[:kept]:
+        expected[slot] = True
+    assert torch.equal(mask, expected)
+    plan = policy.build_plan(SPEC, 4)
+    assert plan.compute_fraction() == pytest.approx(budget)
+    assert policy.reuse_summary(4) == f"computed {kept} of 8 branch slots in reuse steps"
+    assert torch.equal(select_by_budget(torch.sigmoid(logits), full_step_mask(4, 2), budget), expected)
+
+
+def test_budget_below_the_full_steps_share_raises_naming_budget():
+    logits, _ = budget_logits()
+    policy = LayerRouterPolicy(refresh_interval=2, threshold=None, budget=0.25, logits=logits)
+    with pytest.raises(ValueError, match="'budget'"):
+        policy.computed_mask(4)
+    with pytest.raises(ValueError, match="'budget'"):
+        policy.apply(tiny_dit(), timesteps=ddim_timesteps(4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(threshold=0.5, budget=0.5), "threshold"),
+        (dict(threshold=None, budget=None), "threshold"),
+        (dict(threshold=None, budget=1.5), "budget"),
+        (dict(threshold=-0.1), "threshold"),
+        (dict(threshold=0.5, refresh_interval=0), "refresh_interval"),
+    ],
+)
+def test_invalid_policy_fields_are_named(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LayerRouterPolicy(**kwargs, logits=torch.zeros(4, 2, 2))
+
+
+def test_logits_of_the_wrong_shape_are_refused():
+    policy = LayerRouterPolicy(threshold=0.5, logits=torch.zeros(4, 3, 2))
+    with pytest.raises(ValueError, match="router.logits"):
+        policy.apply(tiny_dit(), timesteps=ddim_timesteps(4))
+
+
+@pytest.mark.parametrize("mode", [dict(threshold=0.5), dict(threshold=None, budget=0.75)])
+def test_save_load_round_trip_keeps_logits_and_plan(tmp_path, mode):
+    logits, _ = budget_logits()
+    logits[1, 1, 1] = -2.0
+    model, timesteps = tiny_dit(), ddim_timesteps(4)
+    policy = LayerRouterPolicy(refresh_interval=2, **mode, logits=logits).bind(model, timesteps, "DDIMScheduler")
+    policy.provenance = {"note": "hand-made"}
+    policy.save_pretrained(tmp_path / "router")
+    loaded = l2c.load_policy(tmp_path / "router")
+    assert isinstance(loaded, LayerRouterPolicy)
+    assert loaded.params() == policy.params()
+    assert torch.equal(loaded.logits, logits)
+    assert loaded.provenance == {"note": "hand-made"}
+    assert loaded.timesteps == tuple(float(t) for t in timesteps)
+    spec = l2c.model_spec(model)
+    assert torch.equal(loaded.build_plan(spec, 4).actions, policy.build_plan(spec, 4).actions)
+    assert loaded.reuse_summary(4) == policy.reuse_summary(4)
+    with loaded.apply(model) as runtime:
+        assert torch.equal(runtime.plan.actions, policy.build_plan(spec, 4).actions)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. The router released with Learning-to-Cache (DiT-XL/2, DDIM 20)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def official() -> LayerRouterPolicy:
+    assert OFFICIAL.is_file(), f"missing fixture {OFFICIAL}"
+    return import_official_router(OFFICIAL, 0.1)
+
+
+def meta_dit(**overrides) -> DiTTransformer2DModel:
+    with torch.device("meta"):  # DiT-XL/2's shape without 675M parameters of memory or init time
+        return DiTTransformer2DModel(**{**DIT_XL_2, **overrides})
+
+
+def test_official_router_statistic_and_plan(official):
+    assert official.reuse_summary(20) == OFFICIAL_SUMMARY
+    assert official.refresh_interval == 2 and official.threshold == 0.1
+    assert official.logits.shape == (20, 28, 2)
+    assert official.target.model == DIT_XL_2_256
+    scheduler = DDIMScheduler(timestep_spacing="linspace")
+    scheduler.set_timesteps(20)
+    assert official.timesteps == tuple(float(t) for t in scheduler.timesteps)
+    assert official.provenance["num_sampling_steps"] == 20 and official.provenance["l1"] == 5e-06
+
+    plan = official.build_plan(DIT_XL_2_256, 20)
+    assert bool((plan.actions[0::2] == Action.COMPUTE).all()), "full steps at every even step"
+    reuse_slots = plan.actions[1::2]
+    assert int((reuse_slots == Action.COMPUTE).sum()) == 312 and int((reuse_slots == Action.REUSE).sum()) == 248
+    # Step s uses release router 19 − s: the reuse steps (odd s) read exactly the even-index routers.
+    raw = torch.load(OFFICIAL, map_location="cpu", weights_only=True)["routers"]
+    for step in range(1, 20, 2):
+        wanted = torch.sigmoid(raw[f"{19 - step}.prob"].float()).view(28, 2) > 0.1
+        assert torch.equal(plan.actions[step] == Action.COMPUTE, wanted), step
+
+
+def test_official_router_applies_to_a_dit_xl_2_shaped_model(official):
+    model = meta_dit()
+    before = {name: set(module.__dict__) for name, module in model.named_modules()}
+    runtime = official.apply(model)
+    registries = [getattr(m, "_diffusers_hook", None) for m in model.modules()]
+    hooked = [r for r in registries if r is not None and r.get_hook(BRANCH_HOOK) is not None]
+    assert len(hooked) == 56 and len(runtime.branches) == 56
+    assert model._diffusers_hook.get_hook(STEP_HOOK) is not None
+    assert torch.equal(runtime.plan.actions, official.build_plan(DIT_XL_2_256, 20).actions)
+    runtime.remove()
+    assert not any(hasattr(m, "_diffusers_hook") for m in model.modules())
+    assert {name: set(module.__dict__) for name, module in model.named_modules()} == before
+
+
+def test_official_router_refuses_another_block_count(official):
+    with pytest.raises(ValueError, match="num_blocks"):
+        official.apply(meta_dit(num_layers=12))
+    other = l2c.ModelSpec(family="dit", num_blocks=12, branches=("attn1", "ff"), hidden_size=1152, num_tokens=256)
+    with pytest.raises(ValueError, match="num_blocks"):
+        import_official_router(OFFICIAL, 0.1, model=other)
+
+
+def test_import_cli_prints_the_statistic_and_writes_a_loadable_policy(tmp_path, official):
+    out = tmp_path / "imported"
+    result = subprocess.run(
+        [sys.executable, "infer.py", "import-l2c", str(OFFICIAL), "--threshold", "0.1", "--out", str(out)],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert OFFICIAL_SUMMARY in result.stdout.splitlines()
+    loaded = l2c.load_policy(out)
+    assert isinstance(loaded, LayerRouterPolicy)
+    assert loaded.reuse_summary(20) == OFFICIAL_SUMMARY
+    assert torch.equal(loaded.logits, official.logits) and loaded.timesteps == official.timesteps
+    assert loaded.provenance["trainer"] == "learning-to-cache (official release)"
+
+
+class ReduceMarker:
+    """Unpickling this runs `open(marker, "w")`: if the file appears, the loader executed the pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickled_object_is_refused_without_running_its_reduce(tmp_path):
+    control = tmp_path / "control-marker"
+    pickle.loads(pickle.dumps(ReduceMarker(control))).close()
+    assert control.exists(), "the marker class must really create its file when unpickled"
+
+    marker = tmp_path / "marker"
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps(ReduceMarker(marker), protocol=2))
+    zipped = tmp_path / "zipped.pt"
+    torch.save({"routers": {"0.prob": torch.zeros(56)}, "evil": ReduceMarker(marker)}, zipped)
+    for path in (plain, zipped):
+        with pytest.raises(PolicyFormatError, match="weights_only"):
+            import_official_router(path, 0.1)
+    import infer
+
+    assert infer.main(["import-l2c", str(plain), "--out", str(tmp_path / "never")]) == 2
+    assert not marker.exists()
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_checkpoint_without_routers_is_refused(tmp_path):
+    path = tmp_path / "no-routers.pt"
+    torch.save({"opt": {}, "args": argparse.Namespace(num_sampling_steps=20)}, path)
+    with pytest.raises(PolicyFormatError, match="'routers'"):
+        import_official_router(path, 0.1)
+
+
+def test_router_count_must_match_the_recorded_step_count(tmp_path):
+    path = tmp_path / "short.pt"
+    routers = {f"{i}.prob": torch.zeros(56) for i in range(10)}
+    torch.save({"routers": routers, "args": argparse.Namespace(num_sampling_steps=20)}, path)
+    with pytest.raises(PolicyFormatError, match="num_sampling_steps"):
+        import_official_router(path, 0.1)
+
+
+@pytest.mark.parametrize(
+    "routers",
+    [
+        torch.zeros(20, 56),
+        {},
+        {"0.prob": torch.zeros(56), "1.prob": torch.zeros(55)},
+        {"0.prob": "not a tensor"},
+    ],
+    ids=["tensor", "empty", "ragged", "not-a-tensor"],
+)
+def test_malformed_routers_raise_policy_format_error(tmp_path, routers):
+    path = tmp_path / "malformed.pt"
+    torch.save({"routers": routers}, path)
+    with pytest.raises(PolicyFormatError, match="routers"):
+        import_official_router(path, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. LayerRouterTrainer end to end on a tiny teacher
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("teacher-root") / "teacher"
+    torch.manual_seed(0)
+    DiTTransformer2DModel(**TEACHER).save_pretrained(root / "transformer")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(root / "scheduler")
+    return root
+
+
+def teacher_state(module: LayerRouterTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.teacher.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def fitted(teacher_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(root / "policy"))
+    before = SimpleNamespace(logits=module.router.logits.detach().clone(), teacher=teacher_state(module))
+    trainer = quiet_trainer(root)
+    L.seed_everything(0, verbose=False)
+    trainer.fit(module, ClassConditionDataModule(num_classes=10, samples_per_epoch=8, batch_size=4))
+    return SimpleNamespace(module=module, trainer=trainer, before=before, root=root, export=root / "policy")
+
+
+def test_fit_trains_the_router_and_leaves_the_teacher_alone(fitted):
+    module, before = fitted.module, fitted.before
+    assert fitted.trainer.global_step == 3
+    reuse = ~full_step_mask(4, 2)
+    assert not torch.equal(module.router.logits.detach()[reuse], before.logits[reuse])
+    after = teacher_state(module)
+    assert after.keys() == before.teacher.keys()
+    assert all(torch.equal(after[k], before.teacher[k]) for k in after)
+    assert not module.teacher.training
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+    assert all(p.grad is None for p in module.teacher.parameters())
+    assert not any(hasattr(m, "_diffusers_hook") for m in module.teacher.modules()), "runtime removed at fit end"
+
+
+def test_the_optimizer_holds_only_the_router(fitted):
+    (optimizer,) = fitted.trainer.optimizers
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(held) == 1 and held[0] is fitted.module.router.logits
+    assert [n for n, _ in fitted.module.named_parameters()] == ["router.logits"]
+
+
+def test_the_checkpoint_holds_no_teacher(fitted, teacher_dir):
+    (ckpt,) = (fitted.root / "checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert list(state) == ["router.logits"]
+    teacher_bytes = sum(f.stat().st_size for f in (teacher_dir / "transformer").glob("*.safetensors"))
+    assert ckpt.stat().st_size * 5 < teacher_bytes, (ckpt.stat().st_size, teacher_bytes)  # ~5 KB vs ~83 KB here
+    restored = LayerRouterTrainer.load_from_checkpoint(ckpt)
+    assert torch.equal(restored.router.logits, fitted.module.router.logits)
+
+
+def test_the_exported_policy_loads_records_its_provenance_and_samples(fitted, teacher_dir):
+    policy = l2c.load_policy(fitted.export)
+    assert isinstance(policy, LayerRouterPolicy)
+    assert torch.equal(policy.logits, fitted.module.router.logits.detach())
+    assert policy.threshold == 0.5 and policy.budget is None and policy.refresh_interval == 2
+    provenance = json.loads((fitted.export / "config.json").read_text())["provenance"]
+    assert provenance["l1"] == 1e-3 and provenance["lr"] == 0.05
+    assert provenance["teacher"] == str(teacher_dir) and provenance["refresh_interval"] == 2
+    assert policy.provenance == provenance
+    # Adam moves a logit by about lr per step: 3 steps from 2.0 leave every score above 0.5, so all slots compute.
+    assert policy.reuse_summary(4) == "computed 8 of 8 branch slots in reuse steps"
+
+    bundle = load_model(str(teacher_dir))
+    denoiser = GuidedDenoiser(bundle.transformer, 2.0)
+    noise, labels = noise_from_seeds(torch.arange(2), (1, 8, 8)), torch.tensor([3, 7])
+    uncached = sample(denoiser, make_scheduler("ddim", bundle.scheduler_config), noise, labels, 4)
+    with policy.apply(bundle.transformer) as runtime:
+        cached = sample(denoiser, make_scheduler("ddim", bundle.scheduler_config), noise, labels, 4)
+        assert runtime.executed[Action.COMPUTE] == 4 * 4 and runtime.executed[Action.REUSE] == 0
+    torch.testing.assert_close(cached, uncached, atol=1e-6, rtol=0)
+
+
+def test_budget_export_computes_that_share_of_all_slots(teacher_dir, tmp_path):
+    module = LayerRouterTrainer(
+        teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(tmp_path / "policy"), export_budget=0.75
+    )
+    L.seed_everything(0, verbose=False)
+    quiet_trainer(tmp_path, max_steps=2).fit(module, ClassConditionDataModule(10, samples_per_epoch=8, batch_size=4))
+    policy = l2c.load_policy(tmp_path / "policy")
+    assert policy.budget == 0.75 and policy.threshold is None
+    assert policy.provenance["export_budget"] == 0.75
+    spec = l2c.model_spec(module.teacher)
+    plan = policy.build_plan(spec, 4)
+    computed = plan.actions == Action.COMPUTE
+    assert computed.float().mean().item() == 0.75
+    assert policy.reuse_summary(4) == "computed 4 of 8 branch slots in reuse steps"
+    scores = torch.sigmoid(policy.logits)[~full_step_mask(4, 2)]
+    kept = computed[~full_step_mask(4, 2)]
+    assert scores[kept].min() >= scores[~kept].max(), "the kept reuse slots are the top-scoring ones"
+
+    bundle = load_model(str(teacher_dir))
+    noise, labels = noise_from_seeds(torch.arange(2), (1, 8, 8)), torch.tensor([1, 2])
+    with policy.apply(bundle.transformer) as runtime:
+        out = sample(GuidedDenoiser(bundle.transformer, 2.0), make_scheduler("ddim", bundle.scheduler_config),
+                     noise, labels, 4)  # fmt: skip
+        assert runtime.executed[Action.REUSE] == 4 and runtime.executed[Action.COMPUTE] == 12
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [(dict(steps=1), "steps"), (dict(refresh_interval=1), "refresh_interval"), (dict(export_budget=2.0), "budget")],
+)
+def test_trainer_refuses_bad_fields(teacher_dir, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LayerRouterTrainer(teacher=str(teacher_dir), **{**TRAINER_KWARGS, **kwargs})
+
+
+def test_train_cli_smoke(teacher_dir, tmp_path):
+    export = tmp_path / "policy"
+    command = [
+        sys.executable, "train.py", "fit", "--config", "configs/l2c/digits-ddim20.yaml",
+        "--model.teacher", str(teacher_dir), "--model.steps", "4", "--model.export_dir", str(export),
+        "--trainer.max_steps", "2", "--trainer.logger", "false",
+        "--data.init_args.batch_size", "4", "--data.init_args.samples_per_epoch", "8",
+        "--trainer.default_root_dir", str(tmp_path / "root"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exported l2c policy to" in result.stdout
+    policy = l2c.load_policy(export)
+    assert isinstance(policy, LayerRouterPolicy) and policy.logits.shape == (4, 2, 2)
+    assert policy.provenance["global_steps"] == 2 and policy.provenance["teacher"] == str(teacher_dir)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. Real-image mode: (images, labels) batches noised to a segment's full step
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_images(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(count, 1, 8, 8, generator=generator) * 2 - 1, torch.arange(count) % 10
+
+
+class TinyImages(L.LightningDataModule):
+    def __init__(self, count: int = 8, batch_size: int = 4, drop_last: bool = True) -> None:
+        super().__init__()
+        self.count, self.batch_size, self.drop_last = count, batch_size, drop_last
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = TensorDataset(*tiny_images(self.count))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, drop_last=self.drop_last)
+
+
+def direct_step(module: LayerRouterTrainer, batch) -> torch.Tensor:
+    """`training_step` outside a Trainer (its `self.log` only warns there), between the fit start/end hooks."""
+    module.on_fit_start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return module.training_step(batch, 0)
+    finally:
+        module.on_fit_end()
+
+
+def test_image_batches_give_a_finite_loss_with_gradient_on_the_router_only(teacher_dir):
+    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
+    torch.manual_seed(0)
+    loss = direct_step(module, tiny_images(4))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+    loss.backward()
+    grad = module.router.logits.grad
+    assert grad is not None and torch.isfinite(grad).all()
+    assert bool((grad[full_step_mask(4, 2)] == 0).all()), "full-step logits are never used"
+    assert bool((grad[~full_step_mask(4, 2)] != 0).any())
+    assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
+
+
+@pytest.mark.parametrize("batch_kind", ["images", "conditions"])
+def test_saturated_gates_reproduce_the_teacher_exactly(teacher_dir, batch_kind):
+    """Scores of exactly 1 make every reuse step a compute step: the MSE vanishes and the loss is λ·Σ s."""
+    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
+    batch = tiny_images(4) if batch_kind == "images" else (torch.tensor([0, 1, 2, 3]), torch.tensor([5, 6, 7, 8]))
+    with torch.no_grad():
+        module.router.logits.fill_(100.0)
+    torch.manual_seed(0)
+    saturated = direct_step(module, batch)
+    assert saturated.item() == pytest.approx(1e-3 * 4, abs=1e-9)  # mse 0, l1 · (2 blocks × 2 branches)
+    with torch.no_grad():
+        module.router.logits.fill_(-100.0)
+    torch.manual_seed(0)
+    closed = direct_step(module, batch)
+    assert closed.item() > 1e-8, "pure reuse differs from the teacher"
+
+
+class GradProbe(L.Callback):
+    def __init__(self) -> None:
+        self.losses, self.router_grads, self.teacher_grads = [], [], []
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.router_grads.append(pl_module.router.logits.grad.detach().clone())
+        self.teacher_grads.append([p.grad for p in pl_module.teacher.parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_image_mode_through_lightning(teacher_dir, tmp_path):
+    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
+    before = teacher_state(module)
+    probe = GradProbe()
+    L.seed_everything(0, verbose=False)
+    quiet_trainer(tmp_path, max_steps=4, callbacks=[probe]).fit(module, TinyImages())
+    assert len(probe.losses) == 4 and all(torch.isfinite(torch.tensor(probe.losses)))
+    assert all(bool((g != 0).any()) for g in probe.router_grads)
+    assert all(g is None for grads in probe.teacher_grads for g in grads)
+    after = teacher_state(module)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_smaller_last_batch_does_not_break_training(teacher_dir, tmp_path):
+    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
+    L.seed_everything(0, verbose=False)
+    # 6 images in batches of 4 and 2; over 12 epochs some batch starts at segment 2 right after one ended at step 1.
+    quiet_trainer(tmp_path, max_steps=24, enable_checkpointing=False).fit(module, TinyImages(6, 4, drop_last=False))
+    assert module.global_step == 24
