@@ -3,6 +3,7 @@ real diffusers models (DiT; PixArt for cross-attention), exact token counts, FLO
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -10,8 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
-from l2c_testing import BranchRecorder, ComputeCounter, ddim_sample, ddim_timesteps, dit_inputs, tiny_dit, tiny_pixart
+from l2c_testing import (
+    BranchRecorder,
+    ComputeCounter,
+    ddim_sample,
+    ddim_timesteps,
+    dit_inputs,
+    tiny_dit,
+    tiny_dit_pipeline,
+    tiny_pixart,
+)
 
+import infer
 import l2c
 from l2c import Action
 from l2c.metrics import count_flops
@@ -443,12 +454,32 @@ def test_blockcache_end_to_end_round_trip_and_errors(tmp_path):
     runtime.remove()
 
 
+def test_blockcache_calibrates_on_an_unmodified_dit_pipeline():
+    pipe = tiny_dit_pipeline()
+
+    def run():
+        generator = torch.Generator().manual_seed(0)
+        return pipe(class_labels=[1, 7], num_inference_steps=4, generator=generator, output_type="pt").images
+
+    reference = run()
+    policy = BlockCachePolicy(threshold=0.4).calibrate(pipe, run)
+    assert policy.target.scheduler == "DDIMScheduler" and len(policy.timesteps) == 4
+    assert policy.provenance["calibration"] == {"runs": 1, "model_calls": 4}  # guidance batches cond and uncond
+    computed = schedule_from_change(policy.change, 0.4)
+    runtime = policy.apply(pipe)
+    images = run()
+    assert torch.isfinite(images).all()
+    assert runtime.executed == Counter({Action.COMPUTE: int(computed.sum()), Action.REUSE: int((~computed).sum())})
+    runtime.remove()
+    assert torch.equal(run(), reference)
+
+
 # == AdaCache ======================================================================================================
 def test_codebook_lookup_and_relative_change():
-    thresholds, rates = parse_codebook("0.05:4/0.1:3/0.2:2")
+    thresholds, rates = parse_codebook("0.05:4+0.1:3+0.2:2")
     change = torch.tensor([0.0, 0.049, 0.05, 0.15, 0.2, 7.0])
     assert steps_until_next(change, thresholds, rates).tolist() == [4, 4, 3, 2, 1, 1]
-    for bad in ("0.1:3/0.05:4", "0.1", "0.1:0", "x:2", ""):
+    for bad in ("0.1:3+0.05:4", "0.1", "0.1:0", "x:2", ""):
         with pytest.raises(ValueError, match="codebook"):
             parse_codebook(bad)
     old = torch.ones(2, 3, 4)
@@ -536,6 +567,34 @@ def test_adacache_never_reusing_equals_the_uncached_output():
     assert all(c == [0, 0] for _, c in ada.history)
 
 
+def test_adacache_computes_only_some_rows_of_masked_cross_attention_exactly():
+    model = tiny_pixart()
+    g = torch.Generator().manual_seed(3)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])  # different text masks per sample
+    t = ddim_timesteps(3)
+
+    def call(step):
+        return model(
+            x,
+            encoder_hidden_states=text,
+            timestep=t[step].expand(2),
+            encoder_attention_mask=mask,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
+
+    uncached = [call(0), call(1)]
+    runtime = AdaCachePolicy(codebook="1000:1").apply(model, timesteps=t)
+    assert torch.equal(call(0), uncached[0])
+    trajectory(model).signals["adacache"].next_compute[0] = 99  # sample 0 reuses, sample 1 computes alone
+    out = call(1)
+    # Sample 1 ran every branch on its own row (its own text and mask): the uncached result up to round-off.
+    assert (out[1] - uncached[1][1]).abs().max() < 1e-5
+    assert (out[0] - uncached[1][0]).abs().max() > 1e-3  # sample 0 reused its step-0 branch outputs
+    assert runtime.executed == Counter({Action.COMPUTE: 2 * 2 * 3})
+    runtime.remove()
+
+
 # == presets, loading, saving ======================================================================================
 @pytest.mark.parametrize(
     ("preset", "cls", "params"),
@@ -548,7 +607,7 @@ def test_adacache_never_reusing_equals_the_uncached_output():
         ),
         ("duca:ratio=0.05", DuCaPolicy, {"interval": 3, "ratio": 0.05}),
         ("blockcache:threshold=0.25", BlockCachePolicy, {"threshold": 0.25}),
-        ("adacache:codebook=0.1:2/0.3:1,probe_block=0", AdaCachePolicy, {"codebook": "0.1:2/0.3:1", "probe_block": 0}),
+        ("adacache:codebook=0.1:2+0.3:1,probe_block=0", AdaCachePolicy, {"codebook": "0.1:2+0.3:1", "probe_block": 0}),
     ],
 )
 def test_presets_load_through_load_policy(preset, cls, params):
@@ -586,3 +645,19 @@ def test_save_and_load_keep_the_resolved_settings(tmp_path, preset):
     assert type(loaded) is type(bound) and loaded.params() == bound.params()
     if isinstance(bound, ToCaPolicy):
         assert loaded.ratio is not None  # saved with the family's published numbers filled in
+
+
+@pytest.mark.parametrize("preset", ["toca", "duca", "adacache:codebook=10:2"])
+def test_infer_samples_with_each_preset_and_counts_the_flops(tmp_path, preset):
+    out = tmp_path / "out"
+    argv = ["sample", "--model", "embedded:digits", "--steps", "6", "--scheduler", "ddim", "--num-samples", "2"]
+    assert infer.main([*argv, "--seed", "0", "--out", str(out), "--no-progress", "--policy", preset]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert 0.2 < report["flops_ratio"] < 0.9
+    assert sum(report["executed"].values()) == 6 * 6 * 2  # steps × blocks × (attn1, ff), one batch
+
+
+def test_infer_explains_how_to_calibrate_blockcache(tmp_path, capsys):
+    argv = ["sample", "--model", "embedded:digits", "--steps", "4", "--num-samples", "2", "--no-progress"]
+    assert infer.main([*argv, "--out", str(tmp_path / "out"), "--policy", "blockcache:threshold=0.1"]) == 2
+    assert "calibrate" in capsys.readouterr().err

@@ -6,7 +6,7 @@ to the stream) is compared with its output at the sample's previous computed ste
 
     change = mean|out_t − out_prev| / mean|out_prev| / (t − prev)        (per sample)
 
-and the codebook picks how many steps until that sample computes again: `codebook="0.05:4/0.1:3/0.2:2"` means
+and the codebook picks how many steps until that sample computes again: `codebook="0.05:4+0.1:3+0.2:2"` means
 change < 0.05 → compute again 4 steps later (reuse 3), < 0.1 → 3, < 0.2 → 2, otherwise the next step. Steps 0
 and 1 always compute (the first change needs two computed steps). The paper's motion regularisation scales the
 rate with a video's frame-to-frame motion; it is video-only and left out here.
@@ -32,9 +32,9 @@ SIGNAL = "adacache"
 
 
 def parse_codebook(text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`"0.05:4/0.1:3"` → (thresholds [K] increasing, steps-until-next-compute [K]); raises ValueError if malformed."""
+    """`"0.05:4+0.1:3"` → (thresholds [K] increasing, steps-until-next-compute [K]); raises ValueError if malformed."""
     pairs = []
-    for item in filter(None, str(text).split("/")):
+    for item in filter(None, str(text).split("+")):
         threshold, sep, rate = item.partition(":")
         try:
             if not sep:
@@ -42,7 +42,7 @@ def parse_codebook(text: str) -> tuple[torch.Tensor, torch.Tensor]:
             pairs.append((float(threshold), int(rate)))
         except ValueError:
             raise ValueError(
-                f"adacache policy: field 'codebook' entry {item!r} is not threshold:steps (e.g. 0.05:4/0.1:3)"
+                f"adacache policy: field 'codebook' entry {item!r} is not threshold:steps (e.g. 0.05:4+0.1:3)"
             ) from None
     thresholds = [t for t, _ in pairs]
     if not pairs or any(not t > 0 for t in thresholds) or thresholds != sorted(set(thresholds)):
@@ -81,7 +81,7 @@ class AdaState:
 @dataclass
 class AdaCachePolicy(CachePolicy):
     kind = "adacache"
-    codebook: str = "0.05:4/0.1:3/0.2:2"  # threshold:steps-until-next-compute, '/'-separated
+    codebook: str = "0.05:4+0.1:3+0.2:2"  # threshold:steps-to-next-compute, '+'-separated ('/' reads as a hub id)
     probe_block: int = -1  # -1: the middle block (num_blocks // 2)
     probe_branch: str = "attn1"
 
