@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-samples", type=positive_int, default=64)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, required=True, help="directory for report.json and the PNGs")
-    run.add_argument("--guidance-scale", type=float, default=2.0)
+    run.add_argument("--guidance-scale", type=float, default=1.5)
     run.add_argument("--batch-size", type=positive_int, default=64)
     run.add_argument("--flops-samples", type=int, default=0, help="count FLOPs over the first N samples (0: all)")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

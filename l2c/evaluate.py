@@ -22,7 +22,7 @@ class SamplingSetup:
     scheduler: str = "ddim"
     num_samples: int = 64
     seed: int = 0
-    guidance_scale: float = 2.0
+    guidance_scale: float = 1.5
     batch_size: int = 64
     flops_samples: int = 0  # count FLOPs over the first N samples' whole trajectories (0: all samples)
 

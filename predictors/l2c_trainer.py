@@ -30,7 +30,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
         teacher: str = "embedded:digits",
         steps: int = 20,
         scheduler: str = "ddim",
-        guidance_scale: float = 2.0,
+        guidance_scale: float = 1.5,
         refresh_interval: int = 2,
         l1: float = 5e-6,
         lr: float = 1e-3,
