@@ -107,13 +107,19 @@ class SideBySide:
         with tqdm(
             total=work, desc=f"sampling {label} + uncached", unit="sample-step", disable=not self.progress
         ) as bar:
-            for batch in self._batches():
-                start = time.perf_counter()
-                reference.append(self._sample(batch, None, bar))
-                middle = time.perf_counter()
-                latents.append(self._sample(batch, policy, bar))
-                wall_uncached += middle - start
-                wall += time.perf_counter() - middle
+            for index, batch in enumerate(self._batches()):
+                # Alternate which runs first (ABBA) so drift in machine load falls on both sides alike.
+                order = (None, policy) if index % 2 == 0 else (policy, None)
+                for which in order:
+                    start = time.perf_counter()
+                    result = self._sample(batch, which, bar)
+                    elapsed = time.perf_counter() - start
+                    if which is None:
+                        reference.append(result)
+                        wall_uncached += elapsed
+                    else:
+                        latents.append(result)
+                        wall += elapsed
         executed, plan = dict(self._executed), self._plan
         flops, flops_uncached = self._flops(policy), self._flops(None)
         return PolicyRun(

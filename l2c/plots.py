@@ -46,8 +46,11 @@ def save_comparison(uncached: torch.Tensor, cached: torch.Tensor, path: Path, ti
     return path
 
 
-def save_grid(images: torch.Tensor, path: Path) -> Path:
-    plt.imsave(path, image_grid(images), cmap="gray", vmin=0, vmax=255)
+def save_grid(images: torch.Tensor, path: Path, min_cell: int = 48) -> Path:
+    """The grid as a PNG, each sample enlarged (nearest neighbour) to at least `min_cell` pixels."""
+    scale = max(1, -(-min_cell // images.shape[-1]))
+    grid = image_grid(images).repeat(scale, axis=0).repeat(scale, axis=1)
+    plt.imsave(path, grid, cmap="gray", vmin=0, vmax=255)
     return path
 
 

@@ -1,0 +1,93 @@
+"""Router training time per step against one teacher forward pass at the same batch.
+
+    python bench/l2c_step_time.py --json out/bench/l2c_step_time.json
+
+The trajectory cache is warmed first (its one-off cost is reported separately), then a training
+step (cached full step + student step(s) + backward into the router + AdamW) and a plain no-grad
+teacher forward are timed alternately; medians are compared. Target: ≤ 3.5× for alternation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from l2c.policies import FullPolicy  # noqa: E402
+from predictors.l2c_trainer import LayerRouterTrainer  # noqa: E402
+
+
+def measure(teacher: str, interval: int, batch_size: int, repeats: int) -> dict:
+    """Median training-step and teacher-forward times for one refresh interval."""
+    module = LayerRouterTrainer(teacher=teacher, refresh_interval=interval)
+    module.log_dict = lambda *a, **k: None  # no Trainer attached: logging is not what is timed
+    module.runtime = FullPolicy().apply(module.teacher, timesteps=module.timesteps)
+    labels = torch.arange(batch_size) % module.bundle.num_classes
+    seeds = torch.arange(batch_size)
+    start = time.perf_counter()
+    module.trajectories.get(module, labels, seeds)
+    warm = time.perf_counter() - start
+    optimizer = torch.optim.AdamW(module.router.parameters(), lr=1e-3)
+    x, model_labels = module.model_inputs(module.noise_for(seeds), labels)
+    t = module.timesteps[0].expand(len(x))
+
+    def train_step() -> None:
+        loss = module.training_step((labels, seeds), 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def forward() -> None:
+        with torch.no_grad():
+            module.teacher(x, timestep=t, class_labels=model_labels)
+
+    step_times, forward_times = [], []
+    for _ in range(repeats + 1):
+        for fn, times in ((train_step, step_times), (forward, forward_times)):
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    step_s, forward_s = statistics.median(step_times[1:]), statistics.median(forward_times[1:])
+    module.runtime.remove()
+    return {
+        "refresh_interval": interval,
+        "batch_size": batch_size,
+        "model_batch": len(x),
+        "step_ms": 1000 * step_s,
+        "teacher_forward_ms": 1000 * forward_s,
+        "ratio": step_s / forward_s,
+        "trajectory_cache_s_per_sample": warm / batch_size,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="embedded:digits")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--refresh-interval", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    rows = [measure(args.teacher, i, args.batch_size, args.repeats) for i in args.refresh_interval]
+    print("| refresh | batch (model batch) | step ms | teacher forward ms | ratio | cache warm-up s/sample |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['refresh_interval']} | {r['batch_size']} ({r['model_batch']}) | {r['step_ms']:.1f} | "
+            f"{r['teacher_forward_ms']:.1f} | {r['ratio']:.2f} | {r['trajectory_cache_s_per_sample']:.3f} |"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
