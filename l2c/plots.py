@@ -64,6 +64,7 @@ def save_plan(plan: Plan, branches: tuple[str, ...], path: Path, title: str) -> 
     axis.set_yticks(
         range(blocks * num_branches), [f"{b}.{name}" for b in range(blocks) for name in branches], fontsize=7
     )
+    axis.set_xticks(range(steps))
     axis.set_xlabel("sampling step")
     axis.set_title(
         f"{title}: blue computed, grey reused, orange partial ({plan.compute_fraction():.0%} of branch work)"
@@ -82,6 +83,7 @@ def router_figure(scores: torch.Tensor, branches: tuple[str, ...], title: str):
     axis.set_yticks(
         range(blocks * num_branches), [f"{b}.{name}" for b in range(blocks) for name in branches], fontsize=7
     )
+    axis.set_xticks(range(steps))
     axis.set_xlabel("sampling step")
     axis.set_title(title)
     figure.colorbar(image, ax=axis, fraction=0.03)
