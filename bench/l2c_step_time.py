@@ -35,7 +35,7 @@ def measure(teacher: str, interval: int, batch_size: int, repeats: int) -> dict:
     module.trajectories.get(module, labels, seeds)
     warm = time.perf_counter() - start
     optimizer = torch.optim.AdamW(module.router.parameters(), lr=1e-3)
-    x, model_labels = module.model_inputs(module.noise_for(seeds), labels)
+    x, model_labels = module.guidance.model_inputs(module.noise_for(seeds), labels)
     t = module.timesteps[0].expand(len(x))
 
     def train_step() -> None:

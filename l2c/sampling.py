@@ -27,16 +27,23 @@ class GuidedDenoiser:
     def null_class(self) -> int:
         return int(self.transformer.config.num_embeds_ada_norm)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
+    def model_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch the transformer sees: [x; x] with [labels; null] under guidance, else x and labels."""
         if self.guidance_scale == 1.0:
-            out = self.transformer(x, timestep=t.expand(x.shape[0]), class_labels=labels).sample
-            return out[:, :channels]
-        both = torch.cat([x, x])
-        null = torch.full_like(labels, self.null_class)
-        out = self.transformer(both, timestep=t.expand(both.shape[0]), class_labels=torch.cat([labels, null])).sample
-        cond, uncond = out[:, :channels].chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
+            return x, labels
+        return torch.cat([x, x]), torch.cat([labels, torch.full_like(labels, self.null_class)])
+
+    def guide(self, halves: torch.Tensor, channels: int) -> torch.Tensor:
+        """ε from outputs split as [G, B, ...] (G = 2: cond, null); learned-sigma channels dropped."""
+        eps = halves[:, :, :channels]
+        if eps.shape[0] == 1:
+            return eps[0]
+        return eps[1] + self.guidance_scale * (eps[0] - eps[1])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        model_x, model_labels = self.model_inputs(x, labels)
+        out = self.transformer(model_x, timestep=t.expand(len(model_x)), class_labels=model_labels).sample
+        return self.guide(out.unflatten(0, (len(model_x) // len(x), len(x))), x.shape[1])
 
 
 def noise_from_seeds(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -95,12 +95,6 @@ class FrozenTeacherModule(L.LightningModule):
             return images
         return vae.encode(images.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
 
-    def model_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch the transformer sees at a step: [x; x] with [labels; null] under guidance."""
-        if self.guidance.guidance_scale == 1.0:
-            return x, labels
-        return torch.cat([x, x]), torch.cat([labels, torch.full_like(labels, self.guidance.null_class)])
-
     @torch.no_grad()
     def teacher_trajectory(
         self, x: torch.Tensor, labels: torch.Tensor, start: int = 0, until: int | None = None
@@ -113,22 +107,15 @@ class FrozenTeacherModule(L.LightningModule):
             for i in range(start, last + 1):
                 t = scheduler.timesteps[i]
                 scaled = scheduler.scale_model_input(x, t)
-                model_x, model_labels = self.model_inputs(scaled, labels)
+                model_x, model_labels = self.guidance.model_inputs(scaled, labels)
                 timestep = t.to(self.device).expand(len(model_x))
                 out = self.teacher(model_x, timestep=timestep, class_labels=model_labels).sample
                 halves = out.unflatten(0, (len(model_x) // len(x), len(x)))
                 inputs.append(scaled)
                 outputs.append(halves)
                 if i < last:
-                    x = scheduler.step(self.guided_eps(halves, x.shape[1]), t, x).prev_sample
+                    x = scheduler.step(self.guidance.guide(halves, x.shape[1]), t, x).prev_sample
         return Trajectory(start, torch.stack(inputs), torch.stack(outputs), labels)
-
-    def guided_eps(self, halves: torch.Tensor, channels: int) -> torch.Tensor:
-        """Classifier-free guidance on [G, B, ...] outputs (learned-sigma channels dropped)."""
-        eps = halves[:, :, :channels]
-        if eps.shape[0] == 1:
-            return eps[0]
-        return eps[1] + self.guidance.guidance_scale * (eps[0] - eps[1])
 
     def noise_for(self, seeds: torch.Tensor) -> torch.Tensor:
         config = self.teacher.config

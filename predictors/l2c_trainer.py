@@ -110,7 +110,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
         return loss
 
     def _call(self, trajectory, step: int) -> torch.Tensor:
-        x, labels = self.model_inputs(trajectory.inputs[step - trajectory.start], trajectory.labels)
+        x, labels = self.guidance.model_inputs(trajectory.inputs[step - trajectory.start], trajectory.labels)
         t = self.timesteps[step].to(self.device).expand(len(x))
         return self.teacher(x, timestep=t, class_labels=labels).sample
 
