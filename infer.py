@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from l2c.adapters import branch_names
 from l2c.evaluate import SamplingSetup, SideBySide, report
 from l2c.models import SCHEDULERS, load_model
 from l2c.plots import save_comparison, save_grid, save_plan
@@ -113,16 +114,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     save_grid(run.images, args.out / "samples.png")
     save_comparison(run.reference, run.images, args.out / "comparison.png", args.policy)
     if run.plan is not None:
-        save_plan(run.plan, bundle_branches(bundle), args.out / "plan.png", args.policy)
+        save_plan(run.plan, branch_names(bundle.transformer), args.out / "plan.png", args.policy)
     print_table(result)
     print(f"  wrote {args.out / 'report.json'}, samples.png, comparison.png, plan.png")
     return 0
-
-
-def bundle_branches(bundle) -> tuple[str, ...]:
-    from l2c.adapters import branch_names
-
-    return branch_names(bundle.transformer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,7 @@ class SideBySide:
         self.labels = balanced_labels(setup.num_samples, bundle.num_classes)
         self.denoiser = GuidedDenoiser(bundle.transformer, setup.guidance_scale)
         self.timesteps = self._scheduler().timesteps.clone()
+        self._flops_uncached: int | None = None  # the same for every policy: counted once
 
     def _scheduler(self):
         scheduler = make_scheduler(self.setup.scheduler, self.bundle.scheduler_config)
@@ -121,7 +122,9 @@ class SideBySide:
                         latents.append(result)
                         wall += elapsed
         executed, plan = dict(self._executed), self._plan
-        flops, flops_uncached = self._flops(policy), self._flops(None)
+        if self._flops_uncached is None:
+            self._flops_uncached = self._flops(None)
+        flops, flops_uncached = self._flops(policy), self._flops_uncached
         return PolicyRun(
             policy=label,
             images=self._decode(torch.cat(latents)),
