@@ -6,17 +6,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, SchedulerMixin
+from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel, SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin
 from torch import nn
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED = {"embedded:digits": EMBEDDED_DIR / "digits"}
+TRANSFORMERS = {cls.__name__: cls for cls in (DiTTransformer2DModel, PixArtTransformer2DModel)}
 
 
 @dataclass
 class ModelBundle:
-    """What sampling needs: a class-conditional transformer, its scheduler config, and a VAE for latents."""
+    """What sampling needs: a transformer (class- or text-conditional), its scheduler config, a VAE for latents."""
 
     name: str
     transformer: nn.Module
@@ -24,17 +25,25 @@ class ModelBundle:
     vae: AutoencoderKL | None = None
 
     @property
+    def text_conditioned(self) -> bool:
+        return isinstance(self.transformer, PixArtTransformer2DModel)
+
+    @property
     def num_classes(self) -> int:
+        if self.text_conditioned:
+            raise ValueError(f"{self.name} is text-conditioned (PixArt): it takes prompts, not class labels")
         return int(self.transformer.config.num_embeds_ada_norm)
 
     @property
     def is_digits(self) -> bool:
         """A pixel-space 16×16 one-channel 10-class model: the digits metrics apply."""
         config = self.transformer.config
-        return self.vae is None and config.in_channels == 1 and config.sample_size == 16 and self.num_classes == 10
+        if self.text_conditioned or self.vae is not None:
+            return False
+        return config.in_channels == 1 and config.sample_size == 16 and self.num_classes == 10
 
 
-def _resolve_path(name: str) -> Path:
+def resolve_model_path(name: str) -> Path:
     if name in EMBEDDED:
         path = EMBEDDED[name]
         if not (path / "transformer").is_dir():
@@ -54,11 +63,11 @@ def _resolve_path(name: str) -> Path:
 
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
     """Accepts a directory holding `transformer/` (+ `scheduler/`, optional `vae/`) or a bare transformer dir."""
-    path = _resolve_path(name)
+    path = resolve_model_path(name)
     transformer_dir = path / "transformer" if (path / "transformer").is_dir() else path
     if not (transformer_dir / "config.json").is_file():
         raise FileNotFoundError(f"{transformer_dir}: no config.json; expected a diffusers transformer directory")
-    transformer = DiTTransformer2DModel.from_pretrained(transformer_dir, torch_dtype=dtype)
+    transformer = _transformer_class(transformer_dir).from_pretrained(transformer_dir, torch_dtype=dtype)
     transformer = transformer.to(device).eval().requires_grad_(False)
     scheduler_dir = path / "scheduler"
     if scheduler_dir.is_dir():
@@ -69,6 +78,15 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if (path / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype).to(device).eval().requires_grad_(False)
     return ModelBundle(name=name, transformer=transformer, scheduler_config=scheduler_config, vae=vae)
+
+
+def _transformer_class(directory: Path) -> type[nn.Module]:
+    name = DiTTransformer2DModel.load_config(directory).get("_class_name")
+    if name not in TRANSFORMERS:
+        raise ValueError(
+            f"{directory / 'config.json'}: field '_class_name' is {name!r}, expected one of {sorted(TRANSFORMERS)}"
+        )
+    return TRANSFORMERS[name]
 
 
 SCHEDULERS = {

@@ -1,19 +1,46 @@
-"""A small class-conditional sampling loop with classifier-free guidance over diffusers schedulers.
+"""A small sampling loop with classifier-free guidance over diffusers schedulers.
 
 Used by the trainers (teacher trajectories), by `infer.py` and by the benchmarks. It calls the
-transformer exactly as `DiTPipeline` does (one batched call per step, conditional and null-class
+transformer as the diffusers pipelines do (one batched call per step, conditional and null
 halves together), so a policy applied with `policy.apply(transformer)` behaves the same here as
-in the pipeline.
+in the pipeline. Conditions are class labels (DiT) or cached text embeddings (`TextCondition`, PixArt).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from diffusers import SchedulerMixin
 from torch import nn
+
+
+@dataclass
+class TextCondition:
+    """Cached text-encoder output of a batch of prompts, with the empty prompt's for guidance (PixArt)."""
+
+    embeds: torch.Tensor  # [B, L, D]
+    mask: torch.Tensor  # [B, L], 1 = token, 0 = padding
+    null_embeds: torch.Tensor  # [1, L, D]: the empty prompt
+    null_mask: torch.Tensor  # [1, L]
+    index: torch.Tensor  # [B]: which prompts of the data set (keys for trajectory caches)
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def to(self, device: torch.device | str) -> TextCondition:
+        return TextCondition(*(t.to(device) for t in dataclasses.astuple(self)))
+
+    def __getitem__(self, rows: torch.Tensor) -> TextCondition:
+        return dataclasses.replace(self, embeds=self.embeds[rows], mask=self.mask[rows], index=self.index[rows])
+
+    def tolist(self) -> list[int]:
+        return self.index.tolist()
+
+
+Condition = torch.Tensor | TextCondition  # class labels [B], or prompts
 
 
 @dataclass
@@ -33,6 +60,35 @@ class GuidedDenoiser:
             return x, labels
         return torch.cat([x, x]), torch.cat([labels, torch.full_like(labels, self.null_class)])
 
+    def model_kwargs(self, x: torch.Tensor, condition: Condition) -> tuple[torch.Tensor, dict]:
+        """The transformer's batch and conditioning keywords; [cond; null] rows under guidance."""
+        if not isinstance(condition, TextCondition):
+            model_x, labels = self.model_inputs(x, condition)
+            return model_x, {"class_labels": labels}
+        dtype = next(self.transformer.parameters()).dtype  # cached embeddings may be stored in fp16
+        embeds, mask, model_x = condition.embeds.to(dtype), condition.mask, x
+        if self.guidance_scale != 1.0:
+            model_x = torch.cat([x, x])
+            embeds = torch.cat([embeds, condition.null_embeds.to(dtype).expand_as(embeds)])
+            mask = torch.cat([mask, condition.null_mask.expand_as(mask)])
+        kwargs = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        kwargs["added_cond_kwargs"] = self._size_conditions(model_x, dtype)
+        return model_x, kwargs
+
+    def _size_conditions(self, x: torch.Tensor, dtype: torch.dtype) -> dict:
+        """PixArt-α 1024 conditions on the image size and aspect ratio (pixels: latents × 8, as its pipeline)."""
+        if not getattr(self.transformer, "use_additional_conditions", False):
+            return {"resolution": None, "aspect_ratio": None}
+        height, width = x.shape[-2] * 8, x.shape[-1] * 8
+        resolution = torch.tensor([height, width], dtype=dtype, device=x.device).repeat(len(x), 1)
+        aspect = torch.tensor([height / width], dtype=dtype, device=x.device).repeat(len(x), 1)
+        return {"resolution": resolution, "aspect_ratio": aspect}
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """The transformer's output for the guided batch ([cond; null] rows), before guidance is applied."""
+        model_x, kwargs = self.model_kwargs(x, condition)
+        return self.transformer(model_x, timestep=t.expand(len(model_x)), **kwargs).sample
+
     def guide(self, halves: torch.Tensor, channels: int) -> torch.Tensor:
         """ε from outputs split as [G, B, ...] (G = 2: cond, null); learned-sigma channels dropped."""
         eps = halves[:, :, :channels]
@@ -40,10 +96,9 @@ class GuidedDenoiser:
             return eps[0]
         return eps[1] + self.guidance_scale * (eps[0] - eps[1])
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        model_x, model_labels = self.model_inputs(x, labels)
-        out = self.transformer(model_x, timestep=t.expand(len(model_x)), class_labels=model_labels).sample
-        return self.guide(out.unflatten(0, (len(model_x) // len(x), len(x))), x.shape[1])
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        out = self.raw(x, t, condition)
+        return self.guide(out.unflatten(0, (len(out) // len(x), len(x))), x.shape[1])
 
 
 def noise_from_seeds(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

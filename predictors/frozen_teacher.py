@@ -16,7 +16,7 @@ from torch import nn
 
 from l2c.models import ModelBundle, load_model, make_scheduler
 from l2c.runtime import CacheRuntime
-from l2c.sampling import GuidedDenoiser, noise_from_seeds
+from l2c.sampling import Condition, GuidedDenoiser, noise_from_seeds
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Trajectory:
     start: int  # step index of the first entry
     inputs: torch.Tensor  # [steps, B, C, H, W]: x_s after `scale_model_input`
     outputs: torch.Tensor  # [steps, G, B, C', H, W]: raw output; G = 2 (cond, null) under guidance, else 1
-    labels: torch.Tensor  # [B]
+    labels: Condition  # class labels [B] or a `TextCondition` of B prompts
 
     def model_output(self, step: int) -> torch.Tensor:
         """The output at `step` in the transformer's batch order (cond rows, then null rows)."""
@@ -107,10 +107,8 @@ class FrozenTeacherModule(L.LightningModule):
             for i in range(start, last + 1):
                 t = scheduler.timesteps[i]
                 scaled = scheduler.scale_model_input(x, t)
-                model_x, model_labels = self.guidance.model_inputs(scaled, labels)
-                timestep = t.to(self.device).expand(len(model_x))
-                out = self.teacher(model_x, timestep=timestep, class_labels=model_labels).sample
-                halves = out.unflatten(0, (len(model_x) // len(x), len(x)))
+                out = self.guidance.raw(scaled, t.to(self.device), labels)
+                halves = out.unflatten(0, (len(out) // len(x), len(x)))
                 inputs.append(scaled)
                 outputs.append(halves)
                 if i < last:

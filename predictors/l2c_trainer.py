@@ -71,7 +71,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
     # -- training ----------------------------------------------------------------------------------
     def _trajectory(self, batch: tuple[torch.Tensor, torch.Tensor], start: int):
         first, second = batch
-        if first.is_floating_point():  # real images (or latents) noised to the segment's full step
+        if isinstance(first, torch.Tensor) and first.is_floating_point():  # real images noised to step `start`
             images, labels = self.to_model_space(first), second
             t = self.timesteps[start].to(images.device)
             x = self.sampler.add_noise(images, torch.randn_like(images), t.expand(len(images)))
@@ -110,9 +110,8 @@ class LayerRouterTrainer(FrozenTeacherModule):
         return loss
 
     def _call(self, trajectory, step: int) -> torch.Tensor:
-        x, labels = self.guidance.model_inputs(trajectory.inputs[step - trajectory.start], trajectory.labels)
-        t = self.timesteps[step].to(self.device).expand(len(x))
-        return self.teacher(x, timestep=t, class_labels=labels).sample
+        x = trajectory.inputs[step - trajectory.start]
+        return self.guidance.raw(x, self.timesteps[step].to(self.device), trajectory.labels)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.router.clamp_()
