@@ -2,6 +2,7 @@
 
     python infer.py sample --model embedded:digits --policy static:interval=2 --steps 20 \
         --scheduler ddim --num-samples 64 --seed 0 --out out/static2
+    python infer.py fid --model embedded:digits --policy static:interval=2 --num-samples 50000 --devices 8 --out out/fid
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def device_count(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1 or 'auto', got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", type=Path, required=True, help="policy directory to write")
     imp.add_argument("--model", default=None, help="a DiT to fit the policy to (default: DiT-XL/2 at 256×256)")
     imp.add_argument("--timestep-spacing", default="linspace", help="DDIM spacing the timesteps table uses")
+    fid = commands.add_parser("fid", help="sample N images with a policy on every rank/GPU, gather, score on rank 0")
+    fid.add_argument("--model", default="embedded:digits", help="embedded:digits, a diffusers directory or a hub id")
+    fid.add_argument("--policy", default="full", help="full | static:interval=2 | a policy directory | a hub id")
+    fid.add_argument("--steps", type=positive_int, default=20)
+    fid.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    fid.add_argument("--num-samples", type=positive_int, default=50_000)
+    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--guidance-scale", type=float, default=1.5)
+    fid.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
+    fid.add_argument("--reference", type=Path, default=None, help="folder of real images for FID (any model)")
+    fid.add_argument("--out", type=Path, required=True, help="directory for report.json and the sample shards")
+    fid.add_argument("--accelerator", default="auto", help="cpu | gpu | auto (Lightning's names)")
+    fid.add_argument("--devices", type=device_count, default=1, help="processes per node: an integer, or auto")
+    fid.add_argument("--num-nodes", type=positive_int, default=1)
+    fid.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    fid.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -120,11 +145,45 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fid(args: argparse.Namespace) -> int:
+    from l2c.distributed_eval import (
+        EvalSetup,
+        FIDUnavailable,
+        fid_metric,
+        quality_report,
+        sample_sharded,
+        sharded_trainer,
+    )
+
+    setup = EvalSetup(args.model, args.policy, args.steps, args.scheduler, args.num_samples, args.seed,
+                      args.guidance_scale, args.batch_size)  # fmt: skip
+    bundle = load_model(args.model, dtype=DTYPES[args.dtype])
+    policy = load_policy(args.policy)
+    if args.reference is not None or not bundle.is_digits:
+        if args.reference is None:
+            raise ValueError(f"--model {args.model}: --reference (a folder of real images) is required for FID")
+        try:
+            fid_metric()  # fail before sampling, not after, when FID cannot run here
+        except FIDUnavailable as error:
+            raise ValueError(str(error)) from error
+    trainer = sharded_trainer(args.out, args.accelerator, args.devices, args.num_nodes, not args.no_progress)
+    if not sample_sharded(bundle, policy, setup, trainer):
+        return 0  # ranks other than 0: their shards are written
+    result = quality_report(bundle, setup, args.out, trainer.world_size, args.reference)
+    (args.out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    for key in ("digit_accuracy", "fd_digits", "fid"):
+        if key in result:
+            print(f"  {key:<14}  {result[key]:.4f}")
+    print(f"  wrote {args.out / 'report.json'} ({args.num_samples} samples from {trainer.world_size} process(es))")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"sample": cmd_sample, "import-l2c": cmd_import_l2c, "fid": cmd_fid}
     try:
-        return {"sample": cmd_sample, "import-l2c": cmd_import_l2c}[args.command](args)
-    except (ValueError, FileNotFoundError, TypeError) as error:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, TypeError, argparse.ArgumentTypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -22,12 +22,30 @@ class ClassConditions(Dataset):
         return torch.tensor(index % self.num_classes), torch.tensor(self.base_seed + index)
 
 
-class ClassConditionDataModule(L.LightningDataModule):
-    """Batches of (labels, seeds); under DDP Lightning's sampler gives each rank its own slice.
+class ResumableSampler(DistributedSampler):
+    """Lightning-independent index order: a pure function of (seed, epoch), each rank its own slice.
 
-    `shuffle=False` keeps index order, also under DDP (where Lightning's automatic sampler would always
-    shuffle training data): N processes × batch B then see the same global batches as one process × batch
-    N·B, the DDP equivalence test relies on it.
+    After a mid-epoch resume the first epoch iterated skips the samples this rank had already trained on, so
+    a fit killed at any step and resumed from its checkpoint sees exactly the batches of an uninterrupted run.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.resume_epoch, self.resume_skip = -1, 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self.epoch == self.resume_epoch:
+            indices, self.resume_epoch = indices[self.resume_skip :], -1  # only the interrupted epoch is shortened
+        return iter(indices)
+
+
+class ClassConditionDataModule(L.LightningDataModule):
+    """Batches of (labels, seeds); each rank its own slice; resumable mid-epoch from a Lightning checkpoint.
+
+    The order is `ResumableSampler`'s: shuffled per epoch from `seed`, or index order with `shuffle=False`,
+    also under DDP: N processes × batch B then see the same global batches as one process × batch N·B, the
+    DDP equivalence test relies on it. The checkpoint records the epoch and the batches done in it.
     """
 
     def __init__(
@@ -46,16 +64,23 @@ class ClassConditionDataModule(L.LightningDataModule):
             seed,
         )
         self.shuffle = shuffle
+        self.resume: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, int]:
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # this rank's, this epoch
+        return {"epoch": self.trainer.current_epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume = dict(state)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = ClassConditions(self.num_classes, self.samples_per_epoch, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
-        if not self.shuffle and trainer is not None and trainer.world_size > 1:
-            # Lightning leaves a DistributedSampler it is given alone; its own one would shuffle.
-            sampler = DistributedSampler(
-                self.train_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-            )
-            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # Lightning leaves a DistributedSampler it is given alone (and calls its `set_epoch`).
+        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed)
+        if self.resume:
+            sampler.resume_epoch, sampler.resume_skip = self.resume["epoch"], self.resume["batches"] * self.batch_size
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)

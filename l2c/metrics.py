@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from .digits_classifier import DigitsClassifier, load_digits_classifier
@@ -24,16 +24,45 @@ produces, so the cap only merges "bit-identical" with "differs by float round-of
 """
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch has FLOP formulas for the GPU kernels of `scaled_dot_product_attention` only: the CPU kernel would count 0,
+# hiding every attention product (q·kᵀ and attention·v) on CPU. It is counted as the GPU kernels are.
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def count_flops(fn: Callable[[], T]) -> tuple[T, int]:
     """Run `fn()` and count its FLOPs with torch's dispatcher-level counter.
 
     Counting the operations actually dispatched (rather than estimating from a plan) means skipped branches cost
     nothing and recomputed ones cost what they really cost, whichever policy or model is running.
     """
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with counter:
         result = fn()
     return result, int(counter.get_total_flops())
+
+
+def branch_flops(model: torch.nn.Module, fn: Callable[[], object]) -> dict[str, float]:
+    """FLOPs of each branch kind (`attn1`, `attn2`, `ff`), mean over blocks, while `fn()` calls `model` once.
+
+    Budgets in "fraction of branch work" weigh slots by these: an MLP slot can cost twice a self-attention slot.
+    """
+    from .adapters import find_branches
+
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    with counter:
+        fn()
+    counts = counter.get_flop_counts()
+    names = {id(module): name for name, module in model.named_modules()}
+    prefix = type(model).__name__
+    totals: dict[str, list[float]] = {}
+    for branch in find_branches(model):
+        key = f"{prefix}.{names[id(branch.module)]}"
+        totals.setdefault(branch.name, []).append(float(sum(counts.get(key, {}).values())))
+    return {name: sum(values) / len(values) for name, values in totals.items()}
 
 
 def _check_pair(pred: torch.Tensor, ref: torch.Tensor) -> None:

@@ -58,9 +58,13 @@ def save_policy(policy: CachePolicy, directory: str | Path) -> Path:
     try:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(staging / WEIGHTS_NAME))
+        # Renames only: the old policy is whole until the new one is in place (never half-deleted), and a crash
+        # between the two renames leaves it whole in the hidden sibling `retired`.
+        retired = staging.with_name(staging.name + ".old")
         if directory.exists():
-            shutil.rmtree(directory)
+            os.replace(directory, retired)
         os.replace(staging, directory)
+        shutil.rmtree(retired, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
@@ -223,7 +227,10 @@ def _check_plan(path: Path, policy: CachePolicy, tensors: dict[str, torch.Tensor
         saved.validate(len(target.timesteps), target.model.num_blocks, len(target.model.branches), source=str(file))
     except ValueError as error:
         raise PolicyFormatError(str(error)) from error
-    plan = policy.plan_for(target.model, torch.tensor(target.timesteps))
+    try:  # e.g. router logits whose shape does not fit the model and steps the config names
+        plan = policy.plan_for(target.model, torch.tensor(target.timesteps))
+    except ValueError as error:
+        raise PolicyFormatError(f"{file}: {error}") from error
     if not torch.equal(plan.actions.to(saved.actions.dtype), saved.actions) or not torch.allclose(
         plan.token_ratio, saved.token_ratio.float()
     ):

@@ -223,14 +223,21 @@ class BranchHook(ModelHook):
         return store.output
 
     def _blend(self, original, store: BranchStore, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Training: g·f(x) + (1−g)·cached, differentiable in the gate g; the cache is left as it was."""
+        """Training: g·f(x) + (1−g)·cached, differentiable in the gate g.
+
+        The cache is left as it was, unless `runtime.blend_refresh`: then the blend becomes the cache, as a
+        computed branch refreshes it at inference, and gradients flow through it into later steps' gates.
+        """
         gate = self.runtime.blend[self.branch.block, self.branch_index]
         if gate.ndim == 2:  # per (sample, token)
             gate = gate.unsqueeze(-1)
         elif gate.ndim == 1:  # per sample
             gate = gate.view(-1, 1, 1)
         fresh = original(*args, **kwargs)
-        return gate * fresh + (1 - gate) * store.output
+        mixed = gate * fresh + (1 - gate) * store.output
+        if self.runtime.blend_refresh:
+            store.output = mixed
+        return mixed
 
     def _partial(self, original, store: BranchStore, state: TrajectoryState, ratio: float, args: tuple, kwargs: dict):
         if not self.partial_ok:
@@ -299,6 +306,7 @@ class CacheRuntime:
         self.current: TrajectoryState | None = None
         # Training only: gates [blocks, branches(, batch(, tokens))] that blend fresh and cached outputs.
         self.blend: torch.Tensor | None = None
+        self.blend_refresh = False  # training only: the blended output becomes the cache (see `BranchHook._blend`)
         self.paused = False
         self.executed: Counter[Action] = Counter()
         self._timesteps: torch.Tensor | None = None

@@ -82,6 +82,9 @@ class FrozenTeacherModule(L.LightningModule):
     def timesteps(self) -> torch.Tensor:
         return self.sampler.timesteps
 
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy)
+
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
         if self.bundle.vae is not None:
@@ -115,10 +118,46 @@ class FrozenTeacherModule(L.LightningModule):
                     x = scheduler.step(self.guidance.guide(halves, x.shape[1]), t, x).prev_sample
         return Trajectory(start, torch.stack(inputs), torch.stack(outputs), labels)
 
+    def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        """Stop at the first NaN/Inf loss, naming the step and the terms: one bad step poisons every later checkpoint.
+
+        All ranks agree before raising (one scalar all-reduce), so a NaN on one rank stops every rank instead of
+        leaving the others waiting in the next gradient all-reduce.
+        """
+        bad = {name: float(value.detach().float().sum()) for name, value in terms.items() if not value.isfinite().all()}
+        trainer = self._trainer
+        agreed = trainer.strategy.reduce_boolean_decision(not bad, all=True) if trainer is not None else not bad
+        if agreed:
+            return
+        found = ", ".join(f"'{name}' = {value}" for name, value in bad.items()) or "finite here, not on another rank"
+        raise FloatingPointError(
+            f"{type(self).__name__}: non-finite loss at global step {self.global_step} "
+            f"(rank {self.global_rank}): {found}; training stopped, the last checkpoint is the last finite state"
+        )
+
     def noise_for(self, seeds: torch.Tensor) -> torch.Tensor:
         config = self.teacher.config
         shape = (config.in_channels, config.sample_size, config.sample_size)
         return noise_from_seeds(seeds, shape).to(self.device)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, optimizer step): a resumed run draws what the
+    uninterrupted one drew, which the global RNG (not in Lightning checkpoints) cannot promise."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def check_strategy(strategy: object) -> None:
+    """Refuse FSDP: the teacher is outside the module tree on purpose, so FSDP would shard only the predictor."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(
+            "trainer.strategy: FSDP is not supported by the frozen-teacher trainers: the teacher is kept outside the "
+            "LightningModule (never in the optimizer, DDP or checkpoints), so FSDP would shard only the few KB of "
+            "predictor and still load the whole teacher on every GPU. Use strategy 'ddp' (every GPU holds the frozen "
+            "teacher for inference; DiT-XL/2 in fp32 takes 2.7 GB); see docs/cluster.md."
+        )
 
 
 def make_scheduler_like(scheduler):

@@ -3,9 +3,11 @@
 For each segment of the refresh pattern (a full step i, then reuse steps i+1 … i+N−1), the
 runtime stores every branch output of the teacher's full step i; at each following step the
 student's branches return s·f(x) + (1−s)·cached with s = sigmoid(router logit), and the loss is
-the MSE between the student's and the teacher's model output at that step plus λ·Σ s.
-Simplification (documented): within a segment the cache is the full step's, even where the
-exported plan would recompute a branch at an earlier reuse step and refresh its cache.
+the MSE between the student's and the teacher's model output at that step plus λ·Σ c·s, where c
+is the branch's share of the work (measured FLOPs, mean 1), so budgets and penalty count the same.
+With `soft_refresh` (default) the blend also becomes the cache for the segment's later steps, as a
+branch computed at a reuse step refreshes its cache at inference; without it, every reuse step of a
+segment blends against the full step's cache (the published code, which only alternates, never differs).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from l2c.adapters import model_spec
+from l2c.metrics import branch_flops
 from l2c.plots import router_figure
 from l2c.policies import FullPolicy, LayerRouterPolicy
 from l2c.policies.learned import check_budget, full_step_mask
 
-from .frozen_teacher import FrozenTeacherModule, TrajectoryCache
+from .frozen_teacher import FrozenTeacherModule, Trajectory, TrajectoryCache, step_generator
 from .layer_router import LayerRouter
 
 
@@ -38,6 +41,8 @@ class LayerRouterTrainer(FrozenTeacherModule):
         export_dir: str | None = None,
         export_threshold: float = 0.5,
         export_budget: float | None = None,
+        seed: int = 0,
+        soft_refresh: bool = True,
     ) -> None:
         for name, value, low in (("steps", steps, 2), ("refresh_interval", refresh_interval, 2)):
             if value < low:
@@ -53,6 +58,8 @@ class LayerRouterTrainer(FrozenTeacherModule):
         full = full_step_mask(steps, refresh_interval)
         self.segment_starts = [i for i in range(steps - 1) if full[i]]
         self.register_buffer("reuse_steps", ~full, persistent=False)
+        # FLOPs per branch kind, measured on the first batch (the cross-attention's cost depends on the prompts).
+        self.register_buffer("branch_costs", torch.zeros(len(self.spec.branches)), persistent=False)
         self.runtime = None
         self.trajectories = TrajectoryCache()
 
@@ -60,6 +67,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.runtime = FullPolicy().apply(self.teacher, timesteps=self.timesteps)
+        self.runtime.blend_refresh = self.hparams.soft_refresh
 
     def on_fit_end(self) -> None:
         self.runtime.remove()
@@ -80,9 +88,14 @@ class LayerRouterTrainer(FrozenTeacherModule):
         return self.trajectories.get(self, first, second)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        start = self.segment_starts[int(torch.randint(len(self.segment_starts), ()))]
+        # The segment is a pure function of (seed, step), so a resumed run draws what the uninterrupted one did.
+        generator = step_generator(self.hparams.seed, self.global_step)
+        start = self.segment_starts[int(torch.randint(len(self.segment_starts), (), generator=generator))]
         trajectory = self._trajectory(batch, start)
         self.runtime.reset()  # each training step is a trajectory of its own, whatever its batch size
+        if not bool(self.branch_costs.any()):
+            self._measure_branch_costs(trajectory, start)
+        weights = self.branch_costs / self.branch_costs.mean()
         scores = self.router()
         self.runtime.blend = None
         with torch.no_grad():  # the full step: every branch computes and stores its output
@@ -92,10 +105,11 @@ class LayerRouterTrainer(FrozenTeacherModule):
             self.runtime.blend = scores[step]
             out = self._call(trajectory, step)
             mse_terms.append(F.mse_loss(out, trajectory.model_output(step)))
-            l1_terms.append(scores[step].sum())
+            l1_terms.append((scores[step] * weights).sum())
         self.runtime.blend = None
         mse, l1 = torch.stack(mse_terms).mean(), torch.stack(l1_terms).mean()
         loss = mse + self.hparams.l1 * l1
+        self.check_finite({"train/mse": mse, "train/l1": self.hparams.l1 * l1, "train/loss": loss})
         reuse_scores = scores.detach()[self.reuse_steps]
         self.log_dict(
             {
@@ -108,6 +122,12 @@ class LayerRouterTrainer(FrozenTeacherModule):
             prog_bar=True,
         )
         return loss
+
+    def _measure_branch_costs(self, trajectory, step: int) -> None:
+        first = Trajectory(trajectory.start, trajectory.inputs[:, :1], trajectory.outputs, trajectory.labels[:1])
+        with self.runtime.pause(), torch.no_grad():
+            flops = branch_flops(self.teacher, lambda: self._call(first, step))
+        self.branch_costs.copy_(torch.tensor([flops[name] for name in self.spec.branches]))
 
     def _call(self, trajectory, step: int) -> torch.Tensor:
         x = trajectory.inputs[step - trajectory.start]
@@ -134,6 +154,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
             refresh_interval=hp.refresh_interval,
             threshold=None if hp.export_budget is not None else hp.export_threshold,
             budget=hp.export_budget,
+            branch_costs=tuple(self.branch_costs.tolist()) if bool(self.branch_costs.all()) else None,
             logits=self.router.logits.detach().float().cpu(),
         )
         policy = policy.bind(self.teacher, self.timesteps, type(self.sampler).__name__)
@@ -147,6 +168,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
             "global_steps": int(self.global_step),
             "export_threshold": hp.export_threshold,
             "export_budget": hp.export_budget,
+            "soft_refresh": hp.soft_refresh,
         }
         policy.save_pretrained(directory)
         return policy

@@ -24,6 +24,7 @@ import l2c
 from data.conditions import ClassConditionDataModule
 from l2c import Action, PolicyFormatError
 from l2c.import_l2c import DIT_XL_2_256, import_official_router
+from l2c.metrics import branch_flops
 from l2c.models import load_model, make_scheduler
 from l2c.policies import LayerRouterPolicy
 from l2c.policies.learned import full_step_mask, select_by_budget
@@ -148,6 +149,39 @@ def test_blend_leaves_the_cache_as_the_full_step_stored_it(blend_setup):
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
 
 
+def test_blend_refresh_makes_the_blend_the_cache_as_inference_would(blend_setup):
+    """With `blend_refresh`, gates of 1 at step 1 refresh the cache: step 2's REUSE returns step 1's outputs."""
+    s = blend_setup
+    x2, _ = dit_inputs(batch=2, seed=3)
+    with torch.no_grad():
+        with FixedPlanPolicy(plan_maker({2: Action.REUSE})).apply(s.model, timesteps=s.timesteps):
+            for t, x in zip(s.timesteps[:2], (s.x0, s.x1)):
+                s.model(x, timestep=at(t, x), class_labels=s.labels)
+            expected = s.model(x2, timestep=at(s.timesteps[2], x2), class_labels=s.labels).sample
+        with FixedPlanPolicy(plan_maker({1: Action.REUSE, 2: Action.REUSE})).apply(
+            s.model, timesteps=s.timesteps
+        ) as runtime:
+            runtime.blend_refresh = True
+            blended_step(s, runtime, torch.ones(2, 2))
+            refreshed = s.model(x2, timestep=at(s.timesteps[2], x2), class_labels=s.labels).sample
+    torch.testing.assert_close(refreshed, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("refresh", [False, True])
+def test_blend_refresh_carries_gradients_to_earlier_gates(blend_setup, refresh):
+    s = blend_setup
+    x2, _ = dit_inputs(batch=2, seed=3)
+    first, second = torch.full((2, 2), 0.5, requires_grad=True), torch.full((2, 2), 0.5, requires_grad=True)
+    with l2c.FullPolicy().apply(s.model, timesteps=s.timesteps) as runtime:
+        runtime.blend_refresh = refresh
+        blended_step(s, runtime, first)
+        runtime.blend = second
+        out = s.model(x2, timestep=at(s.timesteps[2], x2), class_labels=s.labels).sample
+        torch.nn.functional.mse_loss(out, s.compute).backward()
+    assert bool((second.grad != 0).all())
+    assert (first.grad is not None and bool((first.grad != 0).all())) == refresh
+
+
 def test_blend_gradients_reach_the_gates_only(blend_setup):
     s = blend_setup
     gates = torch.full((2, 2), 0.5, requires_grad=True)
@@ -247,6 +281,22 @@ def test_budget_keeps_exactly_the_top_scoring_reuse_slots(kept):
     assert plan.compute_fraction() == pytest.approx(budget)
     assert policy.reuse_summary(4) == f"computed {kept} of 8 branch slots in reuse steps"
     assert torch.equal(select_by_budget(torch.sigmoid(logits), full_step_mask(4, 2), budget), expected)
+
+
+@pytest.mark.parametrize("ff_first", [True, False])
+def test_budget_weighs_slots_by_branch_cost(ff_first):
+    """attn1 costs 1, ff 3 (weights 0.5, 1.5 of a mean slot); step 0 is full: 2 of 4 work units; budget 0.75 → 1
+    unit left for step 1, where the best-scoring slot is kept only if at least half of it fits."""
+    scores = torch.tensor([[[0.9, 0.9]], [[0.2, 0.8]]]) if ff_first else torch.tensor([[[0.9, 0.9]], [[0.8, 0.2]]])
+    keep = select_by_budget(scores, full_step_mask(2, 2), 0.75, torch.tensor([1.0, 3.0]))
+    assert keep[0].all()
+    assert keep[1, 0].tolist() == ([False, True] if ff_first else [True, False])
+    policy = LayerRouterPolicy(threshold=None, budget=0.75, branch_costs=(1.0, 3.0), logits=torch.logit(scores))
+    assert torch.equal(policy.computed_mask(2), keep)
+    with pytest.raises(ValueError, match="'branch_costs'"):
+        LayerRouterPolicy(threshold=None, budget=0.75, branch_costs=(1.0, -3.0), logits=torch.logit(scores))
+    with pytest.raises(ValueError, match="'branch_costs' has 3 entries"):
+        LayerRouterPolicy(threshold=None, budget=0.75, branch_costs=(1, 1, 1), logits=scores).computed_mask(2)
 
 
 def test_budget_below_the_full_steps_share_raises_naming_budget():
@@ -532,10 +582,17 @@ def test_budget_export_computes_that_share_of_all_slots(teacher_dir, tmp_path):
     assert policy.budget == 0.75 and policy.threshold is None
     assert policy.provenance["export_budget"] == 0.75
     spec = l2c.model_spec(module.teacher)
+    x = module.noise_for(torch.tensor([0]))
+    measured = branch_flops(
+        module.teacher, lambda: module.teacher(x, timestep=torch.tensor([1.0]), class_labels=torch.tensor([1]))
+    )
+    attn1, ff = policy.branch_costs  # measured on one sample's guided call: [cond; null] rows
+    assert ff / attn1 == pytest.approx(measured["ff"] / measured["attn1"]) and ff != attn1
     plan = policy.build_plan(spec, 4)
     computed = plan.actions == Action.COMPUTE
-    assert computed.float().mean().item() == 0.75
-    assert policy.reuse_summary(4) == "computed 4 of 8 branch slots in reuse steps"
+    work = computed.double() * torch.tensor(policy.branch_costs, dtype=torch.float64)
+    share = work.sum() / (torch.ones_like(work) * torch.tensor(policy.branch_costs, dtype=torch.float64)).sum()
+    assert abs(share.item() - 0.75) <= max(policy.branch_costs) / 2 / sum(policy.branch_costs) / 4
     scores = torch.sigmoid(policy.logits)[~full_step_mask(4, 2)]
     kept = computed[~full_step_mask(4, 2)]
     assert scores[kept].min() >= scores[~kept].max(), "the kept reuse slots are the top-scoring ones"

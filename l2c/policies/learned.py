@@ -7,6 +7,7 @@ when it is among the highest-scoring slots that fit the budget. The rest reuse t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,16 +32,24 @@ def check_budget(budget: float, num_steps: int, refresh_interval: int) -> None:
         )
 
 
-def select_by_budget(scores: torch.Tensor, full_steps: torch.Tensor, budget: float) -> torch.Tensor:
-    """Computed-slot mask: full steps, plus the best-scoring reuse-step slots until `budget` of all slots run."""
-    total = scores.numel()
-    fixed = int(full_steps.sum()) * scores[0].numel()
-    free = scores.masked_fill(full_steps.view(-1, 1, 1), float("-inf")).flatten()
-    keep = torch.zeros(total, dtype=torch.bool)
-    extra = min(round(budget * total) - fixed, total - fixed)
-    if extra > 0:
-        keep[torch.argsort(free, descending=True, stable=True)[:extra]] = True
-    return keep.view_as(scores) | full_steps.view(-1, 1, 1)
+def select_by_budget(
+    scores: torch.Tensor, full_steps: torch.Tensor, budget: float, costs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Computed-slot mask: full steps, plus the best-scoring reuse-step slots until `budget` of all work runs.
+
+    `costs` [branches] weighs each slot by its branch's work (equal weights: a share of slots). A slot is taken
+    while at least half of its cost still fits, so equal weights round the slot count to the nearest integer.
+    """
+    weights = torch.ones(scores.shape[-1]) if costs is None else torch.as_tensor(costs, dtype=torch.float64)
+    work = (weights / weights.mean()).to(torch.float64).expand(scores.shape).flatten()
+    reuse = ~full_steps.view(-1, 1, 1).expand(scores.shape).flatten()
+    room = budget * work.sum() - work[~reuse].sum()
+    order = torch.argsort(scores.flatten().masked_fill(~reuse, float("-inf")), descending=True, stable=True)
+    order = order[: int(reuse.sum())]
+    taken = torch.cumsum(work[order], 0) - work[order] / 2 <= room + 1e-9
+    keep = ~reuse
+    keep[order[taken]] = True
+    return keep.view(scores.shape)
 
 
 @dataclass
@@ -48,7 +57,8 @@ class LayerRouterPolicy(CachePolicy):
     kind = "l2c"
     refresh_interval: int = 2
     threshold: float | None = 0.5
-    budget: float | None = None  # fraction of all branch slots (full steps included) to compute
+    budget: float | None = None  # fraction of all branch work (full steps included) to compute
+    branch_costs: tuple[float, ...] | None = None  # relative work of each branch kind; None: equal
     logits: torch.Tensor | None = field(default=None, repr=False, kw_only=True)  # [steps, blocks, branches]
 
     def __post_init__(self) -> None:
@@ -60,6 +70,11 @@ class LayerRouterPolicy(CachePolicy):
             raise ValueError("l2c policy: set exactly one of 'threshold' and 'budget'")
         if self.budget is not None and not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"l2c policy: field 'budget' must be in [0, 1], got {self.budget}")
+        if self.branch_costs is not None:
+            costs = tuple(self.branch_costs)
+            if not costs or not all(isinstance(c, (int, float)) and c > 0 and math.isfinite(c) for c in costs):
+                raise ValueError(f"l2c policy: field 'branch_costs' must be positive numbers, got {self.branch_costs}")
+            self.branch_costs = tuple(float(c) for c in costs)
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"l2c policy: field 'threshold' must be in [0, 1], got {self.threshold}")
 
@@ -75,7 +90,12 @@ class LayerRouterPolicy(CachePolicy):
         full = full_step_mask(num_steps, self.refresh_interval)
         if self.budget is not None:
             check_budget(self.budget, num_steps, self.refresh_interval)
-            return select_by_budget(scores, full, self.budget)
+            if self.branch_costs is not None and len(self.branch_costs) != scores.shape[-1]:
+                raise ValueError(
+                    f"l2c policy: field 'branch_costs' has {len(self.branch_costs)} entries, the router "
+                    f"{scores.shape[-1]} branches"
+                )
+            return select_by_budget(scores, full, self.budget, self.branch_costs)
         return (scores > self.threshold) | full.view(-1, 1, 1)
 
     def reuse_summary(self, num_steps: int) -> str:
