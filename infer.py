@@ -3,6 +3,7 @@
     python infer.py sample --model embedded:digits --policy static:interval=2 --steps 20 \
         --scheduler ddim --num-samples 64 --seed 0 --out out/static2
     python infer.py fid --model embedded:digits --policy static:interval=2 --num-samples 50000 --devices 8 --out out/fid
+    python infer.py compare --quick --json out/compare.json   # every policy and peer side by side (BENCHMARKS.md)
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 from l2c.adapters import branch_names
+from l2c.compare import add_arguments as add_compare_arguments
+from l2c.compare import run_from_args as cmd_compare
 from l2c.evaluate import SamplingSetup, SideBySide, report
 from l2c.models import SCHEDULERS, load_model
 from l2c.plots import save_comparison, save_grid, save_plan
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--num-nodes", type=positive_int, default=1)
     fid.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     fid.add_argument("--no-progress", action="store_true")
+    add_compare_arguments(commands.add_parser("compare", help="every policy and peer side by side (bench/compare.py)"))
     return parser
 
 
@@ -180,7 +184,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"sample": cmd_sample, "import-l2c": cmd_import_l2c, "fid": cmd_fid}
+    commands = {"sample": cmd_sample, "import-l2c": cmd_import_l2c, "fid": cmd_fid, "compare": cmd_compare}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, TypeError, argparse.ArgumentTypeError) as error:

@@ -55,6 +55,8 @@ class SideBySide:
         self.denoiser = GuidedDenoiser(bundle.transformer, setup.guidance_scale)
         self.timesteps = self._scheduler().timesteps.clone()
         self._flops_uncached: int | None = None  # the same for every policy: counted once
+        self._executed: dict[str, int] = {}
+        self._plan: Plan | None = None
 
     def _scheduler(self):
         scheduler = make_scheduler(self.setup.scheduler, self.bundle.scheduler_config)
@@ -66,14 +68,14 @@ class SideBySide:
         for start in range(0, self.setup.num_samples, size):
             yield slice(start, min(start + size, self.setup.num_samples))
 
-    def _sample(self, batch: slice, policy: CachePolicy | None, bar=None) -> torch.Tensor:
+    def _sample(self, batch: slice, policy: CachePolicy | None, bar=None, steps: int | None = None) -> torch.Tensor:
         def step(_: int) -> None:
             if bar is not None:
-                bar.update(batch.stop - batch.start)
+                bar.update((batch.stop - batch.start) * self.setup.steps / (steps or self.setup.steps))
 
         noise, labels = self.noise[batch], self.labels[batch]
         if policy is None:
-            return sample(self.denoiser, self._scheduler(), noise, labels, self.setup.steps, step)
+            return sample(self.denoiser, self._scheduler(), noise, labels, steps or self.setup.steps, step)
         with policy.apply(self.bundle.transformer, timesteps=self.timesteps) as runtime:
             latents = sample(self.denoiser, self._scheduler(), noise, labels, self.setup.steps, step)
         for action, count in runtime.executed.items():
@@ -88,18 +90,31 @@ class SideBySide:
         with torch.no_grad():
             return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1).float().cpu()
 
-    def _flops(self, policy: CachePolicy | None) -> int:
+    def _flops(self, policy: CachePolicy | None, steps: int | None = None) -> int:
         count = self.setup.flops_samples or self.setup.num_samples
         total = 0
         for batch in self._batches():
             if batch.start >= count:
                 break
             part = slice(batch.start, min(batch.stop, count))
-            _, flops = count_flops(partial(self._sample, part, policy))
+            _, flops = count_flops(partial(self._sample, part, policy, None, steps))
             total += flops
         return total
 
-    def run(self, policy: CachePolicy, label: str | None = None) -> PolicyRun:
+    def flops_ratio(self, policy: CachePolicy) -> float:
+        """FLOPs with `policy` ÷ uncached over the FLOPs samples, without timing or images: for tuning a knob."""
+        if self._flops_uncached is None:
+            self._flops_uncached = self._flops(None)
+        return self._flops(policy) / self._flops_uncached
+
+    def run(self, policy: CachePolicy | None, label: str | None = None, steps: int | None = None) -> PolicyRun:
+        """`policy` beside the uncached run; `policy=None, steps=k`: the uncached model with k steps instead.
+
+        `policy` may be anything with `apply(model, timesteps)` returning a context manager whose value has
+        `executed` and `plan` (and `describe()`), such as the peer caches in `l2c.peers`.
+        """
+        if (policy is None) != (steps is not None) or (policy is None and label is None):
+            raise ValueError("SideBySide.run: pass a policy, or policy=None with `steps` and a `label` (fewer steps)")
         self._executed, self._plan = {}, None
         label = label or policy.describe()
         latents, reference = [], []
@@ -110,12 +125,15 @@ class SideBySide:
         ) as bar:
             for index, batch in enumerate(self._batches()):
                 # Alternate which runs first (ABBA) so drift in machine load falls on both sides alike.
-                order = (None, policy) if index % 2 == 0 else (policy, None)
-                for which in order:
+                order = (True, False) if index % 2 == 0 else (False, True)
+                for is_reference in order:
                     start = time.perf_counter()
-                    result = self._sample(batch, which, bar)
+                    if is_reference:
+                        result = self._sample(batch, None, bar)
+                    else:
+                        result = self._sample(batch, policy, bar, steps)
                     elapsed = time.perf_counter() - start
-                    if which is None:
+                    if is_reference:
                         reference.append(result)
                         wall_uncached += elapsed
                     else:
@@ -124,7 +142,7 @@ class SideBySide:
         executed, plan = dict(self._executed), self._plan
         if self._flops_uncached is None:
             self._flops_uncached = self._flops(None)
-        flops, flops_uncached = self._flops(policy), self._flops_uncached
+        flops, flops_uncached = self._flops(policy, steps), self._flops_uncached
         return PolicyRun(
             policy=label,
             images=self._decode(torch.cat(latents)),

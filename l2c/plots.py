@@ -89,3 +89,38 @@ def router_figure(scores: torch.Tensor, branches: tuple[str, ...], title: str):
     figure.colorbar(image, ax=axis, fraction=0.03)
     figure.tight_layout()
     return figure
+
+
+PARETO_MARKERS = "os^vD<>pP*Xhd"
+
+
+def save_pareto(rows: list[dict], path: Path, title: str) -> Path:
+    """flops_ratio against psnr_db and against digit_accuracy, one marker and colour per method, joined by knob.
+
+    Rows at the 100 dB PSNR cap (the uncached reference itself) are left off the PSNR panel so the axis shows the
+    differences between methods.
+    """
+    metrics = [m for m in ("psnr_db", "digit_accuracy") if any(row.get(m) is not None for row in rows)]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    palette = plt.get_cmap("tab20")
+    colors = [palette((2 * i) % 20 + (2 * i) // 20) for i in range(len(methods))]  # dark shades first
+    for axis, metric in zip(axes[0], metrics):
+        for index, method in enumerate(methods):
+            mine = [r for r in rows if r["method"] == method and r.get(metric) is not None]
+            mine = [r for r in mine if metric != "psnr_db" or r[metric] < 100.0]
+            points = sorted((r["flops_ratio"], r[metric]) for r in mine)
+            if not points:
+                continue
+            x, y = zip(*points)
+            marker = PARETO_MARKERS[index % len(PARETO_MARKERS)]
+            axis.plot(x, y, marker=marker, color=colors[index], label=method, linewidth=1, markersize=7)
+        axis.set_xlabel("flops_ratio (cached ÷ uncached FLOPs)")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower right")  # the last panel has every method, uncached included
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

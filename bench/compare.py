@@ -1,0 +1,28 @@
+"""Every policy and every peer side by side on one model, at equal compute: a table, a JSON list, a Pareto plot.
+
+    python bench/compare.py --json out/bench/compare.json \
+        --l2c 0.75=out/l2c-r2-long --l2c 0.5=out/l2c-r3 --l2c 0.33=out/l2c-r4
+    python bench/compare.py --quick --json out/bench/compare-quick.json   # CI: well under a minute
+
+The logic lives in `l2c/compare.py` (also `python infer.py compare`); see BENCHMARKS.md for the latest table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from l2c.compare import add_arguments, run_from_args  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""What the cache runtime costs at real size: a DiT-XL/2-shaped model, batch 2, DDIM 20, CPU, fp32.
+
+    python bench/overhead.py --json out/bench/overhead.json                       # the full run (minutes)
+    python bench/overhead.py --layers 4 --steps 4 --repeats 2 --json /tmp/o.json  # a quick look
+
+Rows: no hooks; hooks with the `full` policy (pure runtime overhead); the router released with Learning-to-Cache
+for DiT-XL/2 DDIM-20, imported from `../shared/fixtures/` (threshold 0.1); static every-2. Weights are random
+(the work is the same). Each row is a whole sampling run; repetitions are interleaved, forward then backward
+order (ABBA), so drift in machine load falls on every row alike, and the median is kept. For each row:
+`flops_ratio` (FlopCounterMode, whole run), `ideal_speedup` = 1 / flops_ratio, `speedup` = wall time without
+hooks ÷ with, `efficiency` = speedup / ideal_speedup. Memory: bytes the cache holds per sample at the end of a
+run (every stored branch output and token age, plus any signals a policy keeps), beside the model's own
+activation memory per sample (the bytes of every leaf module's output in one forward pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from l2c.adapters import model_spec  # noqa: E402
+from l2c.import_l2c import import_official_router  # noqa: E402
+from l2c.metrics import count_flops  # noqa: E402
+from l2c.policies import CachePolicy, FullPolicy, StaticPolicy  # noqa: E402
+from l2c.runtime import STEP_HOOK, CacheRuntime  # noqa: E402
+from l2c.sampling import GuidedDenoiser, initial_noise, sample  # noqa: E402
+
+ROUTER = ROOT.parent / "shared" / "fixtures" / "l2c_official" / "DiT-XL-2_DDIM20_router.pt"
+COLUMNS = ("method", "wall_s", "flops_ratio", "ideal_speedup", "speedup", "efficiency")
+
+
+@dataclass
+class OverheadSetup:
+    """DiT-XL/2 at 256×256: 28 blocks, hidden 16 heads × 72 = 1152, patch 2 over 32×32×4 latents (256 tokens)."""
+
+    layers: int = 28
+    heads: int = 16
+    head_dim: int = 72
+    latent_size: int = 32
+    batch_size: int = 2
+    steps: int = 20
+    repeats: int = 3
+    seed: int = 0
+    router: Path = ROUTER
+    threshold: float = 0.1
+
+
+def build_model(setup: OverheadSetup) -> DiTTransformer2DModel:
+    torch.manual_seed(setup.seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=setup.heads,
+        attention_head_dim=setup.head_dim,
+        in_channels=4,
+        out_channels=8,
+        num_layers=setup.layers,
+        sample_size=setup.latent_size,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
+    return model.eval().requires_grad_(False)
+
+
+def scheduler_for(setup: OverheadSetup) -> DDIMScheduler:
+    """DDIM with `linspace` spacing: the timesteps the released router was trained on (999, 946, …, 0)."""
+    scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="linspace")
+    scheduler.set_timesteps(setup.steps)
+    return scheduler
+
+
+def policies(model: DiTTransformer2DModel, setup: OverheadSetup, notes: list[str]) -> dict[str, CachePolicy | None]:
+    rows: dict[str, CachePolicy | None] = {"no hooks": None, "full": FullPolicy()}
+    spec = model_spec(model)
+    try:
+        router = import_official_router(setup.router, setup.threshold, spec)
+        router.check_timesteps(scheduler_for(setup).timesteps)
+        rows[f"l2c router (official DDIM-20, threshold {setup.threshold})"] = router
+    except (FileNotFoundError, ValueError) as error:
+        notes.append(f"skipped the official router: {error}")
+    rows["static every-2"] = StaticPolicy(interval=2)
+    return rows
+
+
+def tensor_bytes(value: object) -> int:
+    """Bytes of every tensor reachable through dataclasses, dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def cache_bytes(runtime: CacheRuntime) -> int:
+    """What the runtime holds now: the trajectory states of every cache context (stores and signals)."""
+    hook = runtime.model._diffusers_hook.get_hook(STEP_HOOK)
+    return sum(tensor_bytes(state) for state in hook.states._state_cache.values())
+
+
+def activation_bytes(model: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor, t: torch.Tensor) -> int:
+    """Bytes of every leaf module's output in one forward pass (what the model itself produces as it runs)."""
+    total = 0
+
+    def count(_module, _args, output) -> None:
+        nonlocal total
+        total += tensor_bytes(output)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(latents, timestep=t.expand(len(latents)), class_labels=labels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+class Bench:
+    """One model, one batch of noise and labels; `run(policy)` is one whole sampling run."""
+
+    def __init__(self, model: DiTTransformer2DModel, setup: OverheadSetup) -> None:
+        self.model, self.setup = model, setup
+        size = setup.latent_size
+        self.noise = initial_noise(setup.batch_size, (4, size, size), setup.seed)
+        self.labels = torch.arange(setup.batch_size) % 1000
+        self.denoiser = GuidedDenoiser(model, guidance_scale=1.0)
+        self.timesteps = scheduler_for(setup).timesteps.clone()
+        self.cache_bytes: dict[str, int] = {}
+
+    def run(self, name: str, policy: CachePolicy | None) -> torch.Tensor:
+        if policy is None:
+            return sample(self.denoiser, scheduler_for(self.setup), self.noise, self.labels, self.setup.steps)
+        with policy.apply(self.model, timesteps=self.timesteps) as runtime:
+            out = sample(self.denoiser, scheduler_for(self.setup), self.noise, self.labels, self.setup.steps)
+            self.cache_bytes[name] = cache_bytes(runtime)
+        return out
+
+
+def measure(model: DiTTransformer2DModel, setup: OverheadSetup, progress: bool = True) -> tuple[list[dict], list[str]]:
+    notes: list[str] = []
+    rows = policies(model, setup, notes)
+    bench = Bench(model, setup)
+    flops = {name: count_flops(lambda p=policy, n=name: bench.run(n, p))[1] for name, policy in rows.items()}
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    names = list(rows)
+    with tqdm(total=setup.repeats * len(names), desc="sampling runs", unit="run", disable=not progress) as bar:
+        for repeat in range(setup.repeats):
+            for name in names if repeat % 2 == 0 else reversed(names):
+                start = time.perf_counter()
+                bench.run(name, rows[name])
+                times[name].append(time.perf_counter() - start)
+                bar.update()
+    size = setup.latent_size
+    latents = torch.randn(setup.batch_size, 4, size, size, generator=torch.Generator().manual_seed(setup.seed))
+    activations = activation_bytes(model, latents, bench.labels, bench.timesteps[0]) / setup.batch_size
+    base_wall = statistics.median(times["no hooks"])
+    results = []
+    for name in names:
+        wall = statistics.median(times[name])
+        ratio = flops[name] / flops["no hooks"]
+        speedup = base_wall / wall
+        results.append(
+            {
+                "method": name,
+                "wall_s": wall,
+                "flops_ratio": ratio,
+                "ideal_speedup": 1 / ratio,
+                "speedup": speedup,
+                "efficiency": speedup * ratio,
+                "wall_s_runs": times[name],
+                "cache_bytes_per_sample": bench.cache_bytes.get(name, 0) / setup.batch_size,
+                "activation_bytes_per_sample": activations,
+            }
+        )
+    return results, notes
+
+
+def format_table(results: list[dict]) -> str:
+    columns = (*COLUMNS, "cache MB/sample", "activations MB/sample")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in results:
+        cells = [row["method"]] + [f"{row[c]:.3f}" for c in COLUMNS[1:]]
+        cells += [f"{row['cache_bytes_per_sample'] / 2**20:.1f}", f"{row['activation_bytes_per_sample'] / 2**20:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = OverheadSetup()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="the router row needs 20")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs per row, interleaved")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--layers", type=int, default=defaults.layers, help="the router row needs 28")
+    parser.add_argument("--heads", type=int, default=defaults.heads)
+    parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
+    parser.add_argument("--latent-size", type=int, default=defaults.latent_size)
+    parser.add_argument("--router", type=Path, default=defaults.router)
+    parser.add_argument("--threshold", type=float, default=defaults.threshold)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    setup = OverheadSetup(
+        layers=args.layers,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        latent_size=args.latent_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        repeats=args.repeats,
+        router=args.router,
+        threshold=args.threshold,
+    )
+    if setup.repeats < 1 or setup.steps < 1 or setup.batch_size < 1:
+        parser.error("--steps, --repeats and --batch-size must be ≥ 1")
+    model = build_model(setup)
+    results, notes = measure(model, setup, progress=not args.no_progress)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"torch threads: {torch.get_num_threads()}; wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""bench/overhead.py on a small DiT: the JSON columns, efficiency = speedup / ideal speedup, exact cache bytes."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = {"method", "wall_s", "flops_ratio", "ideal_speedup", "speedup", "efficiency"}
+
+
+def load_overhead():
+    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "bench" / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_rows_on_a_small_dit(tmp_path, capsys):
+    overhead = load_overhead()
+    out = tmp_path / "overhead.json"
+    argv = ["--layers", "2", "--heads", "2", "--head-dim", "8", "--latent-size", "8", "--steps", "4"]
+    assert overhead.main([*argv, "--repeats", "2", "--json", str(out), "--no-progress"]) == 0
+    rows = {row["method"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"no hooks", "full", "static every-2"}  # the released router needs 28 blocks and 20 steps
+    assert "skipped the official router" in capsys.readouterr().out
+    for row in rows.values():
+        assert COLUMNS <= set(row) and len(row["wall_s_runs"]) == 2
+        assert row["ideal_speedup"] == pytest.approx(1 / row["flops_ratio"])
+        assert row["efficiency"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
+    assert rows["no hooks"]["speedup"] == 1.0 and rows["full"]["flops_ratio"] == 1.0
+    # Steps 0 and 2 of 4 compute the blocks; the patch embedding and output head run at every step.
+    assert 0.5 < rows["static every-2"]["flops_ratio"] < 0.65
+    # The cache holds, per sample, every branch's output (16 tokens × 16 channels, fp32) and token ages (int64).
+    per_branch = 16 * 16 * 4 + 16 * 8
+    assert rows["full"]["cache_bytes_per_sample"] == 2 * 2 * per_branch  # 2 blocks × (attn1, ff)
+    assert rows["no hooks"]["cache_bytes_per_sample"] == 0
+    assert rows["full"]["activation_bytes_per_sample"] > rows["full"]["cache_bytes_per_sample"]
+
+
+def test_the_released_router_fits_a_28_block_dit_at_ddim_20():
+    overhead = load_overhead()
+    if not overhead.ROUTER.is_file():
+        pytest.skip(f"fixture {overhead.ROUTER} not present")
+    setup = overhead.OverheadSetup(heads=2, head_dim=8, latent_size=4)
+    notes = []
+    rows = overhead.policies(overhead.build_model(setup), setup, notes)
+    assert notes == []
+    router = rows["l2c router (official DDIM-20, threshold 0.1)"]
+    assert router.reuse_summary(20) == "computed 312 of 560 branch slots in reuse steps"  # the fixture's statistic
