@@ -9,6 +9,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
 BRANCH_NAMES = ("attn1", "attn2", "ff")
+UNET_PARTS = ("down_blocks", "mid_block", "up_blocks")  # in the order a UNet runs them
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,17 @@ def _family(model: nn.Module) -> str:
 
 
 def find_blocks(model: nn.Module) -> list[BasicTransformerBlock]:
-    """The transformer blocks in execution order (`transformer_blocks`, else every BasicTransformerBlock)."""
+    """The transformer blocks in execution order (`transformer_blocks`, else every BasicTransformerBlock).
+
+    UNets register `mid_block` after `up_blocks` but run it between them, so their parts are walked in the order
+    down, mid, up (the order their blocks run in).
+    """
     blocks = getattr(model, "transformer_blocks", None)
     if isinstance(blocks, nn.ModuleList) and all(isinstance(b, BasicTransformerBlock) for b in blocks):
         return list(blocks)
-    found = [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+    parts = [getattr(model, name, None) for name in UNET_PARTS]
+    roots = [p for p in parts if isinstance(p, nn.Module)] if all(p is not None for p in parts) else [model]
+    found = [m for root in roots for m in root.modules() if isinstance(m, BasicTransformerBlock)]
     if not found:
         raise TypeError(
             f"{type(model).__name__} has no BasicTransformerBlock: l2c caches diffusers DiT, PixArt and "

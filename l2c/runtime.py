@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 STEP_HOOK = "l2c_step"
 BRANCH_HOOK = "l2c_branch"
 DEFAULT_CONTEXT = "default"
+# What the queries of a partial self-attention attend to (a policy's optional `partial_keys` attribute): "fresh" =
+# keys/values of every token recomputed from this step's input; "cached" = fresh keys/values for the selected
+# tokens, the stored ones (from each token's last computation) for the rest, so only selected tokens are projected.
+PARTIAL_KEYS = ("fresh", "cached")
 
 
 @dataclass
@@ -37,6 +41,9 @@ class BranchStore:
 
     output: torch.Tensor | None = None  # [batch, tokens, channels]
     age: torch.Tensor | None = None  # [batch, tokens], int64
+    # Self-attention under `partial_keys="cached"`: each token's key and value projections ("to_k", "to_v",
+    # [batch, tokens, inner]) as of the step the token was last computed.
+    keys_values: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,6 +91,24 @@ class BranchCall:
     plan: Plan | None
     args: tuple
     kwargs: dict
+
+
+@dataclass(frozen=True)
+class TokenPruning:
+    """Run a branch on the `kept` tokens only; token i's output is then the kept output at position `source[:, i]`."""
+
+    kept: torch.Tensor  # [batch, kept] token indices, increasing
+    source: torch.Tensor  # [batch, tokens] position in `kept` whose output each token takes
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """The denoiser's output at one step, as a policy's optional `observe_output(out)` sees it."""
+
+    step: int
+    state: TrajectoryState
+    model: nn.Module
+    sample: torch.Tensor  # the model's prediction, e.g. [batch, channels, height, width]
 
 
 TokenSelector = Callable[[SelectionRequest], torch.Tensor]  # -> indices [batch, num_selected]
@@ -143,7 +168,9 @@ class StepTrackerHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        self.runtime.current = None
+        state, self.runtime.current = self.runtime.current, None
+        if state is not None:
+            self.runtime.observe_output(state, module, output)
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
@@ -158,7 +185,7 @@ def _default_context():
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
-    hidden = args[0] if args else kwargs["hidden_states"]
+    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))  # UNets call it `sample`
     return int(hidden.shape[0])
 
 
@@ -202,7 +229,11 @@ class BranchHook(ModelHook):
                 return self._partial(original, store, state, ratio, args, kwargs)
             if rows is not None:
                 return self._rows(original, store, rows, args, kwargs)
-            output = original(*args, **kwargs)
+            pruning = self.runtime.pruning(call)
+            if pruning is not None:
+                return self._pruned(original, store, pruning, args, kwargs)
+            with self._keys_values(module, store):
+                output = original(*args, **kwargs)
             store.output = output
             store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
             return output
@@ -216,11 +247,75 @@ class BranchHook(ModelHook):
                 return value.index_select(0, rows.to(value.device))
             return value
 
-        fresh = original(*[take(a) for a in args], **{k: take(v) for k, v in kwargs.items()})
         index = rows.to(store.output.device)
+        with self._keys_values(self.branch.module, store, rows=index):
+            fresh = original(*[take(a) for a in args], **{k: take(v) for k, v in kwargs.items()})
         store.output = store.output.index_copy(0, index, fresh.to(store.output.dtype))
         store.age = (store.age + 1).index_fill(0, index, 0)
         return store.output
+
+    def _pruned(self, original, store: BranchStore, pruning: TokenPruning, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Run the branch on the kept tokens only (for self-attention they are all its queries, keys and values)."""
+        if not self.partial_ok:
+            raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot run on a subset of its tokens")
+        args = list(args)
+        hidden = args.pop(0) if args else kwargs.pop("hidden_states")
+        if self.branch.name == "attn1" and kwargs.get("attention_mask") is not None:
+            raise RuntimeError("pruned self-attention with an attention mask is not supported")
+        kept = hidden.gather(1, pruning.kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        fresh = original(kept, *args, **kwargs)
+        output = fresh.gather(1, pruning.source.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]))
+        store.output = output
+        store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
+        return output
+
+    @contextmanager
+    def _keys_values(
+        self, attn: nn.Module, store: BranchStore, rows: torch.Tensor | None = None, index: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Self-attention under `partial_keys="cached"`: keep each token's key/value projections in the store.
+
+        Plain forward hooks on `attn.to_k` / `attn.to_v` for the one call (the processor itself is untouched):
+        a full computation stores them; `rows` updates those batch rows; `index` [batch, selected] (a partial step,
+        where only the selected tokens are projected) scatters the fresh projections into the stored ones and hands
+        the processor the completed [batch, tokens, inner] keys and values.
+        """
+        if self.branch.name != "attn1" or self.runtime.partial_keys != "cached":
+            yield
+            return
+        if index is not None and set(store.keys_values) != {"to_k", "to_v"}:
+            raise RuntimeError(
+                f"block {self.branch.block} attn1: partial step with cached keys/values, but none are stored"
+            )
+        fired: set[str] = set()
+
+        def complete(name: str):
+            def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+                fired.add(name)
+                stored = store.keys_values.get(name)
+                if index is not None:
+                    output = stored.scatter(1, index.unsqueeze(-1).expand(-1, -1, output.shape[-1]), output)
+                    store.keys_values[name] = output.detach()
+                    return output
+                if rows is None:
+                    store.keys_values[name] = output.detach()
+                elif stored is not None:
+                    store.keys_values[name] = stored.index_copy(0, rows, output.detach())
+                return None
+
+            return hook
+
+        handles = [getattr(attn, name).register_forward_hook(complete(name)) for name in ("to_k", "to_v")]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        if fired != {"to_k", "to_v"}:
+            raise RuntimeError(
+                f"block {self.branch.block} attn1: partial_keys='cached' needs the attention processor to call "
+                f"attn.to_k and attn.to_v ({type(attn.processor).__name__} called {sorted(fired)})"
+            )
 
     def _blend(self, original, store: BranchStore, args: tuple, kwargs: dict) -> torch.Tensor:
         """Training: g·f(x) + (1−g)·cached, differentiable in the gate g.
@@ -249,12 +344,15 @@ class BranchHook(ModelHook):
         request = SelectionRequest(state.step, self.branch.block, self.branch.name, hidden, store, count, state)
         index = self.runtime.selector(request)
         selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        cached_keys = self.branch.name == "attn1" and self.runtime.partial_keys == "cached"
         if self.branch.name == "attn1":
             if kwargs.get("attention_mask") is not None:
                 raise RuntimeError("partial self-attention with an attention mask is not supported")
-            # Selected tokens are the queries; keys and values come from every token of this step.
-            kwargs["encoder_hidden_states"] = hidden
-        fresh = original(selected, *args, **kwargs)
+            if not cached_keys:  # "fresh": keys and values come from every token of this step
+                kwargs["encoder_hidden_states"] = hidden
+        # Selected tokens are the queries; under "cached" keys, `_keys_values` completes their keys and values.
+        with self._keys_values(self.branch.module, store, index=index) if cached_keys else nullcontext():
+            fresh = original(selected, *args, **kwargs)
         output = store.output.scatter(1, index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]), fresh)
         store.output = output
         store.age = (store.age + 1).scatter(1, index, 0)
@@ -280,11 +378,13 @@ def _split_rows(codes: torch.Tensor, step: int, branch: Branch) -> tuple[Action,
 class CacheRuntime:
     """A policy applied to one model: owns the hooks, the step table and the resolved plan.
 
-    Dynamic policies may define two optional methods (looked up on the policy, so static policies need neither):
+    Dynamic policies may define optional methods (looked up on the policy, so static policies need none):
     `decide(step, block, branch_index, state) -> (action, ratio) | None` overrides the plan's entry at run time
     (`action` may be a tensor of per-row codes, COMPUTE or REUSE, for per-sample decisions: only the computing
     rows run); `observe(call: BranchCall) -> context manager | None` is entered around each branch execution, to
-    measure signals into `state.signals`. Both see only the trajectory's own state.
+    measure signals into `state.signals`; `observe_output(out: StepOutput)` sees the denoiser's output of every
+    step; `token_pruning(call: BranchCall) -> TokenPruning | None` makes a branch that computes (every row) run on
+    some of its tokens and fill the others from kept ones. All see only the trajectory's own state.
     """
 
     def __init__(
@@ -302,7 +402,15 @@ class CacheRuntime:
         self.branch_names = self.spec.branches
         self.selector: TokenSelector = policy.token_selector()
         self._decide = getattr(policy, "decide", None)
+        self.partial_keys: str = getattr(policy, "partial_keys", "fresh")
+        if self.partial_keys not in PARTIAL_KEYS:
+            raise ValueError(
+                f"policy {policy.describe()!r}: field 'partial_keys' is {self.partial_keys!r}, expected one of "
+                f"{list(PARTIAL_KEYS)}"
+            )
         self._observe = getattr(policy, "observe", None)
+        self._prune = getattr(policy, "token_pruning", None)
+        self._observe_output = getattr(policy, "observe_output", None)
         self.current: TrajectoryState | None = None
         # Training only: gates [blocks, branches(, batch(, tokens))] that blend fresh and cached outputs.
         self.blend: torch.Tensor | None = None
@@ -373,6 +481,14 @@ class CacheRuntime:
             if dynamic is not None:
                 return dynamic
         return Action(self._actions[step][block][branch_index]), self._ratios[step][block][branch_index]
+
+    def pruning(self, call: BranchCall) -> TokenPruning | None:
+        return self._prune(call) if self._prune is not None else None
+
+    def observe_output(self, state: TrajectoryState, model: nn.Module, output: Any) -> None:
+        if self._observe_output is not None:
+            sample = output if isinstance(output, torch.Tensor) else output[0]  # a tensor, tuple or BaseOutput
+            self._observe_output(StepOutput(state.step, state, model, sample))
 
     def observe(self, call: BranchCall) -> AbstractContextManager:
         probe = self._observe(call) if self._observe is not None else None

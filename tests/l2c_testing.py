@@ -14,6 +14,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    UNet2DConditionModel,
 )
 from torch import nn
 
@@ -41,6 +42,20 @@ PIXART_KWARGS = dict(
     norm_num_groups=1,
 )
 
+# Stable-Diffusion-style: BasicTransformerBlocks inside Transformer2DModels at two resolutions (latent and latent / 2).
+UNET_KWARGS = dict(
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+    sample_size=16,
+)
+
 
 def tiny_dit(seed: int = 0, **overrides) -> DiTTransformer2DModel:
     torch.manual_seed(seed)
@@ -50,6 +65,12 @@ def tiny_dit(seed: int = 0, **overrides) -> DiTTransformer2DModel:
 def tiny_pixart(seed: int = 0, **overrides) -> PixArtTransformer2DModel:
     torch.manual_seed(seed)
     return PixArtTransformer2DModel(**{**PIXART_KWARGS, **overrides}).eval()
+
+
+def tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+    """A tiny text-conditioned UNet: 4 BasicTransformerBlocks (down 0, mid, up 1 twice), hidden 32 or 64."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**UNET_KWARGS, **overrides}).eval()
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:

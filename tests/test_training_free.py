@@ -661,3 +661,17 @@ def test_infer_explains_how_to_calibrate_blockcache(tmp_path, capsys):
     argv = ["sample", "--model", "embedded:digits", "--steps", "4", "--num-samples", "2", "--no-progress"]
     assert infer.main([*argv, "--out", str(tmp_path / "out"), "--policy", "blockcache:threshold=0.1"]) == 2
     assert "calibrate" in capsys.readouterr().err
+
+
+def test_toca_varying_interval_follows_the_force_scheduler_rule():
+    # gap after a full step s of S: round(N / (1 − w + 2w·s/S)); 60–80% of the steps: gap 2.
+    policy = ToCaPolicy(interval=3, interval_weight=0.4, sensitive_gap=2)
+    segments = policy.full_steps(50)
+    assert segments[:3] == [(0, 5), (5, 4), (9, 4)]  # round(3 / 0.6) = 5; round(3 / 0.68) = 4; round(3 / 0.744) = 4
+    assert [(s, g) for s, g in segments if 30 <= s < 40] == [(32, 2), (34, 2), (36, 2), (38, 2)]
+    assert ToCaPolicy(interval=3).full_steps(7) == [(0, 3), (3, 3), (6, 3)]  # weight 0: every N
+    kinds = DuCaPolicy(interval=3, interval_weight=0.4).step_kinds(10)
+    # gaps 5, 3, 2 (factors 0.6, 1.0, 1.24); DuCa counts back from the next full step: the last one is partial.
+    assert kinds == ["full", "reuse", "partial", "reuse", "partial", "full", "reuse", "partial", "full", "partial"]
+    with pytest.raises(ValueError, match="interval_weight"):
+        ToCaPolicy(interval_weight=1.0)

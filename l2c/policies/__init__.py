@@ -3,11 +3,13 @@
 from .adacache import AdaCachePolicy
 from .base import CachePolicy, PolicyTarget
 from .blockcache import BlockCachePolicy
+from .dato import DaToPolicy
 from .duca import DuCaPolicy
 from .full import FullPolicy
 from .learned import LayerRouterPolicy
 from .static import StaticPolicy
 from .toca import ToCaPolicy
+from .tokencache import TokenCachePolicy
 
 POLICY_KINDS: dict[str, type[CachePolicy]] = {
     cls.kind: cls
@@ -19,6 +21,8 @@ POLICY_KINDS: dict[str, type[CachePolicy]] = {
         DuCaPolicy,
         BlockCachePolicy,
         AdaCachePolicy,
+        DaToPolicy,
+        TokenCachePolicy,
     )
 }
 
@@ -27,10 +31,12 @@ __all__ = [
     "AdaCachePolicy",
     "BlockCachePolicy",
     "CachePolicy",
+    "DaToPolicy",
     "DuCaPolicy",
     "FullPolicy",
     "LayerRouterPolicy",
     "PolicyTarget",
     "StaticPolicy",
     "ToCaPolicy",
+    "TokenCachePolicy",
 ]

@@ -6,8 +6,8 @@ to the stream) is compared with its output at the sample's previous computed ste
 
     change = mean|out_t − out_prev| / mean|out_prev| / (t − prev)        (per sample)
 
-and the codebook picks how many steps until that sample computes again: `codebook="0.05:4+0.1:3+0.2:2"` means
-change < 0.05 → compute again 4 steps later (reuse 3), < 0.1 → 3, < 0.2 → 2, otherwise the next step. Steps 0
+and the codebook picks how many steps until that sample computes again: `codebook="0.12:4+0.18:3+0.3:2"` means
+change < 0.12 → compute again 4 steps later (reuse 3), < 0.18 → 3, < 0.3 → 2, otherwise the next step. Steps 0
 and 1 always compute (the first change needs two computed steps). The paper's motion regularisation scales the
 rate with a video's frame-to-frame motion; it is video-only and left out here.
 
@@ -81,7 +81,7 @@ class AdaState:
 @dataclass
 class AdaCachePolicy(CachePolicy):
     kind = "adacache"
-    codebook: str = "0.05:4+0.1:3+0.2:2"  # threshold:steps-to-next-compute, '+'-separated ('/' reads as a hub id)
+    codebook: str = "0.12:4+0.18:3+0.3:2"  # threshold:steps-to-next-compute, '+'-separated ('/' reads as a hub id)
     probe_block: int = -1  # -1: the middle block (num_blocks // 2)
     probe_branch: str = "attn1"
 

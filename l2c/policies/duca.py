@@ -30,13 +30,6 @@ class DuCaPolicy(ToCaPolicy):
     kind = "duca"
     presets: ClassVar[dict[str, dict]] = {"dit": DUCA_DIT, "pixart": DUCA_PIXART}
 
-    def step_kinds(self, num_steps: int) -> list[str]:
-        """`full` every `interval` steps; between, `partial` (conservative) and `reuse` (aggressive) alternate."""
-        kinds = []
-        for step in range(num_steps):
-            position = step % self.interval
-            if position == 0:
-                kinds.append("full")
-            else:
-                kinds.append("partial" if (self.interval - position) % 2 == 1 else "reuse")
-        return kinds
+    def between_kind(self, gap: int, position: int) -> str:
+        """Between full steps, `partial` (conservative) and `reuse` (aggressive) alternate, the last one partial."""
+        return "partial" if (gap - position) % 2 == 1 else "reuse"

@@ -1,4 +1,4 @@
-"""Token scoring shared by the token-wise policies (ToCa, DuCa): signals, score terms and top-k selection.
+"""Token scoring shared by the token-wise policies (ToCa, DuCa, DaTo): signals, score terms and top-k selection.
 
 Every function is per sample: row b of the result depends only on row b of the inputs, so a sample's selection
 never depends on the other samples in its batch. Higher score = recompute first.
@@ -127,22 +127,32 @@ def spatial_bonus(score: torch.Tensor, bonus: float, grid: int) -> torch.Tensor:
     Tokens are taken as a square image in row-major order; cells at a ragged edge are smaller. A sequence that
     is not a square (or bonus 0, grid ≤ 1) is returned unchanged. Ties within a cell: the lowest index wins.
     """
-    batch, tokens = score.shape
-    side = math.isqrt(tokens)
-    if bonus == 0 or grid <= 1 or side * side != tokens:
+    side = math.isqrt(score.shape[1])
+    if bonus == 0 or grid <= 1 or side * side != score.shape[1]:
         return score
-    cells = -(-side // grid)
-    padded = F.pad(score.view(batch, side, side), (0, cells * grid - side, 0, cells * grid - side), value=-math.inf)
-    blocks = padded.view(batch, cells, grid, cells, grid).permute(0, 1, 3, 2, 4).reshape(batch, cells * cells, -1)
+    index, best = cell_best(score, side, side, grid)
+    return score.scatter_add(1, index, best * bonus)
+
+
+def cell_best(score: torch.Tensor, height: int, width: int, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best token of every cell×cell cell of a height×width token image: (token index, score), each [B, cells].
+
+    Tokens are in row-major order; cells are in row-major order too; cells at a ragged edge are smaller. Ties
+    within a cell: the lowest token index wins.
+    """
+    batch = score.shape[0]
+    rows, cols = -(-height // cell), -(-width // cell)
+    image = score.view(batch, height, width)
+    padded = F.pad(image, (0, cols * cell - width, 0, rows * cell - height), value=-math.inf)
+    blocks = padded.view(batch, rows, cell, cols, cell).permute(0, 1, 3, 2, 4).reshape(batch, rows * cols, -1)
     best = blocks.max(dim=-1).values
     position = torch.arange(blocks.shape[-1], device=score.device).expand_as(blocks)
     where = position.masked_fill(blocks != best.unsqueeze(-1), blocks.shape[-1]).min(dim=-1).values  # first best
-    row = torch.arange(cells, device=score.device).repeat_interleave(cells) * grid + torch.div(
-        where, grid, rounding_mode="floor"
+    row = torch.arange(rows, device=score.device).repeat_interleave(cols) * cell + torch.div(
+        where, cell, rounding_mode="floor"
     )
-    col = torch.arange(cells, device=score.device).repeat(cells) * grid + where % grid
-    flat = row * side + col  # [B, cells²] token index of each cell's best
-    return score.scatter_add(1, flat, best * bonus)
+    col = torch.arange(cols, device=score.device).repeat(rows) * cell + where % cell
+    return row * width + col, best
 
 
 def top_tokens(score: torch.Tensor, count: int) -> torch.Tensor:

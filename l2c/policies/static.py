@@ -20,7 +20,7 @@ class StaticPolicy(CachePolicy):
         for name, low in (("interval", 1), ("first_full", 0), ("last_full", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"static policy: field '{name}' must be an integer ≥ {low}, got {value!r}")
+                raise ValueError(f"{self.kind} policy: field '{name}' must be an integer ≥ {low}, got {value!r}")
 
     def full_steps(self, num_steps: int) -> list[int]:
         return [

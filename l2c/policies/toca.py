@@ -1,7 +1,9 @@
 """`toca`: token-wise feature caching (ToCa, Zou et al. 2024) on the shared runtime.
 
-Every `interval`-th step is full. On the steps between, each branch recomputes the fraction of its tokens given
-by the fresh-ratio schedule (step × block depth × branch type) and reuses the rest; ratio 0 reuses the branch.
+Every `interval`-th step is full (or, with `interval_weight` / `sensitive_gap`, the reference's varying interval:
+longer gaps early, shorter late; see `full_steps`). On the steps between, each branch recomputes the fraction of its
+tokens given by the fresh-ratio schedule (step × block depth × branch type) and reuses the rest; ratio 0 reuses the
+branch.
 Which tokens: the highest of
 
     score = s (per block, measured at the last full step) + freq_weight · age / interval, then the spatial bonus
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 SCORES = ("attention", "cross_entropy", "value_norm", "none")
 SCORE_SOURCE = {"attention": "attn1", "value_norm": "attn1", "cross_entropy": "attn2"}
 SCORE_PROJECTIONS = {"attention": ("to_q", "to_k"), "cross_entropy": ("to_q", "to_k"), "value_norm": ("to_v",)}
+SENSITIVE_STEPS = (0.6, 0.8)  # share of the steps where the DiT reference refreshes every 2 steps
 SIGNAL = "toca.score"  # state.signals[(SIGNAL, block)] -> [batch, tokens]
 TUNABLE = (
     "ratio",
@@ -101,11 +104,19 @@ class ToCaPolicy(CachePolicy):
     attn1_factor: float | None = None  # branch factors
     attn2_factor: float | None = None
     ff_factor: float | None = None
+    interval_weight: float = 0.0  # varying N (force scheduler): gap after step s is round(N / (1 − w + 2w·s/S))
+    sensitive_gap: int = 0  # > 0: a full step at 60–80% of the steps is followed by this gap (DiT reference: 2)
 
     def __post_init__(self) -> None:
         name = self.kind
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"{name} policy: field 'interval' must be an integer ≥ 1, got {self.interval!r}")
+        if not (isinstance(self.interval_weight, (int, float)) and 0 <= self.interval_weight < 1):
+            raise ValueError(
+                f"{name} policy: field 'interval_weight' must be a number in [0, 1), got {self.interval_weight!r}"
+            )
+        if isinstance(self.sensitive_gap, bool) or not isinstance(self.sensitive_gap, int) or self.sensitive_gap < 0:
+            raise ValueError(f"{name} policy: field 'sensitive_gap' must be an integer ≥ 0, got {self.sensitive_gap!r}")
         if self.score is not None and self.score not in SCORES:
             raise ValueError(f"{name} policy: field 'score' must be one of {list(SCORES)}, got {self.score!r}")
         if self.grid is not None and (isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1):
@@ -154,9 +165,28 @@ class ToCaPolicy(CachePolicy):
         return f"{self.kind}:{args}" if args else self.kind
 
     # -- plan ------------------------------------------------------------------------------------------------------
+    def full_steps(self, num_steps: int) -> list[tuple[int, int]]:
+        """(full step, steps until the next full step): `interval` apart, or varying with `interval_weight`."""
+        segments, step = [], 0
+        while step < num_steps:
+            factor = 1 - self.interval_weight + 2 * self.interval_weight * step / num_steps
+            gap = max(1, round(self.interval / factor))
+            if self.sensitive_gap and SENSITIVE_STEPS[0] <= step / num_steps < SENSITIVE_STEPS[1]:
+                gap = self.sensitive_gap
+            segments.append((step, gap))
+            step += gap
+        return segments
+
     def step_kinds(self, num_steps: int) -> list[str]:
-        """`full` every `interval` steps, `partial` in between."""
-        return ["full" if s % self.interval == 0 else "partial" for s in range(num_steps)]
+        """`full` at the full steps; each step between takes `between_kind`."""
+        kinds = []
+        for _, gap in self.full_steps(num_steps):
+            kinds += ["full", *(self.between_kind(gap, position) for position in range(1, gap))]
+        return kinds[:num_steps]
+
+    def between_kind(self, gap: int, position: int) -> str:
+        """The kind of the step `position` steps after a full step that is `gap` steps before the next: partial."""
+        return "partial"
 
     def ratio_table(self, spec: ModelSpec, num_steps: int) -> torch.Tensor:
         """The fresh-ratio schedule [steps, blocks, branches]: ratio · step factor · depth factor · branch factor."""

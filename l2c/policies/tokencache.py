@@ -1,0 +1,303 @@
+"""`tokencache`: Token Caching (TokenCache, Lou et al. 2024) — predictor scores, per-block ratios, TPRR step types.
+
+Steps are *full* (every branch computes) or *cache* steps, set by a Two-Phase Round-Robin schedule (TPRR): a
+boundary step splits the run into two phases, each with its own interval between full steps. On a cache step,
+block b recomputes the share `ratio[b]` of its tokens in every branch (attn1, attn2, ff) and reuses the rest; which
+tokens: the highest scores of a `TokenImportancePredictor` (`predictors/token_importance.py`) run on that step's
+input inside the model call (so FlopCounterMode counts it). Blocks whose ratio falls under `floor` are cached whole.
+
+Both tables come from statistics measured at export (`TokenCacheCalibration`), not from constants:
+- per-block ratios (adaptive block selection): every calibration score of every (block, token) is pooled, the top
+  `token_budget` share of the pool is kept, and block b's ratio is the share of its own scores in that top set;
+- TPRR: among all two-phase schedules with at most `full_steps` full steps, the one whose worst accumulated
+  per-step change since the last full step is smallest (the measured per-step error or the predictor's mean
+  per-step importance, `tprr_signal`). See docs/tokencache.md for the choices and their measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..adapters import ModelSpec, module_device, resolve_denoiser
+from ..plan import Action, Plan
+from ..runtime import CacheRuntime, SelectionRequest, TokenSelector
+from .base import CachePolicy, PolicyTarget
+from .scores import top_tokens
+
+if TYPE_CHECKING:
+    from torch import nn
+
+SIGNAL = "tokencache.scores"  # state.signals[SIGNAL] -> [batch, blocks, tokens], the predictor's scores this step
+TPRR_SIGNALS = ("error", "importance")
+PREDICTOR_PREFIX = "predictor."
+
+
+@dataclass
+class TokenCacheCalibration:
+    """What the export measured on teacher trajectories; the policy's tables are derived from it."""
+
+    score_histogram: torch.Tensor  # [blocks, bins]: counts of predictor scores in [0, 1] on cache-candidate steps
+    step_importance: torch.Tensor  # [steps]: mean predictor score at each step (step 0: unused)
+    step_error: torch.Tensor  # [steps]: relative change of the block outputs from step s−1 to s (step 0: 0)
+
+    NAMES = ("score_histogram", "step_importance", "step_error")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"calibration.{name}": getattr(self, name).detach().float().cpu() for name in self.NAMES}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> TokenCacheCalibration:
+        missing = [f"calibration.{n}" for n in cls.NAMES if f"calibration.{n}" not in tensors]
+        if missing:
+            raise ValueError(f"missing tensors {missing} in policy.safetensors")
+        return cls(*(tensors[f"calibration.{name}"].float() for name in cls.NAMES))
+
+
+# -- adaptive block selection ---------------------------------------------------------------------------------------
+def adaptive_block_ratios(histogram: torch.Tensor, budget: float, floor: float) -> torch.Tensor:
+    """Per-block ratios [blocks]: the top `budget` share of all pooled scores, split by block; under `floor` → 0.
+
+    The global cut falls inside one histogram bin; that bin's scores are taken in equal proportion from every block,
+    so the ratios average exactly to `budget` before the floor is applied.
+    """
+    counts = histogram.double()
+    per_block = counts.sum(dim=1)
+    if bool((per_block <= 0).any()):
+        raise ValueError("tokencache policy: field 'calibration.score_histogram' has a block with no scores")
+    above = counts.flip(1).cumsum(1).flip(1)  # above[b, i] = scores of block b in bins i.. (highest bins last)
+    pooled_above = above.sum(0)
+    wanted = budget * float(per_block.sum())
+    reached = torch.nonzero(pooled_above >= wanted - 1e-9).flatten()
+    cut = int(reached.max()) if len(reached) else 0  # the highest bin at which the pool holds `wanted` scores
+    strictly_above = above[:, cut + 1] if cut + 1 < counts.shape[1] else torch.zeros_like(per_block)
+    in_bin = counts[:, cut]
+    needed = wanted - float(strictly_above.sum())
+    share = needed / float(in_bin.sum()) if float(in_bin.sum()) > 0 else 0.0
+    ratios = ((strictly_above + share * in_bin) / per_block).float().clamp(0.0, 1.0)
+    return torch.where(ratios < floor, torch.zeros_like(ratios), ratios)
+
+
+# -- TPRR ------------------------------------------------------------------------------------------------------------
+def two_phase_full_steps(num_steps: int, boundary: int, first: int, second: int) -> torch.Tensor:
+    """Full-step mask: steps 0, first, 2·first, … before `boundary`; boundary, boundary + second, … after."""
+    steps = torch.arange(num_steps)
+    before = (steps < boundary) & (steps % first == 0)
+    after = (steps >= boundary) & ((steps - boundary) % second == 0)
+    return before | after
+
+
+def accumulated_change(full: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
+    """At every step, the per-step change summed since the last full step (0 on full steps): the cache's drift."""
+    drift = torch.zeros(len(curve), dtype=torch.float64)
+    for step in range(1, len(curve)):
+        drift[step] = 0.0 if full[step] else drift[step - 1] + float(curve[step])
+    return drift
+
+
+@dataclass(frozen=True)
+class TPRRSchedule:
+    boundary: int  # first step of phase 2 (a full step)
+    first_interval: int  # phase 1: a full step every `first_interval` steps from step 0
+    second_interval: int  # phase 2: a full step every `second_interval` steps from `boundary`
+
+    def full_steps(self, num_steps: int) -> torch.Tensor:
+        return two_phase_full_steps(num_steps, self.boundary, self.first_interval, self.second_interval)
+
+
+def choose_tprr(curve: torch.Tensor, max_full: int) -> TPRRSchedule:
+    """The two-phase schedule with ≤ `max_full` full steps whose worst accumulated drift is smallest.
+
+    Ties: the smaller total drift, then fewer full steps, then the earlier boundary. `curve[s]` is the measured change
+    from step s−1 to s; the drift of a cached step bounds (triangle inequality) how far its cache is from fresh.
+    """
+    num_steps = len(curve)
+    best, best_key = None, None
+    for boundary in range(1, num_steps):
+        for first in range(1, boundary + 1):
+            for second in range(1, num_steps - boundary + 1):
+                full = two_phase_full_steps(num_steps, boundary, first, second)
+                count = int(full.sum())
+                if count > max_full:
+                    continue
+                drift = accumulated_change(full, curve)
+                key = (round(float(drift.max()), 9), round(float(drift.sum()), 9), count, boundary)
+                if best_key is None or key < best_key:
+                    best, best_key = TPRRSchedule(boundary, first, second), key
+    if best is None:
+        raise ValueError(f"tokencache policy: field 'full_steps' is {max_full}; TPRR needs at least 2 full steps")
+    return best
+
+
+def single_interval(num_steps: int, max_full: int) -> int:
+    """The ablation without TPRR: the shortest one interval whose full steps (0, k, 2k, …) fit in `max_full`."""
+    return next(k for k in range(1, num_steps + 1) if math.ceil(num_steps / k) <= max_full)
+
+
+# -- the policy ------------------------------------------------------------------------------------------------------
+@dataclass
+class TokenCachePolicy(CachePolicy):
+    kind = "tokencache"
+    token_budget: float = 0.3  # share of all (block, token) pairs recomputed on a cache step, before the floor
+    floor: float = 0.05  # blocks whose ratio is under this are cached whole on cache steps
+    full_steps: int = 6  # at most this many full (independent) steps, step 0 included
+    tprr_signal: str = "error"  # per-step curve TPRR is chosen from: "error" (measured) or "importance" (predictor)
+    adaptive: bool = True  # False (ablation): every block recomputes the adaptive ratios' mean share of its tokens
+    tprr: bool = True  # False (ablation): one interval for the whole run
+    partial_keys: str = "cached"  # what partial self-attention's queries see (l2c/runtime.py, PARTIAL_KEYS)
+    ff_inner_dim: int | None = None  # the predictor's MLP width (None: the teacher's)
+    predictor_state: dict[str, torch.Tensor] | None = field(default=None, kw_only=True, repr=False)
+    calibration: TokenCacheCalibration | None = field(default=None, kw_only=True, repr=False)
+
+    def __post_init__(self) -> None:
+        name = self.kind
+        for key in ("token_budget", "floor"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} policy: field '{key}' must be a number in [0, 1], got {value!r}")
+        if isinstance(self.full_steps, bool) or not isinstance(self.full_steps, int) or self.full_steps < 1:
+            raise ValueError(f"{name} policy: field 'full_steps' must be an integer ≥ 1, got {self.full_steps!r}")
+        if self.tprr_signal not in TPRR_SIGNALS:
+            raise ValueError(
+                f"{name} policy: field 'tprr_signal' must be one of {list(TPRR_SIGNALS)}, got {self.tprr_signal!r}"
+            )
+        for key in ("adaptive", "tprr"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{name} policy: field '{key}' must be true or false, got {getattr(self, key)!r}")
+
+    # -- tables --------------------------------------------------------------------------------------------------------
+    def _calibration(self, what: str) -> TokenCacheCalibration:
+        if self.calibration is None:
+            raise ValueError(
+                f"{self.kind} policy: {what} needs the calibration measured at export; load the policy from a "
+                "directory written by predictors/tokencache_trainer.py"
+            )
+        return self.calibration
+
+    def block_ratios(self) -> torch.Tensor:
+        """Exported per-block ratios [blocks] (0 = cached whole on cache steps)."""
+        adaptive = adaptive_block_ratios(
+            self._calibration("block selection").score_histogram, self.token_budget, self.floor
+        )
+        if self.adaptive:
+            return adaptive
+        return torch.full_like(adaptive, float(adaptive.mean()))
+
+    def tprr_schedule(self, num_steps: int) -> TPRRSchedule:
+        calibration = self._calibration("TPRR")
+        curve = calibration.step_error if self.tprr_signal == "error" else calibration.step_importance
+        if len(curve) != num_steps:
+            raise ValueError(f"{self.kind} policy: calibration has {len(curve)} steps, the run has {num_steps}")
+        if not self.tprr:
+            interval = single_interval(num_steps, self.full_steps)
+            return TPRRSchedule(num_steps, interval, 1)
+        return choose_tprr(curve, self.full_steps)
+
+    def step_types(self, num_steps: int) -> torch.Tensor:
+        """Exported step-type table [steps], int8: 1 = full (independent) step, 0 = cache step."""
+        return self.tprr_schedule(num_steps).full_steps(num_steps).to(torch.int8)
+
+    def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
+        shape = (num_steps, spec.num_blocks, len(spec.branches))
+        plan = Plan.full(*shape)
+        ratios = self.block_ratios()
+        if len(ratios) != spec.num_blocks:
+            raise ValueError(f"{self.kind} policy: calibration has {len(ratios)} blocks, the model {spec.num_blocks}")
+        if spec.num_tokens:  # what the runtime will run: round(ratio · tokens) tokens
+            ratios = torch.round(ratios * spec.num_tokens) / spec.num_tokens
+        cache = ~self.step_types(num_steps).bool()
+        per_slot = ratios.view(1, -1, 1).expand(shape)
+        cache_slots = cache.view(-1, 1, 1).expand(shape)
+        plan.actions[cache_slots & (per_slot <= 0)] = Action.REUSE
+        partial = cache_slots & (per_slot > 0) & (per_slot < 1)
+        plan.actions[partial] = Action.PARTIAL
+        plan.token_ratio[partial] = per_slot[partial]
+        return plan
+
+    # -- run time --------------------------------------------------------------------------------------------------
+    def token_selector(self) -> TokenSelector:
+        def select(request: SelectionRequest) -> torch.Tensor:
+            scores = request.state.signals.get(SIGNAL) if request.state is not None else None
+            if scores is None:
+                raise RuntimeError(
+                    f"{self.kind} policy: no predictor scores at step {request.step} (block {request.block} "
+                    f"{request.branch} runs partially); the policy's runtime scores every step that has partial slots"
+                )
+            return top_tokens(scores[:, request.block], request.num_selected)
+
+        return select
+
+    def build_predictor(self, model: nn.Module) -> nn.Module:
+        """The trained predictor, rebuilt on `model`'s first block and loaded with the saved weights."""
+        from predictors.token_importance import TokenImportancePredictor
+
+        if self.predictor_state is None:
+            raise ValueError(f"{self.kind} policy has no predictor weights (load it from a policy directory)")
+        predictor = TokenImportancePredictor.from_teacher(model, self.ff_inner_dim)
+        missing, unexpected = predictor.load_state_dict(self.predictor_state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{self.kind} policy: the predictor weights do not fit this model's first block "
+                f"(ff_inner_dim {self.ff_inner_dim}): missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        return predictor.to(module_device(model)).eval().requires_grad_(False)
+
+    def apply(self, target: nn.Module | object, timesteps=None) -> CacheRuntime:
+        return TokenCacheRuntime(target, self, timesteps=timesteps)
+
+    # -- artifact --------------------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.predictor_state is None or self.target is None:
+            raise ValueError(f"{self.kind} policy: nothing to save without predictor weights and a bound target")
+        predictor = {PREDICTOR_PREFIX + k: v.detach().float().cpu() for k, v in self.predictor_state.items()}
+        tables = {
+            "tokencache.block_ratio": self.block_ratios(),
+            "tprr.step_type": self.step_types(len(self.target.timesteps)),
+        }
+        return {**predictor, **self._calibration("saving").tensors(), **tables}
+
+    @classmethod
+    def from_artifact(cls, params: dict, tensors: dict[str, torch.Tensor], target: PolicyTarget) -> CachePolicy:
+        state = {k[len(PREDICTOR_PREFIX) :]: v for k, v in tensors.items() if k.startswith(PREDICTOR_PREFIX)}
+        if not state:
+            raise ValueError("missing tensors 'predictor.*' (the token importance predictor) in policy.safetensors")
+        policy = cls(
+            **params, predictor_state=state, calibration=TokenCacheCalibration.from_tensors(tensors), target=target
+        )
+        for name, derived in (
+            ("tokencache.block_ratio", policy.block_ratios()),
+            ("tprr.step_type", policy.step_types(len(target.timesteps))),
+        ):
+            if name not in tensors:
+                raise ValueError(f"missing tensor {name!r} in policy.safetensors")
+            if tensors[name].shape != derived.shape or not torch.allclose(tensors[name].float(), derived.float()):
+                raise ValueError(f"tensor {name!r} disagrees with the table its calibration and params give")
+        return policy
+
+
+class TokenCacheRuntime(CacheRuntime):
+    """The cache runtime plus the policy's predictor, run before the first block on every step with partial slots."""
+
+    def __init__(self, target: nn.Module | object, policy: TokenCachePolicy, timesteps=None) -> None:
+        from predictors.token_importance import on_first_block
+
+        self.predictor = policy.build_predictor(resolve_denoiser(target))  # before any hook is attached
+        super().__init__(target, policy, timesteps=timesteps)
+        self._predictor_hook = on_first_block(self.model, self._score)
+
+    def _score(self, args: tuple, kwargs: dict) -> None:
+        state, plan = self.current, self.plan
+        if state is None or plan is None or not bool((plan.actions[state.step] == Action.PARTIAL).any()):
+            return
+        with torch.no_grad():
+            state.signals[SIGNAL] = self.predictor(args, kwargs)
+
+    def remove(self) -> None:
+        if self._predictor_hook is not None:
+            self._predictor_hook.remove()
+            self._predictor_hook = None
+        super().remove()

@@ -1,0 +1,274 @@
+"""TokenCache: adaptive block ratios, TPRR, the predictor, the policy on a real tiny DiT, the artifact, the trainer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiTTransformer2DModel
+from l2c_testing import ComputeCounter, FixedPlanPolicy, ddim_timesteps, dit_inputs, tiny_dit
+from safetensors.torch import load_file, save_file
+
+import l2c
+from data.conditions import ClassConditionDataModule
+from l2c.metrics import count_flops
+from l2c.policies.tokencache import (
+    SIGNAL,
+    TokenCacheCalibration,
+    TokenCachePolicy,
+    accumulated_change,
+    adaptive_block_ratios,
+    choose_tprr,
+    single_interval,
+    two_phase_full_steps,
+)
+from l2c.policy_io import PolicyFormatError
+from predictors.token_importance import TokenImportancePredictor, on_first_block
+from predictors.tokencache_trainer import TokenCacheTrainer
+
+NUM_TOKENS = 16
+
+
+# -- adaptive block selection ----------------------------------------------------------------------------------------
+def test_block_ratios_split_the_global_top_share_by_block():
+    # 4 bins over [0, 1]; block 0 holds the high scores, block 1 the low ones.
+    histogram = torch.tensor([[0.0, 0.0, 2.0, 2.0], [2.0, 2.0, 0.0, 0.0]])
+    assert adaptive_block_ratios(histogram, 0.5, 0.0).tolist() == [1.0, 0.0]
+    assert adaptive_block_ratios(histogram, 0.25, 0.0).tolist() == [0.5, 0.0]
+
+
+def test_the_cut_bin_is_shared_in_proportion_and_the_floor_caches_blocks_whole():
+    histogram = torch.tensor([[0.0, 1.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    # want 4 of 8: bin 3 gives 3, bin 2 holds 2 (one per block) and gives half of each
+    torch.testing.assert_close(adaptive_block_ratios(histogram, 0.5, 0.0), torch.tensor([0.625, 0.375]))
+    torch.testing.assert_close(adaptive_block_ratios(histogram, 0.5, 0.4), torch.tensor([0.625, 0.0]))
+
+
+# -- TPRR ------------------------------------------------------------------------------------------------------------
+def test_two_phase_full_steps_and_drift():
+    full = two_phase_full_steps(10, boundary=4, first=2, second=3)
+    assert full.nonzero().flatten().tolist() == [0, 2, 4, 7]
+    curve = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert accumulated_change(full, curve).tolist() == [0, 1, 0, 3, 0, 5, 11, 0, 8, 17]
+
+
+def test_tprr_gives_the_late_changing_phase_the_shorter_interval():
+    curve = torch.tensor([0.0, 1, 1, 1, 1, 4, 4, 4])  # the last three steps change 4× as much
+    schedule = choose_tprr(curve, max_full=4)
+    assert schedule.full_steps(8).nonzero().flatten().tolist() == [0, 3, 5, 7]  # worst drift 4, total 8
+    flipped = choose_tprr(torch.tensor([0.0, 4, 4, 4, 1, 1, 1, 1]), max_full=4)
+    assert flipped.full_steps(8).nonzero().flatten().tolist() == [0, 2, 3, 6]  # early phase: interval 2, late: 3
+
+
+def test_single_interval_ablation_fits_the_full_step_count():
+    assert single_interval(20, 6) == 4  # 0, 4, 8, 12, 16: 5 full steps (interval 3 would need 7)
+    assert single_interval(20, 20) == 1
+
+
+# -- the predictor ---------------------------------------------------------------------------------------------------
+def test_predictor_starts_from_the_teachers_first_block_and_scores_every_block_and_token():
+    model = tiny_dit()
+    predictor = TokenImportancePredictor.from_teacher(model, ff_inner_dim=16, init_score=0.8)
+    first = model.transformer_blocks[0]
+    assert torch.equal(predictor.block.attn1.to_q.weight, first.attn1.to_q.weight)
+    assert predictor.block.attn1.to_q.weight.data_ptr() != first.attn1.to_q.weight.data_ptr()
+    assert torch.equal(predictor.block.ff.net[0].proj.weight, first.ff.net[0].proj.weight[:16])
+    assert torch.equal(predictor.block.ff.net[2].weight, first.ff.net[2].weight[:, :16])
+    assert predictor.ff_inner_dim == 16
+    seen = {}
+    handle = on_first_block(model, lambda a, k: seen.setdefault("scores", predictor(a, k)))
+    latents, labels = dit_inputs(batch=3)
+    with torch.no_grad():
+        model(latents, timestep=torch.full((3,), 500), class_labels=labels)
+    handle.remove()
+    assert seen["scores"].shape == (3, 2, NUM_TOKENS)
+    torch.testing.assert_close(seen["scores"], torch.full((3, 2, NUM_TOKENS), 0.8))
+
+
+# -- the policy on a tiny DiT ----------------------------------------------------------------------------------------
+def tiny_policy(model, steps: int = 6, **overrides) -> TokenCachePolicy:
+    """Block 0 holds the high scores (ratio 0.5 at budget 0.25), block 1 the low ones (under the floor)."""
+    predictor = TokenImportancePredictor.from_teacher(model, ff_inner_dim=16)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(predictor.head.weight, std=0.5)  # scores that differ by token
+    histogram = torch.tensor([[0.0, 0.0, 2.0, 2.0], [2.0, 2.0, 0.0, 0.0]])
+    error = torch.tensor([0.0, 1, 1, 4, 4, 4][:steps])
+    calibration = TokenCacheCalibration(histogram, torch.full((steps,), 0.5), error)
+    params = dict(token_budget=0.25, floor=0.1, full_steps=3, ff_inner_dim=16, **overrides)
+    state = {k: v.clone() for k, v in predictor.state_dict().items()}
+    policy = TokenCachePolicy(**params, predictor_state=state, calibration=calibration)
+    return policy.bind(model, ddim_timesteps(steps), "DDIMScheduler")
+
+
+def test_plan_full_steps_partial_block_and_floored_block():
+    model = tiny_dit()
+    policy = tiny_policy(model)
+    assert policy.block_ratios().tolist() == [0.5, 0.0]
+    full = policy.step_types(6).nonzero().flatten().tolist()
+    assert full == [0, 3, 5]  # worst drift 4 (step 4), total 1 + 2 + 4: less than 0, 2, 4 (1 + 4 + 4)
+    plan = policy.plan_for(l2c.model_spec(model), ddim_timesteps(6))
+    cache = [1, 2, 4]
+    assert (plan.actions[full] == l2c.Action.COMPUTE).all()
+    assert (plan.actions[cache, 0] == l2c.Action.PARTIAL).all() and (plan.token_ratio[cache, 0] == 0.5).all()
+    assert (plan.actions[cache, 1] == l2c.Action.REUSE).all()
+
+
+def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops():
+    model = tiny_dit()
+    policy = tiny_policy(model)
+    latents, labels = dit_inputs(batch=2)
+    timesteps = ddim_timesteps(6)
+    counter = ComputeCounter(model)
+    chosen = []
+    with policy.apply(model, timesteps=timesteps) as runtime, torch.no_grad():
+        runtime.selector = record(runtime.selector, chosen)
+        for t in timesteps:
+            model(latents, timestep=t.expand(2), class_labels=labels)
+    counter.remove()
+    computed = [(block, name, n) for block, name, n in counter.tokens]
+    # full steps 0, 3, 5: both blocks, all 16 tokens; cache steps 1, 2, 4: block 0 only, 8 tokens; block 1 reused.
+    assert computed.count((0, "ff", 8)) == 3 and computed.count((1, "ff", 16)) == 3
+    assert not any(block == 1 and n != 16 for block, _, n in computed)
+    # The selected tokens are the top-8 of the predictor's block-0 score on that step's own input.
+    predictor = policy.build_predictor(model)
+    for request, index in chosen:
+        scores = request.state.signals[SIGNAL][:, 0]
+        assert torch.equal(index, torch.argsort(scores, dim=1, descending=True, stable=True)[:, :8])
+    assert len(chosen) == 3 * 2  # 3 cache steps × (attn1, ff) of block 0
+    # FLOPs: the same plan without the predictor costs exactly the predictor's FLOPs × 3 scored steps less.
+    plan_only = FixedPlanPolicy(lambda spec, n: policy.build_plan(spec, n))
+    plan_only.partial_keys = "cached"
+
+    def run(p):
+        with p.apply(model, timesteps=timesteps), torch.no_grad():
+            for t in timesteps:
+                model(latents, timestep=t.expand(2), class_labels=labels)
+
+    _, with_predictor = count_flops(lambda: run(policy))
+    _, without = count_flops(lambda: run(plan_only))
+    grab = {}
+    handle = on_first_block(model, lambda a, k: grab.setdefault("call", (a, k)))
+    with torch.no_grad():
+        model(latents, timestep=timesteps[1].expand(2), class_labels=labels)
+    handle.remove()
+    _, one_call = count_flops(lambda: predictor(*grab["call"]))
+    assert one_call > 0 and with_predictor - without == 3 * one_call
+
+
+def record(selector, chosen: list):
+    def wrapped(request):
+        index = selector(request)
+        chosen.append((request, index))
+        return index
+
+    return wrapped
+
+
+def test_round_trip_keeps_tables_and_weights_and_refuses_tampering(tmp_path):
+    model = tiny_dit()
+    policy = tiny_policy(model)
+    policy.save_pretrained(tmp_path / "tc")
+    tensors = load_file(str(tmp_path / "tc" / "policy.safetensors"))
+    assert tensors["tprr.step_type"].tolist() == [1, 0, 0, 1, 0, 1]
+    assert tensors["tokencache.block_ratio"].tolist() == [0.5, 0.0]
+    loaded = l2c.load_policy(tmp_path / "tc")
+    assert isinstance(loaded, TokenCachePolicy) and loaded.partial_keys == "cached"
+    assert all(torch.equal(loaded.predictor_state[k], v) for k, v in policy.predictor_state.items())
+    spec = l2c.model_spec(model)
+    assert torch.equal(
+        loaded.plan_for(spec, ddim_timesteps(6)).actions, policy.plan_for(spec, ddim_timesteps(6)).actions
+    )
+    shutil.copytree(tmp_path / "tc", tmp_path / "bad")
+    tensors["tprr.step_type"] = torch.tensor([1, 1, 1, 0, 1, 0], dtype=torch.int8)
+    save_file(tensors, str(tmp_path / "bad" / "policy.safetensors"))
+    with pytest.raises(PolicyFormatError, match="tprr.step_type"):
+        l2c.load_policy(tmp_path / "bad")
+
+
+def test_ablation_switches_change_only_their_table():
+    policy = tiny_policy(tiny_dit())
+    uniform = TokenCachePolicy(**{**policy.params(), "adaptive": False}, calibration=policy.calibration)
+    assert uniform.block_ratios().tolist() == [0.25, 0.25]  # the adaptive ratios' mean, every block
+    single = TokenCachePolicy(**{**policy.params(), "tprr": False}, calibration=policy.calibration)
+    assert single.step_types(6).nonzero().flatten().tolist() == [0, 2, 4]  # one interval: 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"token_budget": 1.5}, "token_budget"), ({"full_steps": 0}, "full_steps"), ({"tprr_signal": "x"}, "tprr_signal")],
+)
+def test_bad_fields_are_named(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TokenCachePolicy(**kwargs)
+
+
+def test_a_preset_without_weights_explains_what_is_missing():
+    with pytest.raises(ValueError, match="no predictor weights.*policy directory"):
+        l2c.load_policy("tokencache").apply(tiny_dit(), timesteps=ddim_timesteps(4))
+
+
+# -- the trainer -----------------------------------------------------------------------------------------------------
+TEACHER = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=2, sample_size=8, patch_size=2,
+    num_embeds_ada_norm=10,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokencache")
+    teacher = root / "teacher"
+    torch.manual_seed(0)
+    DiTTransformer2DModel(**TEACHER).save_pretrained(teacher / "transformer")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(teacher / "scheduler")
+    module = TokenCacheTrainer(
+        teacher=str(teacher), steps=4, guidance_scale=2.0, ff_inner_dim=16, lr=0.01, export_dir=str(root / "policy"),
+        export_full_steps=2, export_token_budget=0.5, calibration_samples=4,
+    )  # fmt: skip
+    before_teacher = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    before_head = module.predictor.head.weight.detach().clone()
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=root,
+    )  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    trainer.fit(module, ClassConditionDataModule(num_classes=10, samples_per_epoch=8, batch_size=4, seed=100))
+    return SimpleNamespace(module=module, trainer=trainer, root=root, teacher=teacher, head=before_head,
+                           before_teacher=before_teacher)  # fmt: skip
+
+
+def test_fit_trains_the_predictor_only_and_leaves_the_teacher_alone(fitted):
+    module = fitted.module
+    assert fitted.trainer.global_step == 3
+    assert not torch.equal(module.predictor.head.weight.detach(), fitted.head)
+    after = module.teacher.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in fitted.before_teacher.items())
+    assert all(not p.requires_grad and p.grad is None for p in module.teacher.parameters())
+    (optimizer,) = fitted.trainer.optimizers
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.predictor.parameters()}
+    assert all(name.startswith("predictor.") for name, _ in module.named_parameters())
+    assert not any(hasattr(m, "_diffusers_hook") for m in module.teacher.modules()), "runtime removed at fit end"
+
+
+def test_the_export_loads_and_samples_with_infer(fitted, tmp_path):
+    import infer
+
+    policy = l2c.load_policy(fitted.root / "policy")
+    assert isinstance(policy, TokenCachePolicy)
+    config = json.loads((fitted.root / "policy" / "config.json").read_text())
+    assert config["provenance"]["trainer"] == "tokencache" and config["provenance"]["global_steps"] == 3
+    assert int(policy.step_types(4).sum()) <= 2
+    calibration = policy.calibration
+    assert calibration.score_histogram.sum() == 3 * 4 * 2 * NUM_TOKENS * 2  # steps 1-3 × (4 samples × 2 halves)
+    assert calibration.step_error[0] == 0 and (calibration.step_error[1:] > 0).all()
+    out = tmp_path / "report"
+    args = ["sample", "--model", str(fitted.teacher), "--policy", str(fitted.root / "policy"), "--steps", "4"]
+    args += ["--scheduler", "ddim", "--num-samples", "4", "--out", str(out), "--no-progress", "--guidance-scale", "2"]
+    assert infer.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["executed"].get("partial", 0) > 0 and report["flops_ratio"] < 1.0
