@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import LabelEmbedding
+from torch import nn
 from tqdm.auto import tqdm
 
 from l2c.adapters import find_blocks, model_spec
@@ -69,7 +71,9 @@ class TokenCacheTrainer(FrozenTeacherModule):
         super().__init__(teacher, steps, scheduler, guidance_scale)
         self.save_hyperparameters()
         self.spec = model_spec(self.teacher)
-        self.predictor = TokenImportancePredictor.from_teacher(self.teacher, ff_inner_dim, init_score)
+        self.predictor = without_label_dropout(
+            TokenImportancePredictor.from_teacher(self.teacher, ff_inner_dim, init_score)
+        )
         self.trajectories = TrajectoryCache()
         self.runtime = None
         self._gating = False  # the first-block hook turns scores into blend gates only on the student's step
@@ -115,7 +119,10 @@ class TokenCacheTrainer(FrozenTeacherModule):
             self._gating, self.runtime.blend = False, None
         scores, self._scores = self._scores, None
         mse = F.mse_loss(out, trajectory.model_output(step))
+        # The budget is on the global batch's mean score: its value all-reduced over ranks, its gradient this rank's,
+        # so DDP's gradient average is the 1-process gradient of (mean − target)² (a square of a mean is not linear).
         mean = scores.mean()
+        mean = mean + (self.trainer.strategy.reduce(mean.detach().clone(), reduce_op="mean") - mean).detach()
         budget = (mean - hp.target_ratio) ** 2 if hp.budget_loss == "ratio" else mean
         loss = mse + hp.budget_weight * budget
         self.check_finite({"train/mse": mse, "train/budget": budget, "train/loss": loss})
@@ -203,6 +210,19 @@ class TokenCacheTrainer(FrozenTeacherModule):
         }
         policy.save_pretrained(directory)
         return policy
+
+
+def without_label_dropout(predictor: nn.Module) -> nn.Module:
+    """Turn off the class-label dropout a DiT block's adaLN embedding applies in train mode (10% of labels → null).
+
+    The predictor must score the step's actual input (the guided batch already holds the null rows), and the drop is
+    drawn from the global RNG: a different draw per DDP rank and batch split, and not restored by a checkpoint.
+    The null label's embedding row stays, so nothing in the state dict changes.
+    """
+    for module in predictor.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return predictor
 
 
 def summary(policy: TokenCachePolicy, directory: str | Path) -> str:
