@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .models import ModelBundle, make_scheduler
 from .policies import CachePolicy
-from .sampling import GuidedDenoiser, balanced_labels, noise_from_seeds, sample
+from .sampling import GuidedDenoiser, balanced_labels, noise_from_seeds, sample, sample_seeds
 
 SHARDS = "shards"
 
@@ -55,11 +55,6 @@ class SampleIndices(Dataset):
 
     def __getitem__(self, index: int) -> int:
         return index
-
-
-def sample_seeds(indices: torch.Tensor, seed: int) -> torch.Tensor:
-    """Noise seeds of samples `indices` of run `seed`: rows of `sampling.initial_noise`, without drawing the rest."""
-    return seed * 1_000_003 + indices
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -106,9 +106,14 @@ def noise_from_seeds(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tenso
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()])
 
 
+def sample_seeds(indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """Noise seeds of samples `indices` of run `seed` (any slice of a run draws the noise the whole run would)."""
+    return seed * 1_000_003 + indices
+
+
 def initial_noise(num: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """The noise of samples 0..num−1 of run `seed`."""
-    return noise_from_seeds(seed * 1_000_003 + torch.arange(num), shape)
+    return noise_from_seeds(sample_seeds(torch.arange(num), seed), shape)
 
 
 @torch.no_grad()

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import infer
-from l2c.distributed_eval import SHARDS, load_samples, sample_seeds
-from l2c.sampling import initial_noise, noise_from_seeds
+from l2c.distributed_eval import SHARDS, load_samples
+from l2c.sampling import initial_noise, noise_from_seeds, sample_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 10
