@@ -41,19 +41,24 @@ def device_count(text: str) -> int | str:
     return int(text)
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int, batch_help: str | None) -> None:
+    """What `sample` and `fid` both take: the model, the policy and how to sample."""
+    parser.add_argument("--model", default="embedded:digits", help="embedded:digits, a diffusers directory or a hub id")
+    parser.add_argument("--policy", default="full", help="full | static:interval=2 | a policy directory | a hub id")
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument("--num-samples", type=positive_int, default=num_samples)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=float, default=1.5)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help=batch_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("sample", help="sample with a policy beside the uncached model and write a report")
-    run.add_argument("--model", default="embedded:digits", help="embedded:digits, a diffusers directory or a hub id")
-    run.add_argument("--policy", default="full", help="full | static:interval=2 | a policy directory | a hub id")
-    run.add_argument("--steps", type=positive_int, default=20)
-    run.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
-    run.add_argument("--num-samples", type=positive_int, default=64)
-    run.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(run, num_samples=64, batch_help=None)
     run.add_argument("--out", type=Path, required=True, help="directory for report.json and the PNGs")
-    run.add_argument("--guidance-scale", type=float, default=1.5)
-    run.add_argument("--batch-size", type=positive_int, default=64)
     run.add_argument("--flops-samples", type=int, default=0, help="count FLOPs over the first N samples (0: all)")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -65,14 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--model", default=None, help="a DiT to fit the policy to (default: DiT-XL/2 at 256×256)")
     imp.add_argument("--timestep-spacing", default="linspace", help="DDIM spacing the timesteps table uses")
     fid = commands.add_parser("fid", help="sample N images with a policy on every rank/GPU, gather, score on rank 0")
-    fid.add_argument("--model", default="embedded:digits", help="embedded:digits, a diffusers directory or a hub id")
-    fid.add_argument("--policy", default="full", help="full | static:interval=2 | a policy directory | a hub id")
-    fid.add_argument("--steps", type=positive_int, default=20)
-    fid.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
-    fid.add_argument("--num-samples", type=positive_int, default=50_000)
-    fid.add_argument("--seed", type=int, default=0)
-    fid.add_argument("--guidance-scale", type=float, default=1.5)
-    fid.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
+    add_sampling_arguments(fid, num_samples=50_000, batch_help="per rank")
     fid.add_argument("--reference", type=Path, default=None, help="folder of real images for FID (any model)")
     fid.add_argument("--out", type=Path, required=True, help="directory for report.json and the sample shards")
     fid.add_argument("--accelerator", default="auto", help="cpu | gpu | auto (Lightning's names)")
