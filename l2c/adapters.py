@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
@@ -59,10 +60,10 @@ def resolve_denoiser(target: nn.Module | object) -> nn.Module:
 
 
 def _family(model: nn.Module) -> str:
-    name = type(model).__name__
-    if name == "DiTTransformer2DModel":
+    """By class, subclasses included: FSDP2 (`fully_shard`) turns a DiT into an `FSDPDiTTransformer2DModel`."""
+    if isinstance(model, DiTTransformer2DModel):
         return "dit"
-    if name == "PixArtTransformer2DModel":
+    if isinstance(model, PixArtTransformer2DModel):
         return "pixart"
     return "generic"
 
@@ -131,3 +132,11 @@ def token_partial_supported(branch: Branch) -> bool:
 
 def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def read_outside_their_block(model: nn.Module) -> list[nn.Module]:
+    """Parts of a block that the model also calls outside that block's forward: they need an FSDP unit of their own
+    (a block's unit is all-gathered only while the block runs). DiT's output head reads block 0's adaLN embedding."""
+    if not isinstance(model, DiTTransformer2DModel):
+        return []
+    return [find_blocks(model)[0].norm1.emb]

@@ -3,6 +3,11 @@
 The teacher is kept outside the module tree on purpose: it is never in `parameters()`, so it
 never reaches the optimizer, DDP's gradient buckets or a Lightning checkpoint, and it stays in
 eval mode with `requires_grad_(False)` whatever Lightning does to the trainable module.
+
+`shard_teacher=True` (under Lightning's DDP with more than one process) shards that frozen teacher with FSDP2
+over every rank, for teachers too large for one GPU: DDP still replicates and all-reduces only the predictor.
+A sharded teacher's every call is a collective (each FSDP unit is all-gathered), so every rank must call it
+the same number of times in the same order: `teacher_needed_elsewhere` is how a rank learns it must join.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from l2c.adapters import find_blocks, read_outside_their_block
 from l2c.models import ModelBundle, load_model, make_scheduler
 from l2c.runtime import CacheRuntime
 from l2c.sampling import Condition, GuidedDenoiser, noise_from_seeds
@@ -27,6 +34,7 @@ class Trajectory:
     inputs: torch.Tensor  # [steps, B, C, H, W]: x_s after `scale_model_input`
     outputs: torch.Tensor  # [steps, G, B, C', H, W]: raw output; G = 2 (cond, null) under guidance, else 1
     labels: Condition  # class labels [B] or a `TextCondition` of B prompts
+    final: torch.Tensor | None = None  # [B, C, H, W]: the sample x_0, when the stretch ran to the end
 
     def model_output(self, step: int) -> torch.Tensor:
         """The output at `step` in the transformer's batch order (cond rows, then null rows)."""
@@ -41,7 +49,7 @@ class TrajectoryCache:
     """
 
     def __init__(self) -> None:
-        self.items: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.items: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -49,18 +57,23 @@ class TrajectoryCache:
     def get(self, module: FrozenTeacherModule, labels: torch.Tensor, seeds: torch.Tensor) -> Trajectory:
         keys = list(zip(labels.tolist(), seeds.tolist()))
         missing = [i for i, key in enumerate(keys) if key not in self.items]
+        if module.teacher_needed_elsewhere(bool(missing)):
+            missing = list(range(len(keys)))  # recomputes this batch (the same values) to join the collectives
         if missing:
             index = torch.tensor(missing)
             fresh = module.teacher_trajectory(module.noise_for(seeds[index]), labels[index].to(module.device))
             for j, i in enumerate(missing):
-                self.items[keys[i]] = (fresh.inputs[:, j].cpu(), fresh.outputs[:, :, j].cpu())
+                self.items[keys[i]] = (fresh.inputs[:, j].cpu(), fresh.outputs[:, :, j].cpu(), fresh.final[j].cpu())
         inputs = torch.stack([self.items[key][0] for key in keys], dim=1).to(module.device)
         outputs = torch.stack([self.items[key][1] for key in keys], dim=2).to(module.device)
-        return Trajectory(0, inputs, outputs, labels.to(module.device))
+        final = torch.stack([self.items[key][2] for key in keys]).to(module.device)
+        return Trajectory(0, inputs, outputs, labels.to(module.device), final)
 
 
 class FrozenTeacherModule(L.LightningModule):
-    def __init__(self, teacher: str, steps: int, scheduler: str, guidance_scale: float) -> None:
+    def __init__(
+        self, teacher: str, steps: int, scheduler: str, guidance_scale: float, shard_teacher: bool = False
+    ) -> None:
         super().__init__()
         bundle = load_model(teacher)
         object.__setattr__(self, "_bundle", bundle)  # not a submodule: see the module docstring
@@ -69,6 +82,7 @@ class FrozenTeacherModule(L.LightningModule):
         self.sampler.set_timesteps(steps)
         self.guidance = GuidedDenoiser(self.teacher, guidance_scale)
         self.runtime: CacheRuntime | None = None  # a subclass's cache runtime on the teacher, while fitting
+        self.shard_teacher = shard_teacher
 
     @property
     def bundle(self) -> ModelBundle:
@@ -82,11 +96,35 @@ class FrozenTeacherModule(L.LightningModule):
     def timesteps(self) -> torch.Tensor:
         return self.sampler.timesteps
 
+    @property
+    def teacher_sharded(self) -> bool:
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.teacher, FSDPModule)
+
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
+        if not self.shard_teacher or self.teacher_sharded:
+            return
+        if self.trainer.world_size == 1:
+            rank_zero_info("shard_teacher: one process, nothing to shard over; the teacher stays whole")
+            return
+        shard_frozen(self.teacher, self.trainer.strategy.root_device)
+
+    def teacher_needed_elsewhere(self, needed_here: bool) -> bool:
+        """Whether this rank must call the teacher only because another rank does (one boolean all-reduce).
+
+        Always False for an unsharded teacher, whose calls are local. A sharded teacher's calls are collectives:
+        a rank that skipped one would leave the others waiting in its all-gather.
+        """
+        if not self.teacher_sharded:
+            return False
+        needed_anywhere = self.trainer.strategy.reduce_boolean_decision(needed_here, all=False)  # on every rank
+        return needed_anywhere and not needed_here
 
     def on_fit_start(self) -> None:
-        self.teacher.to(self.device)
+        if not self.teacher_sharded:  # a sharded teacher was placed on the device when sharded, in `setup`
+            self.teacher.to(self.device)
         if self.bundle.vae is not None:
             self.bundle.vae.to(self.device)
 
@@ -102,7 +140,8 @@ class FrozenTeacherModule(L.LightningModule):
     def teacher_trajectory(
         self, x: torch.Tensor, labels: torch.Tensor, start: int = 0, until: int | None = None
     ) -> Trajectory:
-        """Sample with the uncached teacher from state `x` at step `start` up to step `until` inclusive."""
+        """Sample with the uncached teacher from state `x` at step `start` up to step `until` inclusive
+        (to the end, keeping the sample x_0 as `final`, when `until` is None)."""
         scheduler = make_scheduler_like(self.sampler)
         last = len(scheduler.timesteps) - 1 if until is None else until
         inputs, outputs = [], []
@@ -114,9 +153,10 @@ class FrozenTeacherModule(L.LightningModule):
                 halves = out.unflatten(0, (len(out) // len(x), len(x)))
                 inputs.append(scaled)
                 outputs.append(halves)
-                if i < last:
+                if i < last or until is None:
                     x = scheduler.step(self.guidance.guide(halves, x.shape[1]), t, x).prev_sample
-        return Trajectory(start, torch.stack(inputs), torch.stack(outputs), labels)
+        final = x if until is None else None
+        return Trajectory(start, torch.stack(inputs), torch.stack(outputs), labels, final)
 
     def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         """Stop at the first NaN/Inf loss, naming the step and the terms: one bad step poisons every later checkpoint.
@@ -148,16 +188,37 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def check_strategy(strategy: object) -> None:
-    """Refuse FSDP: the teacher is outside the module tree on purpose, so FSDP would shard only the predictor."""
+    """Refuse Lightning's FSDP strategy: the teacher is outside the module tree on purpose, so that strategy would
+    shard only the predictor. Sharding the teacher is `shard_teacher=True` under DDP."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     if isinstance(strategy, FSDPStrategy):
         raise ValueError(
-            "trainer.strategy: FSDP is not supported by the frozen-teacher trainers: the teacher is kept outside the "
-            "LightningModule (never in the optimizer, DDP or checkpoints), so FSDP would shard only the few KB of "
-            "predictor and still load the whole teacher on every GPU. Use strategy 'ddp' (every GPU holds the frozen "
-            "teacher for inference; DiT-XL/2 in fp32 takes 2.7 GB); see docs/cluster.md."
+            "trainer.strategy: FSDP (Lightning's strategy) is not supported by the frozen-teacher trainers: the "
+            "teacher is kept outside the LightningModule (never in the optimizer, DDP or checkpoints), so it would "
+            "shard only the few KB of predictor and still load the whole teacher on every GPU. Use strategy 'ddp' "
+            "and, for a teacher too large for one GPU, --model.shard_teacher true (the frozen teacher sharded with "
+            "FSDP2 over the ranks, the predictor replicated by DDP); see docs/cluster.md."
         )
+
+
+def shard_frozen(model: nn.Module, device: torch.device) -> nn.Module:
+    """Shard a frozen transformer over every process with FSDP2: one unit per transformer block, one for the rest.
+
+    Each rank keeps 1/world of every parameter; a call all-gathers one unit at a time and frees it after its
+    forward (`reshard_after_forward`, also for the root), so a rank holds its shard plus a block or two. The model
+    may still be on the CPU: each unit is moved to `device` as it is sharded, so no device ever holds it whole. The
+    weights must already be equal on every rank (FSDP2 shards what each rank holds, it does not broadcast).
+    Module names stay and FSDP2's classes subclass the originals, so the cache runtime's hooks find every branch.
+    """
+    from torch.distributed import get_world_size
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (get_world_size(),))
+    for unit in [*read_outside_their_block(model), *find_blocks(model), model]:  # inner units first
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    return model
 
 
 def make_scheduler_like(scheduler):

@@ -43,6 +43,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
         export_budget: float | None = None,
         seed: int = 0,
         soft_refresh: bool = True,
+        shard_teacher: bool = False,
     ) -> None:
         for name, value, low in (("steps", steps, 2), ("refresh_interval", refresh_interval, 2)):
             if value < low:
@@ -51,7 +52,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
             raise ValueError(f"l2c trainer: field 'export_budget' must be in [0, 1], got {export_budget}")
         if export_budget is not None:
             check_budget(export_budget, steps, refresh_interval)
-        super().__init__(teacher, steps, scheduler, guidance_scale)
+        super().__init__(teacher, steps, scheduler, guidance_scale, shard_teacher=shard_teacher)
         self.save_hyperparameters()
         self.spec = model_spec(self.teacher)
         self.router = LayerRouter(steps, self.spec.num_blocks, len(self.spec.branches), init_logit)

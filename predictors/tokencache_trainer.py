@@ -54,6 +54,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
         export_tprr_signal: str = "error",
         calibration_samples: int = 32,
         seed: int = 0,
+        shard_teacher: bool = False,
     ) -> None:
         if steps < 2 or max_gap < 1:
             raise ValueError(f"tokencache trainer: need steps ≥ 2 and max_gap ≥ 1, got {steps} and {max_gap}")
@@ -68,7 +69,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
             )
         if not 0.0 <= target_ratio <= 1.0:
             raise ValueError(f"tokencache trainer: field 'target_ratio' must be in [0, 1], got {target_ratio}")
-        super().__init__(teacher, steps, scheduler, guidance_scale)
+        super().__init__(teacher, steps, scheduler, guidance_scale, shard_teacher=shard_teacher)
         self.save_hyperparameters()
         self.spec = model_spec(self.teacher)
         self.predictor = without_label_dropout(
@@ -90,8 +91,13 @@ class TokenCacheTrainer(FrozenTeacherModule):
         self._hook.remove()
         self.runtime.remove()
         self.runtime, self._hook = None, None
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            print(summary(self.export(self.hparams.export_dir), self.hparams.export_dir))
+        directory = self.hparams.export_dir
+        # Calibration calls the teacher: when it is sharded, every rank calibrates (its calls are collectives).
+        if directory and (self.trainer.is_global_zero or self.teacher_sharded):
+            policy = self.calibrated_policy()
+            if self.trainer.is_global_zero:
+                policy.save_pretrained(directory)
+                print(summary(policy, directory))
 
     def _gate(self, args: tuple, kwargs: dict) -> None:
         if not self._gating:
@@ -165,7 +171,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
         was_training = self.predictor.training
         self.predictor.eval()
         try:
-            for step in tqdm(range(steps), desc="calibrating tokencache", unit="step"):
+            for step in tqdm(range(steps), desc="calibrating tokencache", unit="step", disable=self.global_rank > 0):
                 self._call(trajectory, step)
                 if step > 0:
                     scores = seen["scores"].double().cpu()
@@ -184,6 +190,12 @@ class TokenCacheTrainer(FrozenTeacherModule):
 
     def export(self, directory: str | Path, steps_trained: int | None = None) -> TokenCachePolicy:
         """Calibrate and save the policy; `steps_trained` for a module restored from a checkpoint (no trainer)."""
+        policy = self.calibrated_policy(steps_trained)
+        policy.save_pretrained(directory)
+        return policy
+
+    def calibrated_policy(self, steps_trained: int | None = None) -> TokenCachePolicy:
+        """The policy of the current predictor, calibrated on teacher trajectories and bound to the teacher."""
         hp = self.hparams
         policy = TokenCachePolicy(
             token_budget=hp.export_token_budget,
@@ -208,7 +220,6 @@ class TokenCacheTrainer(FrozenTeacherModule):
             "calibration_samples": hp.calibration_samples,
             "calibration_seed": CALIBRATION_SEED,
         }
-        policy.save_pretrained(directory)
         return policy
 
 

@@ -12,6 +12,15 @@ Checked per case: (a) the ranks hold identical predictor parameters after every 
 global batches) within the case's tolerance; (c) DDP wraps nothing but the predictor: the parameters it sees — hence
 the only ones it broadcasts and all-reduces — are the predictor's, and the teacher is not a submodule of the wrapped
 model.
+
+A third run per case, `sharded`, is the 2-process DDP run with `shard_teacher=True`: the frozen teacher sharded by
+FSDP2 (a unit per block, one for block 0's adaLN embedding, one for the root), the predictor still replicated by
+DDP. Checked besides (a)–(c): each rank holds its half of the teacher's parameter elements; the cache runtime hooked
+the same branches and executed the same actions as unsharded; every rank called the teacher as often as the
+1-process run did, although rank 0 starts with every trajectory of the epoch cached (so it must join rank 1's
+trajectory computation: the teacher's calls are collectives); the run matches the unsharded DDP run exactly; its
+checkpoint holds the predictor only; its export (after the TokenCache calibration, which calls the teacher on every
+rank) fits the unsharded teacher.
 """
 
 from __future__ import annotations
@@ -23,13 +32,18 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
+import l2c
+from l2c.runtime import BRANCH_HOOK
 from predictors.frozen_teacher import FrozenTeacherModule
 from predictors.l2c_trainer import LayerRouterTrainer
 from predictors.token_importance import on_first_block
@@ -89,6 +103,17 @@ def flat(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
+def local_numel(module: nn.Module) -> int:
+    """Parameter elements this process holds: a sharded (DTensor) parameter counts its local shard only."""
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in module.parameters())
+
+
+def hooked_branches(model: nn.Module) -> list[str]:
+    """Names of the modules carrying the cache runtime's branch hook."""
+    registries = ((name, getattr(m, "_diffusers_hook", None)) for name, m in model.named_modules())
+    return [name for name, registry in registries if registry is not None and registry.get_hook(BRANCH_HOOK)]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The worker (runs in subprocesses; Lightning re-runs this file for rank 1)
 # ------------------------------------------------------------------------------------------------------------------
@@ -99,6 +124,7 @@ class Recorder(L.Callback):
 
     def __init__(self, out: Path, predictor: str) -> None:
         self.out, self.predictor, self.states, self.info = out, predictor, [], {}
+        self.teacher_calls = 0  # every call of the teacher's forward from the start of fit, export included
 
     def on_train_start(self, trainer, pl_module) -> None:
         wrapped, predictor = trainer.strategy.model, getattr(pl_module, self.predictor)
@@ -118,6 +144,12 @@ class Recorder(L.Callback):
             "teacher_numel": sum(p.numel() for p in pl_module.teacher.parameters()),
             "teacher_is_submodule": any(m is pl_module.teacher for m in wrapped.modules()),
             "teacher_requires_grad": any(p.requires_grad for p in pl_module.teacher.parameters()),
+            "teacher_sharded": pl_module.teacher_sharded,
+            "teacher_local_numel": local_numel(pl_module.teacher),
+            "teacher_tensors": len(list(pl_module.teacher.parameters())),
+            "teacher_dtensors": sum(isinstance(p, DTensor) for p in pl_module.teacher.parameters()),
+            "fsdp_units": sum(isinstance(m, FSDPModule) for m in pl_module.teacher.modules()),
+            "hooked_branches": hooked_branches(pl_module.teacher),
         }
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
             # What DDP actually broadcasts at start and all-reduces after backward.
@@ -131,7 +163,13 @@ class Recorder(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.info["teacher_grads_none"] = all(p.grad is None for p in pl_module.teacher.parameters())
         self.info["global_step"] = trainer.global_step
-        rank = trainer.global_rank
+        self.info["executed"] = {action.name: count for action, count in pl_module.runtime.executed.items()}
+        self.info["checkpoint_keys"] = sorted(pl_module.state_dict())
+        trainer.save_checkpoint(self.out / "final.ckpt")  # every rank calls it, rank 0 writes
+
+    def write(self, rank: int) -> None:
+        """After `fit` (the export in `on_fit_end` included)."""
+        self.info["teacher_calls"] = self.teacher_calls
         torch.save(torch.stack(self.states), self.out / f"rank{rank}.pt")
         (self.out / f"rank{rank}.json").write_text(json.dumps(self.info, indent=1))
 
@@ -147,14 +185,28 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--shard-teacher", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     case = CASES[args.case]
-    module = case.trainer(teacher=args.teacher, **case.kwargs)
+    module = case.trainer(
+        teacher=args.teacher, export_dir=str(args.out / "policy"), shard_teacher=args.shard_teacher, **case.kwargs
+    )
     data = ClassConditionDataModule(
         num_classes=10, samples_per_epoch=SAMPLES_PER_EPOCH, batch_size=args.batch_size, shuffle=False
     )
-    strategy = DDPStrategy(process_group_backend="gloo") if args.devices > 1 else "auto"
+    if args.shard_teacher and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        # Rank 0 starts with every trajectory of the epoch cached (by the still unsharded teacher): in epoch 1 only
+        # rank 1 misses any, and rank 0 must join its teacher calls. Were it not to, rank 1 would wait in an
+        # all-gather (the timeout below ends that) or pair with rank 0's next call (the call counts catch that).
+        data.setup("fit")
+        conditions = [data.train_set[i] for i in range(len(data.train_set))]
+        labels, seeds = (torch.stack(column) for column in zip(*conditions))
+        module.trajectories.get(module, labels, seeds)
+    recorder = Recorder(args.out, case.predictor)
+    module.teacher.register_forward_pre_hook(lambda *_: setattr(recorder, "teacher_calls", recorder.teacher_calls + 1))
+    timeout = timedelta(seconds=120)  # a rank left alone in a collective fails the test in minutes, not half an hour
+    strategy = DDPStrategy(process_group_backend="gloo", timeout=timeout) if args.devices > 1 else "auto"
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -165,10 +217,11 @@ def worker(argv: list[str]) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=args.out,
-        callbacks=[Recorder(args.out, case.predictor)],
+        callbacks=[recorder],
     )
     L.seed_everything(0, verbose=False)
     trainer.fit(module, data)
+    recorder.write(trainer.global_rank)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -176,7 +229,7 @@ def worker(argv: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def launch(case: str, teacher: Path, out: Path, devices: int, batch_size: int) -> subprocess.Popen:
+def launch(case: str, teacher: Path, out: Path, devices: int, batch_size: int, shard: bool = False) -> subprocess.Popen:
     """Start a worker; its output goes to `out/log.txt` (no pipe to fill while another run is awaited)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -184,6 +237,7 @@ def launch(case: str, teacher: Path, out: Path, devices: int, batch_size: int) -
     env.pop("LOCAL_RANK", None), env.pop("MASTER_PORT", None)  # a fresh launch, whatever pytest runs under
     command = [sys.executable, str(Path(__file__).resolve()), "worker", "--case", case, "--teacher", str(teacher),
                "--out", str(out), "--devices", str(devices), "--batch-size", str(batch_size)]  # fmt: skip
+    command += ["--shard-teacher"] if shard else []
     with open(out / "log.txt", "w") as log:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -219,12 +273,21 @@ def runs(request, teacher, tmp_path_factory):
     processes = {  # side by side: most of a run is importing torch, diffusers and Lightning
         "ddp": launch(request.param, teacher, root / "ddp", devices=2, batch_size=PER_RANK_BATCH),
         "single": launch(request.param, teacher, root / "single", devices=1, batch_size=2 * PER_RANK_BATCH),
+        "sharded": launch(request.param, teacher, root / "sharded", devices=2, batch_size=PER_RANK_BATCH, shard=True),
     }
     for name, process in processes.items():
         finish(process, root / name)
     seconds = time.perf_counter() - start
     ranks = [load_rank(root / "ddp", r) for r in range(2)]
-    return {"case": CASES[request.param], "ranks": ranks, "single": load_rank(root / "single", 0), "seconds": seconds}
+    sharded = [load_rank(root / "sharded", r) for r in range(2)]
+    return {
+        "case": CASES[request.param],
+        "ranks": ranks,
+        "sharded": sharded,
+        "single": load_rank(root / "single", 0),
+        "root": root,
+        "seconds": seconds,
+    }
 
 
 def test_ddp_ran_two_gloo_processes_on_different_data(runs):
@@ -240,8 +303,9 @@ def test_ddp_ran_two_gloo_processes_on_different_data(runs):
         assert sorted(info0["labels"][step] + info1["labels"][step]) == sorted(single[step]), "same global batch"
 
 
-def test_ranks_hold_identical_predictors_after_every_step(runs):
-    (states0, info), (states1, _) = runs["ranks"]
+@pytest.mark.parametrize("run", ["ranks", "sharded"])
+def test_ranks_hold_identical_predictors_after_every_step(runs, run):
+    (states0, info), (states1, _) = runs[run]
     assert states0.shape == (MAX_STEPS + 1, info["predictor_numel"])
     assert torch.equal(states0, states1)
     assert not torch.equal(states0[-1], states0[0]), "the predictor trained"
@@ -260,14 +324,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     tolerance, mask = case.tolerance, compared(info, case.gradient_free)
     states, single = states[:, mask], single[:, mask]
     difference = (states - single).abs().max().item()
-    print(f"max |params(2 procs × B) − params(1 proc × 2B)| = {difference:.3g}; both runs: {runs['seconds']:.1f} s")
+    print(f"max |params(2 procs × B) − params(1 proc × 2B)| = {difference:.3g}; all runs: {runs['seconds']:.1f} s")
     assert difference <= tolerance
     moved = (single[-1] - single[0]).abs().max().item()
     assert moved > 1000 * tolerance, "the comparison is not vacuous"
 
 
-def test_ddp_reduces_the_predictor_only(runs):
-    for _, info in runs["ranks"]:
+@pytest.mark.parametrize("run", ["ranks", "sharded"])
+def test_ddp_reduces_the_predictor_only(runs, run):
+    for _, info in runs[run]:
         assert info["trainable"] == info["predictor_parameters"]
         wrapped = info["wrapped_trainable"]
         assert len(wrapped) == len(info["trainable"])
@@ -277,6 +342,88 @@ def test_ddp_reduces_the_predictor_only(runs):
         assert info["ddp_reduces_the_predictor"]
         assert not info["teacher_is_submodule"] and not info["teacher_requires_grad"]
         assert info["teacher_grads_none"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The sharded teacher (`shard_teacher=True`)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_sharded_teacher_is_split_between_the_ranks(runs):
+    (_, info0), (_, info1) = runs["sharded"]
+    single = runs["single"][1]
+    total = single["teacher_numel"]
+    assert info0["teacher_sharded"] and info1["teacher_sharded"] and not single["teacher_sharded"]
+    # A unit per block, the root, and block 0's adaLN embedding (DiT's output head calls it outside the block).
+    assert info0["fsdp_units"] == info1["fsdp_units"] == TEACHER["num_layers"] + 2
+    assert info0["teacher_dtensors"] == info1["teacher_dtensors"] == single["teacher_tensors"]
+    assert info0["teacher_numel"] == info1["teacher_numel"] == total == single["teacher_local_numel"]
+    local = [info0["teacher_local_numel"], info1["teacher_local_numel"]]
+    print(f"teacher parameter elements held per rank: {local} of {total}")
+    assert sum(local) == total
+    # FSDP2 splits every parameter along dim 0, rank 0 taking the larger half of an odd row count.
+    assert all(abs(n - total / 2) <= 0.02 * total for n in local)
+
+
+def test_sharded_teacher_keeps_every_branch_hooked_and_every_call_in_step(runs):
+    """Same hooked branches and executed actions as unsharded; every rank calls the teacher as often as one process
+    (rank 0, its trajectories cached beforehand, joined rank 1's; both calibrated the TokenCache export)."""
+    single = runs["single"][1]
+    expected = [f"transformer_blocks.{i}.{name}" for i in range(TEACHER["num_layers"]) for name in ("attn1", "ff")]
+    assert single["hooked_branches"] == expected
+    for _, info in runs["sharded"]:
+        assert info["hooked_branches"] == expected
+        assert info["executed"] == single["executed"] and sum(single["executed"].values()) > 0
+        assert info["teacher_calls"] == single["teacher_calls"]
+
+
+def test_sharded_teacher_trains_as_the_unsharded_runs(runs):
+    (sharded, info), (ddp, _), (single, _) = runs["sharded"][0], runs["ranks"][0], runs["single"]
+    case = runs["case"]
+    difference = (sharded - ddp).abs().max().item()
+    mask = compared(info, case.gradient_free)
+    to_single = (sharded[:, mask] - single[:, mask]).abs().max().item()
+    print(f"sharded vs unsharded DDP: max |Δ| = {difference:.3g}; vs 1 process × 2B: {to_single:.3g}")
+    assert difference == 0.0, "all-gathered weights are the weights: the same float operations as unsharded DDP"
+    assert to_single <= case.tolerance
+
+
+def test_sharded_checkpoint_holds_the_predictor_only(runs):
+    (_, info), case = runs["sharded"][0], runs["case"]
+    checkpoint = torch.load(runs["root"] / "sharded" / "final.ckpt", map_location="cpu", weights_only=False)
+    keys = sorted(checkpoint["state_dict"])
+    assert keys == info["checkpoint_keys"] and all(key.startswith(f"{case.predictor}.") for key in keys)
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict | list | tuple):
+            for item in value.values() if isinstance(value, dict) else value:
+                yield from tensors(item)
+
+    assert not any(isinstance(t, DTensor) for t in tensors(checkpoint)), "no teacher shard anywhere"
+
+
+def test_sharded_export_fits_the_unsharded_teacher(runs, teacher):
+    from diffusers import DiTTransformer2DModel
+
+    exported, reference = runs["root"] / "sharded" / "policy", runs["root"] / "single" / "policy"
+    config, expected = (json.loads((d / "config.json").read_text()) for d in (exported, reference))
+    assert config["model"] == expected["model"] and config["model"]["family"] == "dit"
+    l2c.load_policy(exported).apply(DiTTransformer2DModel.from_pretrained(teacher / "transformer")).remove()
+
+
+def test_shard_teacher_with_one_process_leaves_the_teacher_whole(teacher, tmp_path):
+    from data.conditions import ClassConditionDataModule
+
+    module = LayerRouterTrainer(teacher=str(teacher), shard_teacher=True, **CASES["l2c"].kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, ClassConditionDataModule(num_classes=10, samples_per_epoch=2, batch_size=2))
+    assert trainer.global_step == 1 and not module.teacher_sharded
+    assert local_numel(module.teacher) == sum(p.numel() for p in module.teacher.parameters())
 
 
 def test_tokencache_predictor_draws_nothing_from_the_global_rng_while_training(teacher):

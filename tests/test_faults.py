@@ -252,11 +252,11 @@ def test_an_inf_term_is_named_too(teacher_dir):
         module.check_finite({"train/mse": torch.tensor(0.5), "train/l1": torch.tensor(float("inf"))})
 
 
-def test_fsdp_is_refused_with_the_reason():
+def test_lightning_fsdp_is_refused_with_the_reason_and_the_way_to_shard_the_teacher():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     check_strategy(DDPStrategy())
-    with pytest.raises(ValueError, match=r"trainer.strategy: FSDP .*teacher .*'ddp'"):
+    with pytest.raises(ValueError, match=r"trainer.strategy: FSDP .*teacher .*'ddp' .*--model.shard_teacher true"):
         check_strategy(FSDPStrategy())
 
 
