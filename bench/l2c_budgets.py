@@ -3,11 +3,13 @@
     python bench/l2c_budgets.py --router 0.75=out/l2c-r2 --router 0.5=out/l2c-r3 --router 0.33=out/l2c-r4 \
         --num-samples 256 --json out/bench/l2c_budgets.json
 
-For each budget (fraction of branch slots computed) the learned router is exported by budget and
+For each budget (fraction of branch work computed) the learned router is exported by budget and
 compared with schedules that compute the same fraction: static every-N (with leading full steps
-where needed), and layer routers with hand-made scores over the same refresh pattern: compute the
-bottom blocks first ("cache the top"), the top blocks first ("cache the bottom"), and random.
-Every row uses the same noise and labels; speedup is measured beside the uncached run.
+where needed), whole steps spread evenly over the run (the rollout trainer's starting plan), and
+layer routers with hand-made scores over the refresh pattern N = ⌊1/budget⌋ + 1 (full steps every
+N, the budget's remaining work in between): compute the bottom blocks first ("cache the top"), the
+top blocks first ("cache the bottom"), and random. Every row uses the same noise and labels;
+speedup is measured beside the uncached run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from l2c.metrics import DigitsQuality  # noqa: E402
 from l2c.models import load_model  # noqa: E402
 from l2c.policies import CachePolicy, LayerRouterPolicy, StaticPolicy  # noqa: E402
 from l2c.policy_io import load_policy  # noqa: E402
+from predictors.l2c_trainer import even_steps  # noqa: E402
 
 COLUMNS = ("budget", "method", "flops_ratio", "speedup_wall", "psnr_db", "ssim", "digit_accuracy", "fd_digits")
 
@@ -43,25 +46,30 @@ def static_at(budget: float, steps: int) -> StaticPolicy:
     return best[1]
 
 
-def hand_made(learned: LayerRouterPolicy, kind: str, seed: int = 0) -> LayerRouterPolicy:
-    """A layer router over the same refresh pattern and budget, with scores set by a rule, not training."""
+def hand_made(learned: LayerRouterPolicy, kind: str, refresh: int, seed: int = 0) -> LayerRouterPolicy:
+    """A layer router over refresh pattern `refresh` and the same budget, with scores set by a rule, not training."""
     steps, blocks, branches = learned.logits.shape
     depth = torch.arange(blocks, dtype=torch.float32).view(1, blocks, 1).expand(steps, blocks, branches)
     if kind == "compute-bottom":  # reuse the top blocks
         logits = -depth
     elif kind == "compute-top":  # reuse the bottom blocks
         logits = depth.clone()
+    elif kind == "even-steps":  # whole steps spread evenly: every slot of a chosen step outranks every other slot
+        logits = even_steps(steps, learned.budget).float().view(-1, 1, 1).expand(steps, blocks, branches)
     else:
         logits = torch.randn((steps, blocks, branches), generator=torch.Generator().manual_seed(seed))
-    return dataclasses.replace(learned, logits=logits.contiguous())
+    return dataclasses.replace(learned, refresh_interval=refresh, logits=logits.contiguous())
 
 
 def rows_for(budget: float, router: LayerRouterPolicy, steps: int) -> list[tuple[str, CachePolicy]]:
     learned = dataclasses.replace(router, threshold=None, budget=budget)
-    label = f"l2c (learned, refresh {router.refresh_interval})"
+    objective = router.provenance.get("objective", "segment")
+    label = f"l2c (learned, {objective}, refresh {router.refresh_interval})"
     rows = [(label, learned), (f"static {static_at(budget, steps).describe()}", static_at(budget, steps))]
+    rows.append(("even-steps", hand_made(learned, "even-steps", steps)))
+    refresh = int(1 / budget) + 1
     for kind in ("compute-bottom", "compute-top", "random"):
-        rows.append((f"{kind} (refresh {router.refresh_interval})", hand_made(learned, kind)))
+        rows.append((f"{kind} (refresh {refresh})", hand_made(learned, kind, refresh)))
     return rows
 
 

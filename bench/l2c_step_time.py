@@ -5,6 +5,8 @@
 The trajectory cache is warmed first (its one-off cost is reported separately), then a training
 step (cached full step + student step(s) + backward into the router + AdamW) and a plain no-grad
 teacher forward are timed alternately; medians are compared. Target: ≤ 3.5× for alternation.
+`--rollout-budget B` adds a row for the rollout objective (a whole sampling run with hard gates at
+budget B and its backward per training step), with the ratio also per sampling step.
 """
 
 from __future__ import annotations
@@ -20,21 +22,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from l2c.policies import FullPolicy  # noqa: E402
 from predictors.l2c_trainer import LayerRouterTrainer  # noqa: E402
 
 
-def measure(teacher: str, interval: int, batch_size: int, repeats: int) -> dict:
-    """Median training-step and teacher-forward times for one refresh interval."""
-    module = LayerRouterTrainer(teacher=teacher, refresh_interval=interval)
+def measure(teacher: str, interval: int, batch_size: int, repeats: int, budget: float | None = None) -> dict:
+    """Median training-step and teacher-forward times for one refresh interval (or the rollout at `budget`)."""
+    if budget is None:
+        module = LayerRouterTrainer(teacher=teacher, refresh_interval=interval)
+    else:
+        module = LayerRouterTrainer(
+            teacher=teacher, refresh_interval=interval, objective="rollout", export_budget=budget, init="even"
+        )
     module.log_dict = lambda *a, **k: None  # no Trainer attached: logging is not what is timed
-    module.runtime = FullPolicy().apply(module.teacher, timesteps=module.timesteps)
+    module.on_fit_start()  # the trainer's cache runtime on the teacher
     labels = torch.arange(batch_size) % module.bundle.num_classes
     seeds = torch.arange(batch_size)
     start = time.perf_counter()
     module.trajectories.get(module, labels, seeds)
     warm = time.perf_counter() - start
-    optimizer = torch.optim.AdamW(module.router.parameters(), lr=1e-3)
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     x, model_labels = module.guidance.model_inputs(module.noise_for(seeds), labels)
     t = module.timesteps[0].expand(len(x))
 
@@ -55,14 +62,17 @@ def measure(teacher: str, interval: int, batch_size: int, repeats: int) -> dict:
             fn()
             times.append(time.perf_counter() - begin)
     step_s, forward_s = statistics.median(step_times[1:]), statistics.median(forward_times[1:])
-    module.runtime.remove()
+    module.on_fit_end()
+    sampling_steps = len(module.timesteps) if budget is not None else 1
     return {
+        "objective": module.hparams.objective,
         "refresh_interval": interval,
         "batch_size": batch_size,
         "model_batch": len(x),
         "step_ms": 1000 * step_s,
         "teacher_forward_ms": 1000 * forward_s,
         "ratio": step_s / forward_s,
+        "ratio_per_sampling_step": step_s / forward_s / sampling_steps,
         "trajectory_cache_s_per_sample": warm / batch_size,
     }
 
@@ -73,16 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--refresh-interval", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rollout-budget", type=float, default=None, help="add a rollout-objective row")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
 
     rows = [measure(args.teacher, i, args.batch_size, args.repeats) for i in args.refresh_interval]
-    print("| refresh | batch (model batch) | step ms | teacher forward ms | ratio | cache warm-up s/sample |")
-    print("|---|---|---|---|---|---|")
+    if args.rollout_budget is not None:
+        steps = len(LayerRouterTrainer(teacher=args.teacher).timesteps)
+        rows.append(measure(args.teacher, steps, args.batch_size, args.repeats, args.rollout_budget))
+    print(
+        "| objective | refresh | batch (model batch) | step ms | teacher forward ms | ratio | per sampling step |"
+        " cache warm-up s/sample |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['refresh_interval']} | {r['batch_size']} ({r['model_batch']}) | {r['step_ms']:.1f} | "
-            f"{r['teacher_forward_ms']:.1f} | {r['ratio']:.2f} | {r['trajectory_cache_s_per_sample']:.3f} |"
+            f"| {r['objective']} | {r['refresh_interval']} | {r['batch_size']} ({r['model_batch']}) | "
+            f"{r['step_ms']:.1f} | {r['teacher_forward_ms']:.1f} | {r['ratio']:.2f} | "
+            f"{r['ratio_per_sampling_step']:.2f} | {r['trajectory_cache_s_per_sample']:.3f} |"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -55,6 +55,8 @@ class ClassConditionDataModule(L.LightningDataModule):
         batch_size: int = 32,
         seed: int = 0,
         shuffle: bool = True,
+        val_samples: int = 0,
+        val_seed: int = 200_000,
     ):
         super().__init__()
         self.num_classes, self.samples_per_epoch, self.batch_size, self.seed = (
@@ -64,6 +66,7 @@ class ClassConditionDataModule(L.LightningDataModule):
             seed,
         )
         self.shuffle = shuffle
+        self.val_samples, self.val_seed = val_samples, val_seed
         self.resume: dict[str, int] = {}
 
     def state_dict(self) -> dict[str, int]:
@@ -75,6 +78,7 @@ class ClassConditionDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = ClassConditions(self.num_classes, self.samples_per_epoch, self.seed)
+        self.val_set = ClassConditions(self.num_classes, self.val_samples, self.val_seed) if self.val_samples else None
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
@@ -84,3 +88,12 @@ class ClassConditionDataModule(L.LightningDataModule):
         if self.resume:
             sampler.resume_epoch, sampler.resume_skip = self.resume["epoch"], self.resume["batches"] * self.batch_size
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Held-out conditions (`val_samples` from seed `val_seed`), the same every validation; none by default."""
+        if self.val_set is None:
+            return []
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = DistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler)

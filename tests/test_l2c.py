@@ -27,10 +27,10 @@ from l2c.import_l2c import DIT_XL_2_256, import_official_router
 from l2c.metrics import branch_flops
 from l2c.models import load_model, make_scheduler
 from l2c.policies import LayerRouterPolicy
-from l2c.policies.learned import full_step_mask, select_by_budget
+from l2c.policies.learned import full_step_mask, select_by_budget, soft_select_by_budget
 from l2c.runtime import BRANCH_HOOK, STEP_HOOK
 from l2c.sampling import GuidedDenoiser, noise_from_seeds, sample
-from predictors.l2c_trainer import LayerRouterTrainer
+from predictors.l2c_trainer import LayerRouterTrainer, even_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -608,7 +608,15 @@ def test_budget_export_computes_that_share_of_all_slots(teacher_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [(dict(steps=1), "steps"), (dict(refresh_interval=1), "refresh_interval"), (dict(export_budget=2.0), "budget")],
+    [
+        (dict(steps=1), "steps"),
+        (dict(refresh_interval=1), "refresh_interval"),
+        (dict(export_budget=2.0), "budget"),
+        (dict(objective="trajectory"), "objective"),
+        (dict(objective="rollout"), "export_budget"),
+        (dict(init="even"), "init"),
+        (dict(objective="rollout", export_budget=0.5, temperature=(0.1, 0.2)), "temperature"),
+    ],
 )
 def test_trainer_refuses_bad_fields(teacher_dir, kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -726,3 +734,151 @@ def test_a_smaller_last_batch_does_not_break_training(teacher_dir, tmp_path):
     # 6 images in batches of 4 and 2; over 12 epochs some batch starts at segment 2 right after one ended at step 1.
     quiet_trainer(tmp_path, max_steps=24, enable_checkpointing=False).fit(module, TinyImages(6, 4, drop_last=False))
     assert module.global_step == 24
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. The rollout objective: whole trajectories with the budget's hard gates (straight-through)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "steps, budget, expected",
+    [(20, 0.5, list(range(0, 20, 2))), (20, 0.35, [0, 2, 5, 8, 11, 14, 17]), (20, 0.75, None), (4, 0.5, [0, 2])],
+)
+def test_even_steps_spread_the_budget_from_step_zero(steps, budget, expected):
+    mask = even_steps(steps, budget)
+    chosen = torch.nonzero(mask).flatten().tolist()
+    assert len(chosen) == round(budget * steps) and chosen[0] == 0
+    if expected is not None:
+        assert chosen == expected
+    gaps = torch.diff(torch.tensor(chosen + [steps]))
+    assert int(gaps.max() - gaps.min()) <= 1, "evenly spread: gaps differ by at most one step"
+
+
+ROLLOUT_KWARGS = dict(steps=4, guidance_scale=2.0, refresh_interval=4, objective="rollout", export_budget=0.5, lr=0.05)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 0.05])
+def test_soft_gates_spend_exactly_the_budget(temperature):
+    logits = torch.randn(6, 3, 2, generator=torch.Generator().manual_seed(0))
+    full, costs = full_step_mask(6, 3), torch.tensor([1.0, 3.0])
+    gates = soft_select_by_budget(logits, full, 0.55, costs, temperature)
+    work = gates * (costs / costs.mean())
+    assert work.sum().item() == pytest.approx(0.55 * 6 * 3 * 2, rel=1e-5)
+    assert bool((gates[full] == 1).all()) and bool(((gates >= 0) & (gates <= 1)).all())
+
+
+def test_cold_soft_gates_are_the_budget_selection():
+    """With room for a whole number of slots, T → 0 gives `select_by_budget`'s choice."""
+    logits = torch.randn(6, 3, 2, generator=torch.Generator().manual_seed(1))
+    full, costs = full_step_mask(6, 3), torch.ones(2)
+    budget = (2 * 3 * 2 + 7) / (6 * 3 * 2)  # the full steps' 12 slots and the 7 best reuse slots
+    cold = soft_select_by_budget(logits, full, budget, costs, 1e-4)
+    hard = select_by_budget(logits, full, budget, costs)
+    assert torch.equal(cold > 0.5, hard) and int(hard.sum()) == 19
+    torch.testing.assert_close(cold, hard.float(), atol=1e-4, rtol=0)
+
+
+def test_soft_gates_pass_gradients_to_every_reuse_logit():
+    logits = torch.randn(6, 3, 2, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    weights = torch.randn(6, 3, 2, generator=torch.Generator().manual_seed(3))
+    (soft_select_by_budget(logits, full_step_mask(6, 3), 0.6, torch.ones(2), 0.5) * weights).sum().backward()
+    assert bool((logits.grad[full_step_mask(6, 3)] == 0).all()) and bool(
+        (logits.grad[~full_step_mask(6, 3)] != 0).all()
+    )
+
+
+def test_rollout_samples_as_the_exported_plan_and_trains_every_reuse_slot(teacher_dir, tmp_path):
+    """`rollout` with the hard gates samples exactly as the exported policy does at inference; the soft training
+    step reaches every logit of a reuse step."""
+    module = LayerRouterTrainer(teacher=str(teacher_dir), **ROLLOUT_KWARGS, init="even")
+    with torch.no_grad():
+        module.router.logits.add_(torch.randn(module.router.logits.shape, generator=torch.Generator().manual_seed(3)))
+    labels, seeds = torch.tensor([3, 7, 1]), torch.tensor([11, 12, 13])
+    loss = direct_step(module, (labels, seeds))
+    loss.backward()
+    grad = module.router.logits.grad
+    assert bool((grad[0] == 0).all()), "step 0 always computes: its logits take no gradient"
+    assert bool((grad[1:] != 0).all()), "soft gates: every later slot gets a gradient"
+
+    module.on_fit_start()
+    with torch.no_grad():
+        trained = module.rollout(labels, seeds, module.hard_gates().float())
+    module.on_fit_end()
+    policy = module.export(tmp_path / "policy")
+    assert policy.budget == 0.5 and policy.refresh_interval == 4 and policy.provenance["objective"] == "rollout"
+    bundle = load_model(str(teacher_dir))
+    denoiser = GuidedDenoiser(bundle.transformer, 2.0)
+    with l2c.load_policy(tmp_path / "policy").apply(bundle.transformer) as runtime:
+        cached = sample(denoiser, make_scheduler("ddim", bundle.scheduler_config), noise_from_seeds(seeds, (1, 8, 8)),
+                        labels, 4)  # fmt: skip
+        reused = runtime.executed[Action.REUSE]
+    assert 0 < reused < 3 * 4, "a plan between all-compute and all-reuse"
+    torch.testing.assert_close(trained, cached, atol=1e-6, rtol=0)
+
+
+def test_rollout_through_lightning_lowers_the_exported_plans_error(teacher_dir, tmp_path):
+    """A few optimizer steps on one batch: the plan exported at the end samples closer to the teacher than at init."""
+    labels, seeds = torch.tensor([3, 7, 1, 5]), torch.tensor([11, 12, 13, 14])
+    bundle = load_model(str(teacher_dir))
+    denoiser = GuidedDenoiser(bundle.transformer, 2.0)
+    noise = noise_from_seeds(seeds, (1, 8, 8))
+    uncached = sample(denoiser, make_scheduler("ddim", bundle.scheduler_config), noise, labels, 4)
+
+    def exported_error(module: LayerRouterTrainer, name: str) -> float:
+        with module.export(tmp_path / name).apply(bundle.transformer):
+            cached = sample(denoiser, make_scheduler("ddim", bundle.scheduler_config), noise, labels, 4)
+        return torch.mean((cached - uncached) ** 2).item()
+
+    module = LayerRouterTrainer(
+        teacher=str(teacher_dir), **{**ROLLOUT_KWARGS, "lr": 0.3, "init_logit": 0.5}, init="even"
+    )
+    before = exported_error(module, "before")
+    data = DataLoader(TensorDataset(labels, seeds), batch_size=4)
+    quiet_trainer(tmp_path, max_steps=8, enable_checkpointing=False).fit(module, data)
+    after = exported_error(module, "after")
+    assert after < before, (before, after)
+
+
+class ValidationProbe(L.Callback):
+    """Records the router and the validation PSNR after every validation (the sanity check at step 0 included)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, torch.Tensor]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # after the module's own epoch-end hook
+        psnr = float(trainer.callback_metrics.get("val/psnr_db", float("nan")))
+        self.seen.append((trainer.global_step, psnr, pl_module.router.logits.detach().clone()))
+
+
+def test_rollout_exports_the_best_validated_router_and_resumes_it(teacher_dir, tmp_path):
+    module = LayerRouterTrainer(
+        teacher=str(teacher_dir), **{**ROLLOUT_KWARGS, "lr": 0.3}, init="even", init_logit=0.5,
+        export_dir=str(tmp_path / "policy"),
+    )  # fmt: skip
+    probe = ValidationProbe()
+    data = ClassConditionDataModule(10, samples_per_epoch=8, batch_size=4, seed=1000, val_samples=4)
+    trainer = quiet_trainer(tmp_path, max_steps=6, val_check_interval=2, num_sanity_val_steps=-1, callbacks=[probe])
+    trainer.fit(module, data)
+    assert [step for step, _, _ in probe.seen] == [0, 2, 4, 6]  # the sanity check scores the starting plan
+    best_step, best_psnr, best_logits = max(probe.seen, key=lambda seen: seen[1])
+    assert module.best.global_step == best_step and module.best.psnr_db == pytest.approx(best_psnr, rel=1e-6)
+    policy = l2c.load_policy(tmp_path / "policy")
+    assert torch.equal(policy.logits, best_logits)
+    assert policy.provenance["selected"] == {"global_step": best_step, "val_psnr_db": module.best.psnr_db}
+
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    restored = LayerRouterTrainer.load_from_checkpoint(ckpt)
+    assert restored.best.global_step == best_step and torch.equal(restored.best.logits, best_logits)
+
+
+def test_validation_conditions_are_held_out_and_fixed():
+    data = ClassConditionDataModule(num_classes=10, samples_per_epoch=8, batch_size=4, seed=1000, val_samples=6)
+    data.setup("fit")
+    labels, seeds = (torch.cat(parts) for parts in zip(*data.val_dataloader()))
+    assert labels.tolist() == [0, 1, 2, 3, 4, 5] and seeds.tolist() == list(range(200_000, 200_006))
+    train_seeds = torch.cat([seeds for _, seeds in data.train_dataloader()])
+    assert not set(train_seeds.tolist()) & set(seeds.tolist())
+    quiet = ClassConditionDataModule(num_classes=10, samples_per_epoch=8, batch_size=4)
+    quiet.setup("fit")
+    assert quiet.val_dataloader() == []

@@ -52,6 +52,26 @@ def select_by_budget(
     return keep.view(scores.shape)
 
 
+def soft_select_by_budget(
+    logits: torch.Tensor, full_steps: torch.Tensor, budget: float, costs: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Gates in (0, 1) that spend exactly `budget` of all work: sigmoid((logit − θ)/T) on reuse-step slots, 1 on
+    full steps, with the cut θ found by bisection. As T → 0 they become `select_by_budget`'s choice; at T > 0 a
+    gate is a share of fresh output, so the sampling error is differentiable in every logit. θ is held fixed
+    in the backward pass (the gradient of a shift of all logits is what the cut absorbs)."""
+    weights = (costs / costs.mean()).to(logits).view(1, 1, -1).expand_as(logits)
+    reuse = ~full_steps.to(logits.device).view(-1, 1, 1).expand_as(logits)
+    room = budget * weights.sum() - weights[~reuse].sum()
+    fixed = logits.detach()
+    low, high = fixed.min() - 30 * temperature, fixed.max() + 30 * temperature
+    for _ in range(60):
+        cut = (low + high) / 2
+        spent = (weights * torch.sigmoid((fixed - cut) / temperature))[reuse].sum()
+        low, high = (cut, high) if spent > room else (low, cut)
+    gates = torch.sigmoid((logits - (low + high) / 2) / temperature)
+    return torch.where(reuse, gates, torch.ones_like(gates))
+
+
 @dataclass
 class LayerRouterPolicy(CachePolicy):
     kind = "l2c"
