@@ -93,15 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(router, LayerRouterPolicy):
             parser.error(f"--router {item}: {directory} is a {router.kind} policy, expected an l2c router")
         steps = len(router.timesteps)
-        setup = SamplingSetup(
-            steps=steps,
-            scheduler="ddim",
-            num_samples=args.num_samples,
-            seed=args.seed,
-            guidance_scale=router.provenance.get("guidance_scale", 1.5),
-            batch_size=args.batch_size,
+        setup = SamplingSetup.trained_like(
+            router, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
             flops_samples=args.flops_samples,
-        )
+        )  # fmt: skip
         bench = SideBySide(bundle, setup)
         for method, policy in rows_for(float(budget_text), router, steps):
             result = report(bench.run(policy, label=method), setup, args.model, quality)

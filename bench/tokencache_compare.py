@@ -76,15 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     tokencache = dataclasses.replace(tokencache, **overrides)
     bundle = load_model(args.model)
     quality = DigitsQuality() if bundle.is_digits else None
-    setup = SamplingSetup(
-        steps=len(tokencache.timesteps),
-        scheduler="ddim",
-        num_samples=args.num_samples,
-        seed=args.seed,
-        guidance_scale=tokencache.provenance.get("guidance_scale", 1.5),
-        batch_size=args.batch_size,
+    setup = SamplingSetup.trained_like(
+        tokencache, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
         flops_samples=args.flops_samples,
-    )
+    )  # fmt: skip
     bench = SideBySide(bundle, setup)
     results = []
     for method, policy in rows_for(tokencache, router, args.l2c_budget):

@@ -26,6 +26,11 @@ class SamplingSetup:
     batch_size: int = 64
     flops_samples: int = 0  # count FLOPs over the first N samples' whole trajectories (0: all samples)
 
+    @classmethod
+    def trained_like(cls, policy: CachePolicy, **knobs) -> SamplingSetup:
+        """Sampling as a trained policy was trained: its step count and guidance scale (1.5 if unrecorded)."""
+        return cls(steps=len(policy.timesteps), guidance_scale=policy.provenance.get("guidance_scale", 1.5), **knobs)
+
 
 @dataclass
 class PolicyRun:

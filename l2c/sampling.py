@@ -126,6 +126,18 @@ def sample(
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` and return x_0 (latents or pixels, as the model works)."""
+    return denoise(denoiser, scheduler, noise, labels, num_steps, on_step)
+
+
+def denoise(
+    denoiser: GuidedDenoiser,
+    scheduler: SchedulerMixin,
+    noise: torch.Tensor,
+    labels: Condition,
+    num_steps: int,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """`sample` under whatever grad mode the caller set: the trainers' rollouts backpropagate through it."""
     scheduler.set_timesteps(num_steps)
     model = denoiser.transformer
     param = next(model.parameters())

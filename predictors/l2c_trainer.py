@@ -31,11 +31,13 @@ from l2c.metrics import branch_flops
 from l2c.plots import router_figure
 from l2c.policies import FullPolicy, LayerRouterPolicy
 from l2c.policies.learned import check_budget, full_step_mask, select_by_budget, soft_select_by_budget
+from l2c.sampling import denoise
 
 from .frozen_teacher import FrozenTeacherModule, Trajectory, TrajectoryCache, make_scheduler_like, step_generator
 from .layer_router import LayerRouter
 
 OBJECTIVES = ("segment", "rollout")
+INITS = ("constant", "even")
 
 
 @dataclass
@@ -46,9 +48,6 @@ class BestPlan:
     psnr_db: float = -math.inf
     global_step: int = -1
     logits: torch.Tensor | None = None
-
-
-INITS = ("constant", "even")
 
 
 def even_steps(num_steps: int, budget: float) -> torch.Tensor:
@@ -106,9 +105,8 @@ class LayerRouterTrainer(FrozenTeacherModule):
         full = full_step_mask(steps, refresh_interval)
         if init == "even":
             self.router.logits.data -= 2 * init_logit * ~even_steps(steps, export_budget).view(-1, 1, 1)
-        self.register_buffer("full_steps", full, persistent=False)
         self.segment_starts = [i for i in range(steps - 1) if full[i]]
-        self.register_buffer("reuse_steps", ~full, persistent=False)
+        self.register_buffer("full_steps", full, persistent=False)
         # FLOPs per branch kind, measured on the first batch (the cross-attention's cost depends on the prompts).
         self.register_buffer("branch_costs", torch.zeros(len(self.spec.branches)), persistent=False)
         self.runtime = None
@@ -164,7 +162,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
         mse, l1 = torch.stack(mse_terms).mean(), torch.stack(l1_terms).mean()
         loss = mse + self.hparams.l1 * l1
         self.check_finite({"train/mse": mse, "train/l1": self.hparams.l1 * l1, "train/loss": loss})
-        reuse_scores = scores.detach()[self.reuse_steps]
+        reuse_scores = scores.detach()[~self.full_steps]
         self.log_dict(
             {
                 "train/loss": loss,
@@ -180,9 +178,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
     def _rollout_step(self, batch) -> torch.Tensor:
         """Sample with soft gates spending exactly the budget; MSE to the teacher's x_0."""
         labels, seeds = batch
-        trajectory = self.trajectories.get(self, labels, seeds)
-        if not bool(self.branch_costs.any()):
-            self._measure_branch_costs(trajectory, 1)
+        trajectory = self._full_trajectory(labels, seeds)
         temperature = self.temperature()
         gates = soft_select_by_budget(
             self.router.logits, self.full_steps, self.hparams.export_budget, self.branch_costs, temperature
@@ -202,6 +198,13 @@ class LayerRouterTrainer(FrozenTeacherModule):
         )
         return loss
 
+    def _full_trajectory(self, labels: torch.Tensor, seeds: torch.Tensor) -> Trajectory:
+        """The teacher's whole run for these conditions (its x_0 is the rollout's target); branch costs measured."""
+        trajectory = self.trajectories.get(self, labels, seeds)
+        if not bool(self.branch_costs.any()):
+            self._measure_branch_costs(trajectory, 1)
+        return trajectory
+
     def temperature(self) -> float:
         """Gate temperature: `temperature[0]` at the first step, geometric decay to `temperature[1]` at the last."""
         start, end = self.hparams.temperature
@@ -216,15 +219,13 @@ class LayerRouterTrainer(FrozenTeacherModule):
     def rollout(self, labels, seeds: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x_0 sampled from the seeds' noise with every branch blended by `gates` [steps, blocks, branches]."""
         self.runtime.reset()
+        self.runtime.blend = None  # step 0: every branch computes and fills the cache
+
+        def gate_next(step: int) -> None:
+            self.runtime.blend = gates[step + 1] if step + 1 < len(gates) else None
+
         scheduler = make_scheduler_like(self.sampler)
-        x = self.noise_for(seeds) * scheduler.init_noise_sigma
-        for step, t in enumerate(scheduler.timesteps):
-            self.runtime.blend = gates[step] if step else None
-            out = self.guidance.raw(scheduler.scale_model_input(x, t), t.to(self.device), labels)
-            eps = self.guidance.guide(out.unflatten(0, (len(out) // len(x), len(x))), x.shape[1])
-            x = scheduler.step(eps, t, x).prev_sample
-        self.runtime.blend = None
-        return x
+        return denoise(self.guidance, scheduler, self.noise_for(seeds), labels, len(gates), on_step=gate_next)
 
     # -- validation: the exported plan's sampling error on held-out conditions; the best one is exported --------
     def on_validation_epoch_start(self) -> None:
@@ -234,9 +235,7 @@ class LayerRouterTrainer(FrozenTeacherModule):
         if self.hparams.objective != "rollout":
             return
         labels, seeds = batch
-        trajectory = self.trajectories.get(self, labels, seeds)
-        if not bool(self.branch_costs.any()):
-            self._measure_branch_costs(trajectory, 1)
+        trajectory = self._full_trajectory(labels, seeds)
         x0 = self.rollout(trajectory.labels, seeds, self.hard_gates().float())
         self._val_error += torch.stack([(x0 - trajectory.final).double().pow(2).sum(), torch.tensor(x0.numel())])
 

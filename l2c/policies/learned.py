@@ -32,6 +32,17 @@ def check_budget(budget: float, num_steps: int, refresh_interval: int) -> None:
         )
 
 
+def budget_slots(
+    shape: torch.Size, full_steps: torch.Tensor, budget: float, costs: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Each slot's work (its branch's cost, mean 1; float64), the slots a budget chooses among (those of reuse
+    steps), and the work the budget leaves them once the full steps are paid."""
+    weights = torch.ones(shape[-1]) if costs is None else torch.as_tensor(costs, dtype=torch.float64).cpu()
+    work = (weights / weights.mean()).to(torch.float64).expand(shape)
+    reuse = ~full_steps.cpu().view(-1, 1, 1).expand(shape)
+    return work, reuse, float(budget * work.sum() - work[~reuse].sum())
+
+
 def select_by_budget(
     scores: torch.Tensor, full_steps: torch.Tensor, budget: float, costs: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -40,10 +51,8 @@ def select_by_budget(
     `costs` [branches] weighs each slot by its branch's work (equal weights: a share of slots). A slot is taken
     while at least half of its cost still fits, so equal weights round the slot count to the nearest integer.
     """
-    weights = torch.ones(scores.shape[-1]) if costs is None else torch.as_tensor(costs, dtype=torch.float64)
-    work = (weights / weights.mean()).to(torch.float64).expand(scores.shape).flatten()
-    reuse = ~full_steps.view(-1, 1, 1).expand(scores.shape).flatten()
-    room = budget * work.sum() - work[~reuse].sum()
+    work, reuse, room = budget_slots(scores.shape, full_steps, budget, costs)
+    work, reuse = work.flatten(), reuse.flatten()
     order = torch.argsort(scores.flatten().masked_fill(~reuse, float("-inf")), descending=True, stable=True)
     order = order[: int(reuse.sum())]
     taken = torch.cumsum(work[order], 0) - work[order] / 2 <= room + 1e-9
@@ -59,14 +68,13 @@ def soft_select_by_budget(
     full steps, with the cut θ found by bisection. As T → 0 they become `select_by_budget`'s choice; at T > 0 a
     gate is a share of fresh output, so the sampling error is differentiable in every logit. θ is held fixed
     in the backward pass (the gradient of a shift of all logits is what the cut absorbs)."""
-    weights = (costs / costs.mean()).to(logits).view(1, 1, -1).expand_as(logits)
-    reuse = ~full_steps.to(logits.device).view(-1, 1, 1).expand_as(logits)
-    room = budget * weights.sum() - weights[~reuse].sum()
+    work, reuse, room = budget_slots(logits.shape, full_steps, budget, costs)
+    work, reuse = work.to(logits), reuse.to(logits.device)
     fixed = logits.detach()
     low, high = fixed.min() - 30 * temperature, fixed.max() + 30 * temperature
     for _ in range(60):
         cut = (low + high) / 2
-        spent = (weights * torch.sigmoid((fixed - cut) / temperature))[reuse].sum()
+        spent = (work * torch.sigmoid((fixed - cut) / temperature))[reuse].sum()
         low, high = (cut, high) if spent > room else (low, cut)
     gates = torch.sigmoid((logits - (low + high) / 2) / temperature)
     return torch.where(reuse, gates, torch.ones_like(gates))
