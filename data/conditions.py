@@ -59,6 +59,8 @@ class ClassConditionDataModule(L.LightningDataModule):
         val_seed: int = 200_000,
     ):
         super().__init__()
+        if val_samples < 0:
+            raise ValueError(f"class conditions: field 'val_samples' must be ≥ 0 (0: no validation), got {val_samples}")
         self.num_classes, self.samples_per_epoch, self.batch_size, self.seed = (
             num_classes,
             samples_per_epoch,

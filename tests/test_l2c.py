@@ -882,3 +882,5 @@ def test_validation_conditions_are_held_out_and_fixed():
     quiet = ClassConditionDataModule(num_classes=10, samples_per_epoch=8, batch_size=4)
     quiet.setup("fit")
     assert quiet.val_dataloader() == []
+    with pytest.raises(ValueError, match="field 'val_samples' must be ≥ 0 .* got -3"):
+        ClassConditionDataModule(num_classes=10, val_samples=-3)
