@@ -216,19 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=defaults.threshold)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        setup = OverheadSetup(
-            layers=args.layers,
-            heads=args.heads,
-            head_dim=args.head_dim,
-            latent_size=args.latent_size,
-            num_samples=args.batch_size,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            repeats=args.repeats,
-            router=args.router,
-            threshold=args.threshold,
-        )
+    knobs = ("layers", "heads", "head_dim", "latent_size", "batch_size", "steps", "repeats", "router", "threshold")
+    try:  # one run is one batch
+        setup = OverheadSetup(num_samples=args.batch_size, **{name: getattr(args, name) for name in knobs})
     except ValueError as error:
         parser.error(str(error))
     model = build_model(setup)
