@@ -18,10 +18,11 @@ import torch
 from l2c.adapters import branch_names
 from l2c.compare import add_arguments as add_compare_arguments
 from l2c.compare import run_from_args as cmd_compare
-from l2c.evaluate import SamplingSetup, SideBySide, report
+from l2c.evaluate import SamplingSetup, SideBySide, quality_for, report
 from l2c.models import SCHEDULERS, load_model
 from l2c.plots import save_comparison, save_grid, save_plan
 from l2c.policy_io import load_policy
+from l2c.results import Column, format_table
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,71 +95,61 @@ def cmd_import_l2c(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_table(result: dict) -> None:
-    rows = [
-        ("policy", result["policy"]),
-        ("steps / scheduler", f"{result['steps']} / {result['scheduler']}"),
-        ("samples", result["num_samples"]),
-        ("flops_ratio", f"{result['flops_ratio']:.3f}"),
-        (
-            "speedup_wall",
-            f"{result['speedup_wall']:.2f}x  ({result['wall_s_uncached']:.1f}s → {result['wall_s']:.1f}s)",
-        ),
-        ("psnr_db", f"{result['psnr_db']:.2f}"),
-        ("ssim", f"{result['ssim']:.4f}"),
-    ]
-    if "digit_accuracy" in result:
-        rows += [
-            ("digit_accuracy", f"{result['digit_accuracy']:.3f}  (uncached {result['digit_accuracy_uncached']:.3f})"),
-            ("fd_digits", f"{result['fd_digits']:.2f}  (uncached {result['fd_digits_uncached']:.2f})"),
-        ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
+def beside_uncached(key: str, spec: str) -> Column:
+    """`key`'s value, then the uncached run's (`<key>_uncached`) in parentheses."""
+    return Column(key, value=lambda r: f"{r[key]:{spec}}  (uncached {r[key + '_uncached']:{spec}})")
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    bundle = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
-    policy = load_policy(args.policy)
-    setup = SamplingSetup(
+REPORT_COLUMNS = (
+    Column("policy"),
+    Column("steps / scheduler", value=lambda r: f"{r['steps']} / {r['scheduler']}"),
+    Column("samples", key="num_samples"),
+    Column("flops_ratio"),
+    Column(
+        "speedup_wall", value=lambda r: f"{r['speedup_wall']:.2f}x  ({r['wall_s_uncached']:.1f}s → {r['wall_s']:.1f}s)"
+    ),
+    Column("psnr_db", ".2f"),
+    Column("ssim", ".4f"),
+)
+DIGITS_COLUMNS = (beside_uncached("digit_accuracy", ".3f"), beside_uncached("fd_digits", ".2f"))
+
+
+def sampling_setup(args: argparse.Namespace) -> SamplingSetup:
+    """What `sample` and `fid` sample, from their shared options."""
+    return SamplingSetup(
+        model=args.model,
         steps=args.steps,
         scheduler=args.scheduler,
         num_samples=args.num_samples,
         seed=args.seed,
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
-        flops_samples=args.flops_samples,
+        flops_samples=getattr(args, "flops_samples", 0),
     )
-    quality = None
-    if bundle.is_digits:
-        from l2c.metrics import DigitsQuality
 
-        quality = DigitsQuality()
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    bundle = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    policy = load_policy(args.policy)
+    setup = sampling_setup(args)
+    quality = quality_for(bundle)
     run = SideBySide(bundle, setup, progress=not args.no_progress).run(policy, label=args.policy)
-    result = report(run, setup, args.model, quality)
+    result = report(run, setup, quality)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     save_grid(run.images, args.out / "samples.png")
     save_comparison(run.reference, run.images, args.out / "comparison.png", args.policy)
     if run.plan is not None:
         save_plan(run.plan, branch_names(bundle.transformer), args.out / "plan.png", args.policy)
-    print_table(result)
+    print(format_table([result], REPORT_COLUMNS + (DIGITS_COLUMNS if quality is not None else ()), transpose=True))
     print(f"  wrote {args.out / 'report.json'}, samples.png, comparison.png, plan.png")
     return 0
 
 
 def cmd_fid(args: argparse.Namespace) -> int:
-    from l2c.distributed_eval import (
-        EvalSetup,
-        FIDUnavailable,
-        fid_metric,
-        quality_report,
-        sample_sharded,
-        sharded_trainer,
-    )
+    from l2c.distributed_eval import FIDUnavailable, fid_metric, quality_report, sample_sharded, sharded_trainer
 
-    setup = EvalSetup(args.model, args.policy, args.steps, args.scheduler, args.num_samples, args.seed,
-                      args.guidance_scale, args.batch_size)  # fmt: skip
+    setup = sampling_setup(args)
     bundle = load_model(args.model, dtype=DTYPES[args.dtype])
     policy = load_policy(args.policy)
     if args.reference is not None or not bundle.is_digits:
@@ -171,11 +162,10 @@ def cmd_fid(args: argparse.Namespace) -> int:
     trainer = sharded_trainer(args.out, args.accelerator, args.devices, args.num_nodes, not args.no_progress)
     if not sample_sharded(bundle, policy, setup, trainer):
         return 0  # ranks other than 0: their shards are written
-    result = quality_report(bundle, setup, args.out, trainer.world_size, args.reference)
+    result = quality_report(bundle, setup, args.policy, args.out, trainer.world_size, args.reference)
     (args.out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    for key in ("digit_accuracy", "fd_digits", "fid"):
-        if key in result:
-            print(f"  {key:<14}  {result[key]:.4f}")
+    metrics = [Column(key, ".4f") for key in ("digit_accuracy", "fd_digits", "fid") if key in result]
+    print(format_table([result], metrics, transpose=True))
     print(f"  wrote {args.out / 'report.json'} ({args.num_samples} samples from {trainer.world_size} process(es))")
     return 0
 

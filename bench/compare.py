@@ -1,4 +1,4 @@
-"""Every policy and every peer side by side on one model, at equal compute: a table, a JSON list, a Pareto plot.
+"""Every policy and every peer side by side on one model, at equal compute: a table, JSON rows, a Pareto plot.
 
     python bench/compare.py --json out/bench/compare.json \
         --l2c 0.75=out/l2c-r2-long --l2c 0.5=out/l2c-r3 --l2c 0.33=out/l2c-r4
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
+    import _checkout  # noqa: F401
 
-from l2c.compare import add_arguments, run_from_args  # noqa: E402
+from l2c.compare import add_arguments, run_from_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
+    import _checkout  # noqa: F401
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from l2c.evaluate import SamplingSetup, SideBySide, report  # noqa: E402
-from l2c.metrics import DigitsQuality  # noqa: E402
-from l2c.models import load_model  # noqa: E402
-from l2c.policies import CachePolicy, LayerRouterPolicy, StaticPolicy  # noqa: E402
-from l2c.policy_io import load_policy  # noqa: E402
-from predictors.l2c_trainer import even_steps  # noqa: E402
+from l2c.evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_for
+from l2c.models import load_model
+from l2c.policies import LayerRouterPolicy, StaticPolicy
+from l2c.rebudget import load_router, parse_budget_dir
+from l2c.results import format_table, write_results
+from predictors.l2c_trainer import even_steps
 
 COLUMNS = ("budget", "method", "flops_ratio", "speedup_wall", "psnr_db", "ssim", "digit_accuracy", "fd_digits")
 
@@ -61,16 +61,20 @@ def hand_made(learned: LayerRouterPolicy, kind: str, refresh: int, seed: int = 0
     return dataclasses.replace(learned, refresh_interval=refresh, logits=logits.contiguous())
 
 
-def rows_for(budget: float, router: LayerRouterPolicy, steps: int) -> list[tuple[str, CachePolicy]]:
-    learned = dataclasses.replace(router, threshold=None, budget=budget)
-    objective = router.provenance.get("objective", "segment")
-    label = f"l2c (learned, {objective}, refresh {router.refresh_interval})"
-    rows = [(label, learned), (f"static {static_at(budget, steps).describe()}", static_at(budget, steps))]
-    rows.append(("even-steps", hand_made(learned, "even-steps", steps)))
+def rows_for(learned: LayerRouterPolicy) -> list[Row]:
+    """The re-budgeted router `learned` and the hand-made schedules at its budget."""
+    steps, budget = len(learned.timesteps), learned.budget
+    objective = learned.provenance.get("objective", "segment")
+    static = static_at(budget, steps)
+    policies = [
+        (f"l2c (learned, {objective}, refresh {learned.refresh_interval})", learned),
+        (f"static {static.describe()}", static),
+        ("even-steps", hand_made(learned, "even-steps", steps)),
+    ]
     refresh = next(n for n in range(2, steps + 1) if len(range(0, steps, n)) / steps <= budget - 0.05)
     for kind in ("compute-bottom", "compute-top", "random"):
-        rows.append((f"{kind} (refresh {refresh})", hand_made(learned, kind, refresh)))
-    return rows
+        policies.append((f"{kind} (refresh {refresh})", hand_made(learned, kind, refresh)))
+    return [Row(method, method, policy, extra={"budget": budget}) for method, policy in policies]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,37 +88,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    bundle = load_model(args.model)
-    quality = DigitsQuality() if bundle.is_digits else None
-    results = []
+    routers = []
     for item in args.router:
-        budget_text, _, directory = item.partition("=")
-        router = load_policy(directory)
-        if not isinstance(router, LayerRouterPolicy):
-            parser.error(f"--router {item}: {directory} is a {router.kind} policy, expected an l2c router")
-        steps = len(router.timesteps)
-        setup = SamplingSetup.trained_like(
-            router, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
-            flops_samples=args.flops_samples,
-        )  # fmt: skip
-        bench = SideBySide(bundle, setup)
-        for method, policy in rows_for(float(budget_text), router, steps):
-            result = report(bench.run(policy, label=method), setup, args.model, quality)
-            result.update(budget=float(budget_text), method=method)
-            results.append(result)
-            print(" | ".join(f"{result.get(c, float('nan')):.3f}" if c != "method" else result[c] for c in COLUMNS))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
+        budget, directory = parse_budget_dir(item)
+        if budget is None:
+            parser.error(f"--router {item}: expected BUDGET=POLICY_DIR")
+        try:
+            routers.append(load_router(directory, budget, flag=f"--router {item}"))
+        except ValueError as error:
+            parser.error(str(error))
+    knobs = dict(model=args.model, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                 flops_samples=args.flops_samples)  # fmt: skip
+    bundle = load_model(args.model)
+    quality = quality_for(bundle)
+    results: list[dict] = []
+
+    def done(row: dict) -> None:
+        results.append(row)
+        write_results(args.json, {**knobs, "routers": args.router}, results)
+
+    for router in routers:  # each sampled as it was trained (steps, guidance)
+        setup = SamplingSetup.trained_like(router, **knobs)
+        measure_rows(SideBySide(bundle, setup), rows_for(router), quality, on_row=done)
+    print(format_table(results, COLUMNS))
     return 0
-
-
-def print_table(results: list[dict]) -> None:
-    print("\n| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    for row in results:
-        cells = [row["method"] if c == "method" else f"{row.get(c, float('nan')):.3f}" for c in COLUMNS]
-        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -12,17 +12,28 @@ budget B and its backward per training step), with the ratio also per sampling s
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
+
+if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
+    import _checkout  # noqa: F401
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from l2c.results import Column, format_table, write_results
+from l2c.timing import Interleaved, wall_clock
+from predictors.l2c_trainer import LayerRouterTrainer
 
-from predictors.l2c_trainer import LayerRouterTrainer  # noqa: E402
+TABLE = (
+    Column("objective"),
+    Column("refresh", key="refresh_interval"),
+    Column("batch (model batch)", value=lambda row: f"{row['batch_size']} ({row['model_batch']})"),
+    Column("step ms", ".1f", key="step_ms"),
+    Column("teacher forward ms", ".1f", key="teacher_forward_ms"),
+    Column("ratio", ".2f"),
+    Column("per sampling step", ".2f", key="ratio_per_sampling_step"),
+    Column("cache warm-up s/sample", ".3f", key="trajectory_cache_s_per_sample"),
+)
 
 
 def measure(teacher: str, interval: int, batch_size: int, repeats: int, budget: float | None = None) -> dict:
@@ -37,9 +48,7 @@ def measure(teacher: str, interval: int, batch_size: int, repeats: int, budget: 
     module.on_fit_start()  # the trainer's cache runtime on the teacher
     labels = torch.arange(batch_size) % module.bundle.num_classes
     seeds = torch.arange(batch_size)
-    start = time.perf_counter()
-    module.trajectories.get(module, labels, seeds)
-    warm = time.perf_counter() - start
+    _, warm = wall_clock(lambda: module.trajectories.get(module, labels, seeds))
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     x, model_labels = module.guidance.model_inputs(module.noise_for(seeds), labels)
@@ -55,13 +64,10 @@ def measure(teacher: str, interval: int, batch_size: int, repeats: int, budget: 
         with torch.no_grad():
             module.teacher(x, timestep=t, class_labels=model_labels)
 
-    step_times, forward_times = [], []
+    timer = Interleaved("fixed", warmup=1)  # alternating, the first round untimed
     for _ in range(repeats + 1):
-        for fn, times in ((train_step, step_times), (forward, forward_times)):
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
-    step_s, forward_s = statistics.median(step_times[1:]), statistics.median(forward_times[1:])
+        timer.round({"step": train_step, "forward": forward})
+    step_s, forward_s = timer.median("step"), timer.median("forward")
     module.on_fit_end()
     sampling_steps = len(module.timesteps) if budget is not None else 1
     return {
@@ -91,19 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rollout_budget is not None:
         steps = len(LayerRouterTrainer(teacher=args.teacher).timesteps)
         rows.append(measure(args.teacher, steps, args.batch_size, args.repeats, args.rollout_budget))
-    print(
-        "| objective | refresh | batch (model batch) | step ms | teacher forward ms | ratio | per sampling step |"
-        " cache warm-up s/sample |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['objective']} | {r['refresh_interval']} | {r['batch_size']} ({r['model_batch']}) | "
-            f"{r['step_ms']:.1f} | {r['teacher_forward_ms']:.1f} | {r['ratio']:.2f} | "
-            f"{r['ratio_per_sampling_step']:.2f} | {r['trajectory_cache_s_per_sample']:.3f} |"
-        )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    write_results(args.json, {k: v for k, v in vars(args).items() if k != "json"}, rows)
+    print(format_table(rows, TABLE))
     return 0
 
 

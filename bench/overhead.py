@@ -17,45 +17,65 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import statistics
 import sys
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
+    import _checkout  # noqa: F401
+
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from l2c.adapters import model_spec
+from l2c.evaluate import SamplingSetup
+from l2c.import_l2c import import_official_router
+from l2c.metrics import count_flops
+from l2c.policies import CachePolicy, FullPolicy, StaticPolicy
+from l2c.results import Column, format_table, write_results
+from l2c.runtime import STEP_HOOK, CacheRuntime
+from l2c.sampling import GuidedDenoiser, initial_noise, sample
+from l2c.timing import Interleaved
 
-from l2c.adapters import model_spec  # noqa: E402
-from l2c.import_l2c import import_official_router  # noqa: E402
-from l2c.metrics import count_flops  # noqa: E402
-from l2c.policies import CachePolicy, FullPolicy, StaticPolicy  # noqa: E402
-from l2c.runtime import STEP_HOOK, CacheRuntime  # noqa: E402
-from l2c.sampling import GuidedDenoiser, initial_noise, sample  # noqa: E402
-
-ROUTER = ROOT.parent / "shared" / "fixtures" / "l2c_official" / "DiT-XL-2_DDIM20_router.pt"
+ROUTER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "l2c_official" / "DiT-XL-2_DDIM20_router.pt"
 COLUMNS = ("method", "wall_s", "flops_ratio", "ideal_speedup", "speedup", "efficiency")
+TABLE = (
+    *COLUMNS,
+    Column("cache MB/sample", ".1f", value=lambda row: row["cache_bytes_per_sample"] / 2**20),
+    Column("activations MB/sample", ".1f", value=lambda row: row["activation_bytes_per_sample"] / 2**20),
+)
+# DDIM with `linspace` spacing: the timesteps the released router was trained on (999, 946, …, 0).
+SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "timestep_spacing": "linspace"}
 
 
 @dataclass
-class OverheadSetup:
-    """DiT-XL/2 at 256×256: 28 blocks, hidden 16 heads × 72 = 1152, patch 2 over 32×32×4 latents (256 tokens)."""
+class OverheadSetup(SamplingSetup):
+    """DiT-XL/2 at 256×256: 28 blocks, hidden 16 heads × 72 = 1152, patch 2 over 32×32×4 latents (256 tokens).
 
+    Random weights (the work is the same), no guidance; one sampling run is one batch of `batch_size` samples
+    (`num_samples` is the same number). Each row's run is repeated `repeats` times.
+    """
+
+    model: str = "DiT-XL/2 shape, random weights"
+    num_samples: int = 2
+    batch_size: int = 2
+    guidance_scale: float = 1.0
     layers: int = 28
     heads: int = 16
     head_dim: int = 72
     latent_size: int = 32
-    batch_size: int = 2
-    steps: int = 20
     repeats: int = 3
-    seed: int = 0
     router: Path = ROUTER
     threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.repeats < 1:
+            raise ValueError(f"overhead: field 'repeats' must be ≥ 1, got {self.repeats}")
+        if self.num_samples != self.batch_size:
+            raise ValueError(f"overhead: a run is one batch: num_samples {self.num_samples}, batch {self.batch_size}")
 
 
 def build_model(setup: OverheadSetup) -> DiTTransformer2DModel:
@@ -73,19 +93,12 @@ def build_model(setup: OverheadSetup) -> DiTTransformer2DModel:
     return model.eval().requires_grad_(False)
 
 
-def scheduler_for(setup: OverheadSetup) -> DDIMScheduler:
-    """DDIM with `linspace` spacing: the timesteps the released router was trained on (999, 946, …, 0)."""
-    scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="linspace")
-    scheduler.set_timesteps(setup.steps)
-    return scheduler
-
-
 def policies(model: DiTTransformer2DModel, setup: OverheadSetup, notes: list[str]) -> dict[str, CachePolicy | None]:
     rows: dict[str, CachePolicy | None] = {"no hooks": None, "full": FullPolicy()}
     spec = model_spec(model)
     try:
         router = import_official_router(setup.router, setup.threshold, spec)
-        router.check_timesteps(scheduler_for(setup).timesteps)
+        router.check_timesteps(setup.new_scheduler(SCHEDULER_CONFIG).timesteps)
         rows[f"l2c router (official DDIM-20, threshold {setup.threshold})"] = router
     except (FileNotFoundError, ValueError) as error:
         notes.append(f"skipped the official router: {error}")
@@ -139,15 +152,16 @@ class Bench:
         size = setup.latent_size
         self.noise = initial_noise(setup.batch_size, (4, size, size), setup.seed)
         self.labels = torch.arange(setup.batch_size) % 1000
-        self.denoiser = GuidedDenoiser(model, guidance_scale=1.0)
-        self.timesteps = scheduler_for(setup).timesteps.clone()
+        self.denoiser = GuidedDenoiser(model, setup.guidance_scale)
+        self.timesteps = setup.new_scheduler(SCHEDULER_CONFIG).timesteps.clone()
         self.cache_bytes: dict[str, int] = {}
 
     def run(self, name: str, policy: CachePolicy | None) -> torch.Tensor:
+        scheduler = self.setup.new_scheduler(SCHEDULER_CONFIG)
         if policy is None:
-            return sample(self.denoiser, scheduler_for(self.setup), self.noise, self.labels, self.setup.steps)
+            return sample(self.denoiser, scheduler, self.noise, self.labels, self.setup.steps)
         with policy.apply(self.model, timesteps=self.timesteps) as runtime:
-            out = sample(self.denoiser, scheduler_for(self.setup), self.noise, self.labels, self.setup.steps)
+            out = sample(self.denoiser, scheduler, self.noise, self.labels, self.setup.steps)
             self.cache_bytes[name] = cache_bytes(runtime)
         return out
 
@@ -157,22 +171,18 @@ def measure(model: DiTTransformer2DModel, setup: OverheadSetup, progress: bool =
     rows = policies(model, setup, notes)
     bench = Bench(model, setup)
     flops = {name: count_flops(lambda p=policy, n=name: bench.run(n, p))[1] for name, policy in rows.items()}
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    names = list(rows)
-    with tqdm(total=setup.repeats * len(names), desc="sampling runs", unit="run", disable=not progress) as bar:
-        for repeat in range(setup.repeats):
-            for name in names if repeat % 2 == 0 else reversed(names):
-                start = time.perf_counter()
-                bench.run(name, rows[name])
-                times[name].append(time.perf_counter() - start)
-                bar.update()
+    timer = Interleaved("abba")  # whole runs, forward then backward order
+    with tqdm(total=setup.repeats * len(rows), desc="sampling runs", unit="run", disable=not progress) as bar:
+        runs = {name: partial(bench.run, name, policy) for name, policy in rows.items()}
+        for _ in range(setup.repeats):
+            timer.round(runs, after=lambda _: bar.update())
     size = setup.latent_size
     latents = torch.randn(setup.batch_size, 4, size, size, generator=torch.Generator().manual_seed(setup.seed))
     activations = activation_bytes(model, latents, bench.labels, bench.timesteps[0]) / setup.batch_size
-    base_wall = statistics.median(times["no hooks"])
+    base_wall = timer.median("no hooks")
     results = []
-    for name in names:
-        wall = statistics.median(times[name])
+    for name in rows:
+        wall = timer.median(name)
         ratio = flops[name] / flops["no hooks"]
         speedup = base_wall / wall
         results.append(
@@ -183,22 +193,12 @@ def measure(model: DiTTransformer2DModel, setup: OverheadSetup, progress: bool =
                 "ideal_speedup": 1 / ratio,
                 "speedup": speedup,
                 "efficiency": speedup * ratio,
-                "wall_s_runs": times[name],
+                "wall_s_runs": timer.seconds[name],
                 "cache_bytes_per_sample": bench.cache_bytes.get(name, 0) / setup.batch_size,
                 "activation_bytes_per_sample": activations,
             }
         )
     return results, notes
-
-
-def format_table(results: list[dict]) -> str:
-    columns = (*COLUMNS, "cache MB/sample", "activations MB/sample")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in results:
-        cells = [row["method"]] + [f"{row[c]:.3f}" for c in COLUMNS[1:]]
-        cells += [f"{row['cache_bytes_per_sample'] / 2**20:.1f}", f"{row['activation_bytes_per_sample'] / 2**20:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,24 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=defaults.threshold)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    setup = OverheadSetup(
-        layers=args.layers,
-        heads=args.heads,
-        head_dim=args.head_dim,
-        latent_size=args.latent_size,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        repeats=args.repeats,
-        router=args.router,
-        threshold=args.threshold,
-    )
-    if setup.repeats < 1 or setup.steps < 1 or setup.batch_size < 1:
-        parser.error("--steps, --repeats and --batch-size must be ≥ 1")
+    knobs = ("layers", "heads", "head_dim", "latent_size", "batch_size", "steps", "repeats", "router", "threshold")
+    try:  # one run is one batch
+        setup = OverheadSetup(num_samples=args.batch_size, **{name: getattr(args, name) for name in knobs})
+    except ValueError as error:
+        parser.error(str(error))
     model = build_model(setup)
     results, notes = measure(model, setup, progress=not args.no_progress)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(format_table(results))
+    write_results(args.json, setup, results)
+    print(format_table(results, TABLE))
     for note in notes:
         print(f"note: {note}")
     print(f"torch threads: {torch.get_num_threads()}; wrote {args.json}")

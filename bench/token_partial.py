@@ -14,27 +14,39 @@ FLOPs per call are counted with FlopCounterMode on one extra pass (attention pro
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
+    import _checkout  # noqa: F401
 
 import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from l2c.adapters import ModelSpec  # noqa: E402
-from l2c.metrics import CPU_ATTENTION_FLOPS  # noqa: E402
-from l2c.plan import Action, Plan  # noqa: E402
-from l2c.policies import CachePolicy  # noqa: E402
+from l2c.adapters import ModelSpec
+from l2c.metrics import CPU_ATTENTION_FLOPS
+from l2c.plan import Action, Plan
+from l2c.policies import CachePolicy
+from l2c.results import Column, format_table, write_results
+from l2c.timing import Interleaved
 
 TIMESTEPS = [999.0, 499.0]
+TABLE = (
+    Column("branch"),
+    Column("partial_keys", value=lambda row: row["partial_keys"] or "-"),
+    Column("token_ratio", ".2f"),
+    Column("wall_ratio"),
+    Column("flops_ratio"),
+    Column("full ms", ".2f", key="full_ms"),
+    Column("partial ms", ".2f", key="partial_ms"),
+)
 
 
 @dataclass
@@ -55,15 +67,23 @@ class OneBranchPartial(CachePolicy):
         return plan
 
 
-class CallTimer:
-    """Wall time (and optionally FLOPs) of every call of one module, measured around whatever hooks it carries."""
+class BranchClock:
+    """A clock for `l2c.timing.Interleaved` that times the one call of `module` inside each timed call (around
+    whatever hooks the module carries, so gather, token selection and scatter are in), and on request its FLOPs."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.seconds: list[float] = []
         self.flops: list[int] = []
         self.count_flops = False
         self._counter: FlopCounterMode | None = None
+        self._seconds: float | None = None
         self.handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def __call__(self, call: Callable[[], object]) -> tuple[object, float]:
+        self._seconds = None
+        result = call()
+        if self._seconds is None:
+            raise RuntimeError("token_partial: the timed call did not run the measured branch")
+        return result, self._seconds
 
     def _start(self, module, args) -> None:
         if self.count_flops:
@@ -72,7 +92,7 @@ class CallTimer:
         self._began = time.perf_counter()
 
     def _stop(self, module, args, output) -> None:
-        self.seconds.append(time.perf_counter() - self._began)
+        self._seconds = time.perf_counter() - self._began
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self.flops.append(self._counter.get_total_flops())
@@ -98,26 +118,22 @@ def one_block_models(hidden: int, heads: int, tokens: int, text_tokens: int):
 
 
 def measure(model, call, branch: str, ratio: float, partial_keys: str, repeats: int) -> dict:
-    block = model.transformer_blocks[0]
-    timer = CallTimer(getattr(block, branch))
+    clock = BranchClock(getattr(model.transformer_blocks[0], branch))
+    timer = Interleaved("fixed", warmup=2, clock=clock)  # step 0 (full) before step 1 (partial), every round
     policy = OneBranchPartial(branch=branch, ratio=ratio, partial_keys=partial_keys)
     with policy.apply(model, timesteps=TIMESTEPS), torch.no_grad():
-        for _ in range(2):  # warm-up
-            call(0), call(1)
-        timer.seconds.clear()
-        for _ in range(repeats):
-            call(0), call(1)
-        timer.count_flops = True
+        for _ in range(2 + repeats):
+            timer.round({"full": partial(call, 0), "partial": partial(call, 1)})
+        clock.count_flops = True
         call(0), call(1)
-    timer.remove()
-    full, partial = timer.seconds[0::2][:repeats], timer.seconds[1::2][:repeats]
-    full_ms, partial_ms = statistics.median(full) * 1e3, statistics.median(partial) * 1e3
+    clock.remove()
+    full_ms, partial_ms = timer.median("full") * 1e3, timer.median("partial") * 1e3
     return {
         "branch": branch,
         "partial_keys": partial_keys if branch == "attn1" else None,
         "token_ratio": ratio,
         "wall_ratio": partial_ms / full_ms,
-        "flops_ratio": timer.flops[1] / timer.flops[0],
+        "flops_ratio": clock.flops[1] / clock.flops[0],
         "full_ms": full_ms,
         "partial_ms": partial_ms,
     }
@@ -158,15 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(measure(model, call, branch, ratio, keys, args.repeats))
     setup = {k: getattr(args, k) for k in ("hidden", "heads", "tokens", "text_tokens", "batch", "repeats")}
     setup.update(threads=torch.get_num_threads(), device="cpu")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
-    print("| branch | partial_keys | token_ratio | wall_ratio | flops_ratio | full ms | partial ms |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['branch']} | {r['partial_keys'] or '-'} | {r['token_ratio']:.2f} | {r['wall_ratio']:.3f} | "
-            f"{r['flops_ratio']:.3f} | {r['full_ms']:.2f} | {r['partial_ms']:.2f} |"
-        )
+    write_results(args.json, setup, rows)
+    print(format_table(rows, TABLE))
     return 0
 
 

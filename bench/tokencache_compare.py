@@ -16,39 +16,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
+    import _checkout  # noqa: F401
 
-from l2c.evaluate import SamplingSetup, SideBySide, report  # noqa: E402
-from l2c.metrics import DigitsQuality  # noqa: E402
-from l2c.models import load_model  # noqa: E402
-from l2c.policies import CachePolicy, LayerRouterPolicy, StaticPolicy, TokenCachePolicy  # noqa: E402
-from l2c.policy_io import load_policy  # noqa: E402
+from l2c.evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_for
+from l2c.models import load_model
+from l2c.policies import LayerRouterPolicy, StaticPolicy, TokenCachePolicy
+from l2c.policy_io import load_policy
+from l2c.rebudget import load_router
+from l2c.results import format_table, write_results
 
 COLUMNS = ("method", "flops_ratio", "speedup_wall", "psnr_db", "ssim", "digit_accuracy", "fd_digits")
 
 
-def rows_for(tokencache: TokenCachePolicy, router: LayerRouterPolicy, budget: float) -> list[tuple[str, CachePolicy]]:
+def rows_for(tokencache: TokenCachePolicy, router: LayerRouterPolicy) -> list[Row]:
+    """The policy, its two ablations, the router (already exported by budget) and static every-2."""
     steps = len(tokencache.timesteps)
     full = tokencache.step_types(steps).nonzero().flatten().tolist()
     ratios = ", ".join(f"{r:.2f}" for r in tokencache.block_ratios().tolist())
     uniform = dataclasses.replace(tokencache, adaptive=False)
     single = dataclasses.replace(tokencache, tprr=False)
     single_full = single.step_types(steps).nonzero().flatten().tolist()
-    return [
+    policies = [
         (f"tokencache (ratios [{ratios}], full steps {full})", tokencache),
         (f"tokencache, uniform ratios ({float(uniform.block_ratios()[0]):.2f} every block)", uniform),
         (f"tokencache, single interval (full steps {single_full})", single),
-        (f"l2c router (budget {budget}, refresh {router.refresh_interval})", _by_budget(router, budget)),
+        (f"l2c router (budget {router.budget}, refresh {router.refresh_interval})", router),
         ("static every-2", StaticPolicy(interval=2)),
     ]
-
-
-def _by_budget(router: LayerRouterPolicy, budget: float) -> LayerRouterPolicy:
-    return dataclasses.replace(router, threshold=None, budget=budget)
+    return [Row(method, method, policy) for method, policy in policies]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,40 +66,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    tokencache, router = load_policy(args.policy), load_policy(args.l2c)
+    tokencache = load_policy(args.policy)
     if not isinstance(tokencache, TokenCachePolicy):
         parser.error(f"--policy {args.policy}: a {tokencache.kind} policy, expected a tokencache policy")
-    if not isinstance(router, LayerRouterPolicy):
-        parser.error(f"--l2c {args.l2c}: a {router.kind} policy, expected an l2c router")
+    steps = len(tokencache.timesteps)
+    try:
+        router = load_router(args.l2c, args.l2c_budget, steps, flag=f"--l2c {args.l2c}")
+    except ValueError as error:
+        parser.error(str(error))
     overrides = {k: v for k, v in (("token_budget", args.token_budget), ("full_steps", args.full_steps)) if v}
     tokencache = dataclasses.replace(tokencache, **overrides)
     bundle = load_model(args.model)
-    quality = DigitsQuality() if bundle.is_digits else None
     setup = SamplingSetup.trained_like(
-        tokencache, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+        tokencache, model=args.model, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
         flops_samples=args.flops_samples,
     )  # fmt: skip
-    bench = SideBySide(bundle, setup)
-    results = []
-    for method, policy in rows_for(tokencache, router, args.l2c_budget):
-        if args.only and not any(method.startswith(prefix) for prefix in args.only):
-            continue
-        result = report(bench.run(policy, label=method), setup, args.model, quality)
-        result["method"] = method
-        results.append(result)
-        print(" | ".join(_cell(result, c) for c in COLUMNS), flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": results}, indent=2) + "\n")
-    print("\n| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    for row in results:
-        print("| " + " | ".join(_cell(row, c) for c in COLUMNS) + " |")
+    record = {**dataclasses.asdict(setup), **{k: getattr(args, k) for k in ("policy", "l2c", "l2c_budget", "only")}}
+    record.update(overrides)
+    rows = [row for row in rows_for(tokencache, router) if not args.only or row.method.startswith(tuple(args.only))]
+    results: list[dict] = []
+
+    def done(row: dict) -> None:
+        results.append(row)
+        write_results(args.json, record, results)
+
+    measure_rows(SideBySide(bundle, setup), rows, quality_for(bundle), on_row=done)
+    print(format_table(results, COLUMNS))
     return 0
-
-
-def _cell(row: dict, column: str) -> str:
-    value = row.get(column)
-    return value if isinstance(value, str) else f"{value:.3f}" if value is not None else "-"
 
 
 if __name__ == "__main__":

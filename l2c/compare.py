@@ -12,31 +12,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from .evaluate import SamplingSetup, SideBySide, report
+from .evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_for
 from .models import SCHEDULERS, ModelBundle, load_model
 from .peers import DBCache, FBCache, Peer, TaylorSeer, taylorseer_compute_steps
-from .policies import CachePolicy, FullPolicy, LayerRouterPolicy
-from .policies.learned import check_budget
+from .policies import FullPolicy
 from .policy_io import load_policy, parse_preset
+from .rebudget import load_router, parse_budget_dir
+from .results import format_table, write_results
 
 COLUMNS = ("method", "setting", "flops_ratio", "speedup_wall", "psnr_db", "ssim", "digit_accuracy", "fd_digits")
 
 
 @dataclass
-class CompareConfig:
-    model: str = "embedded:digits"
-    steps: int = 20
-    scheduler: str = "ddim"
+class CompareConfig(SamplingSetup):
+    """The sampling (here 256 samples in batches of 128, FLOPs counted over the first 32) and which methods run at
+    which compute points."""
+
     num_samples: int = 256
-    seed: int = 0
-    guidance_scale: float = 1.5
     batch_size: int = 128
     flops_samples: int = 32
     targets: tuple[float, ...] = (0.75, 0.5, 0.33)  # compute points (FLOPs ratio) for methods with a knob
@@ -45,61 +43,46 @@ class CompareConfig:
     calibration_samples: int = 8  # noises (another seed) on which peer thresholds are tuned
     tune_iters: int = 6  # bisection steps per tuned threshold; 0: thresholds fixed at `fixed_threshold`
     fixed_threshold: float = 0.3
-    quick: bool = False  # CI: one compute point, a few rows
+    quick: bool = False  # CI: one compute point, one setting per method
     only: tuple[str, ...] = ()  # run only these methods (and the uncached row); empty: all
 
     def wants(self, method: str) -> bool:
         return not self.only or method.lower() in {m.lower() for m in self.only}
 
-    def setup(self) -> SamplingSetup:
-        return SamplingSetup(
-            steps=self.steps,
-            scheduler=self.scheduler,
-            num_samples=self.num_samples,
-            seed=self.seed,
-            guidance_scale=self.guidance_scale,
-            batch_size=self.batch_size,
-            flops_samples=self.flops_samples,
-        )
-
-
-@dataclass
-class Row:
-    """One row to run: `policy` (a CachePolicy or a Peer) beside the uncached model, or `steps` fewer steps."""
-
-    method: str  # one marker per method in the plots
-    setting: str  # the exact knob setting
-    policy: CachePolicy | Peer | None = None
-    steps: int | None = None
-    note: str = ""
+    @property
+    def compute_points(self) -> tuple[float, ...]:
+        """The targets the knobs are set to: `targets`, or 0.5 alone in a quick run."""
+        return (0.5,) if self.quick else self.targets
 
 
 # -- rows of each method ----------------------------------------------------------------------------------------------
 def preset_rows(method: str, presets: list[str], notes: list[str]) -> list[Row]:
-    """Rows from policy presets; a kind that is not registered yet is skipped with a note."""
+    """Rows from policy presets; a preset that does not parse (e.g. a kind not registered yet) is skipped with a
+    note, the others are kept."""
     rows = []
     for preset in presets:
         try:
             rows.append(Row(method, preset, parse_preset(preset)))
         except ValueError as error:
             notes.append(f"skipped {method} ({preset}): {error}")
-            return []
     return rows
 
 
 def fewer_steps_rows(config: CompareConfig) -> list[Row]:
-    counts = sorted({max(1, round(t * config.steps)) for t in config.targets} - {config.steps}, reverse=True)
+    counts = sorted({max(1, round(t * config.steps)) for t in config.compute_points} - {config.steps}, reverse=True)
     return [Row("fewer steps", f"{k} of {config.steps} steps", steps=k) for k in counts]
 
 
 def static_presets(config: CompareConfig) -> list[str]:
-    """Every-N for N = 2, 3, 4, and every-2 after leading full steps for compute points above 1/2."""
-    presets = [f"static:interval=2,first_full={round(config.steps * (2 * t - 1))}" for t in config.targets if t > 0.5]
-    return presets + [f"static:interval={n}" for n in (2, 3, 4)]
+    """Every-2 after leading full steps for compute points above 1/2, then every-N (`interval_presets`)."""
+    points = config.compute_points
+    presets = [f"static:interval=2,first_full={round(config.steps * (2 * t - 1))}" for t in points if t > 0.5]
+    return presets + interval_presets("static", config)
 
 
 def interval_presets(kind: str, config: CompareConfig) -> list[str]:
-    return [f"{kind}:interval={n}" for n in (2, 3, 4)]
+    """Every-N for N = 2, 3, 4 (a quick run: N = 2 only)."""
+    return [f"{kind}:interval={n}" for n in ((2,) if config.quick else (2, 3, 4))]
 
 
 def l2c_rows(config: CompareConfig, notes: list[str]) -> list[Row]:
@@ -107,15 +90,8 @@ def l2c_rows(config: CompareConfig, notes: list[str]) -> list[Row]:
         notes.append("skipped L2C: no --l2c policy directory given (train one: see README)")
     rows = []
     for item in config.l2c:
-        budget_text, sep, directory = item.rpartition("=")
-        directory = directory if sep else item
-        router = load_policy(directory)
-        if not isinstance(router, LayerRouterPolicy):
-            raise ValueError(f"--l2c {item}: {directory} holds a {router.kind!r} policy, expected an l2c router")
-        if sep:
-            budget = float(budget_text)
-            check_budget(budget, config.steps, router.refresh_interval)
-            router = dataclasses.replace(router, threshold=None, budget=budget)
+        budget, directory = parse_budget_dir(item)
+        router = load_router(directory, budget, config.steps, flag=f"--l2c {item}")
         setting = f"{directory} (refresh {router.refresh_interval}, " + (
             f"budget {router.budget})" if router.budget is not None else f"threshold {router.threshold})"
         )
@@ -177,9 +153,9 @@ def _with_threshold(cls: type[Peer], threshold: float) -> Peer:
     return cls(threshold=round(threshold, 5))
 
 
-def peer_rows(config: CompareConfig, bundle: ModelBundle, targets: tuple[float, ...], notes: list[str]) -> list[Row]:
+def peer_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> list[Row]:
     calibration = dataclasses.replace(
-        config.setup(), num_samples=config.calibration_samples, seed=config.seed + 1, flops_samples=0
+        config, num_samples=config.calibration_samples, seed=config.seed + 1, flops_samples=0
     )
     bench = SideBySide(bundle, calibration, progress=False)
     rows = []
@@ -190,7 +166,7 @@ def peer_rows(config: CompareConfig, bundle: ModelBundle, targets: tuple[float, 
         if reason is not None:
             notes.append(f"skipped {cls.method}: {reason}")
             continue
-        for target in targets:
+        for target in config.compute_points:
             if cls is TaylorSeer:
                 peer, note = taylorseer_at(target, config.steps), cls.note
             elif config.tune_iters == 0:
@@ -205,23 +181,16 @@ def peer_rows(config: CompareConfig, bundle: ModelBundle, targets: tuple[float, 
 
 
 def build_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> list[Row]:
-    targets = (0.5,) if config.quick else config.targets
     rows = [Row("uncached", "full (hooks on, nothing reused)", FullPolicy())]
-    if config.quick:
-        quick = dataclasses.replace(config, targets=targets)
-        rows += fewer_steps_rows(quick)
-        rows += preset_rows("static every-N", ["static:interval=2"], notes)
-        rows += preset_rows("ToCa", ["toca:interval=2"], notes)
-        rows += preset_rows("DaTo", ["dato:interval=2"], notes)
-    else:
-        rows += fewer_steps_rows(config)
-        rows += preset_rows("static every-N", static_presets(config), notes)
-        rows += preset_rows("ToCa", interval_presets("toca", config), notes)
+    rows += fewer_steps_rows(config)
+    rows += preset_rows("static every-N", static_presets(config), notes)
+    rows += preset_rows("ToCa", interval_presets("toca", config), notes)
+    if not config.quick:  # a quick run leaves out ToCa's variant
         rows += preset_rows("DuCa", interval_presets("duca", config), notes)
-        rows += preset_rows("DaTo", interval_presets("dato", config), notes)
+    rows += preset_rows("DaTo", interval_presets("dato", config), notes)
     rows += l2c_rows(config, notes)
     rows += tokencache_rows(config, notes)
-    rows += peer_rows(config, bundle, targets, notes)
+    rows += peer_rows(config, bundle, notes)
     return [row for row in rows if row.method == "uncached" or config.wants(row.method)]
 
 
@@ -233,43 +202,25 @@ def run_comparison(
 
     `on_row(rows so far)` is called after every row, so a long run leaves its finished rows behind.
     """
-    from .metrics import DigitsQuality
-
     bundle = load_model(config.model)
-    quality = DigitsQuality() if bundle.is_digits else None
+    quality = quality_for(bundle)
     notes = [] if quality else ["digit_accuracy and fd_digits need the embedded digits teacher; they are null here"]
     rows = build_rows(config, bundle, notes)
-    setup = config.setup()
-    bench = SideBySide(bundle, setup, progress=progress)
-    results = []
-    for row in rows:
-        run = bench.run(row.policy, label=row.setting, steps=row.steps)
-        result = report(run, setup, config.model, quality)
-        result = {"method": row.method, "setting": row.setting, **result, "note": row.note}
-        if quality is None:
-            result.update(digit_accuracy=None, fd_digits=None)
+    results: list[dict] = []
+
+    def done(result: dict) -> None:
         results.append(result)
         if on_row is not None:
             on_row(results)
+
+    measure_rows(SideBySide(bundle, config, progress=progress), rows, quality, on_row=done)
     return results, notes
-
-
-def format_table(results: list[dict]) -> str:
-    def cell(row: dict, column: str) -> str:
-        value = row.get(column)
-        if isinstance(value, float):
-            return f"{value:.3f}"
-        return "n/a" if value is None else str(value)
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row, c) for c in COLUMNS) + " |" for row in results]
-    return "\n".join(lines)
 
 
 # -- command line (bench/compare.py and infer.py compare) --------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = CompareConfig()
-    parser.add_argument("--json", type=Path, required=True, help="where to write the rows (a JSON list)")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the results (JSON: setup and rows)")
     parser.add_argument("--plot", type=Path, default=None, help="Pareto plot PNG (default: the JSON path, .png)")
     parser.add_argument("--quick", action="store_true", help="CI: 4 samples, 10 steps, one compute point")
     parser.add_argument("--model", default=defaults.model)
@@ -312,17 +263,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     from .plots import save_pareto
 
     config = config_from_args(args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(rows: list[dict]) -> None:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
-
-    results, notes = run_comparison(config, progress=not args.no_progress, on_row=write)
+    results, notes = run_comparison(
+        config, progress=not args.no_progress, on_row=lambda rows: write_results(args.json, config, rows)
+    )
     plot = args.plot or args.json.with_suffix(".png")
     plot.parent.mkdir(parents=True, exist_ok=True)
     title = f"{config.model}, {config.scheduler} {config.steps} steps, {config.num_samples} samples"
     save_pareto(results, plot, title)
-    print(format_table(results))
+    print(format_table(results, COLUMNS))
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {args.json} and {plot}")

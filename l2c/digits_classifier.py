@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .digits import load_digits_split
+
 CLASSIFIER_PATH = Path(__file__).parent / "embedded" / "digits_classifier.safetensors"
 FEATURE_DIM = 64
 NUM_CLASSES = 10
@@ -96,8 +98,6 @@ def train_digits_classifier(
 
 
 def _train(seed: int, epochs: int, batch_size: int, lr: float) -> tuple[DigitsClassifier, float]:
-    from data.digits import load_digits_split
-
     train = load_digits_split("train")
     test = load_digits_split("test")
     with torch.random.fork_rng(devices=[]):

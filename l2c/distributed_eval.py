@@ -9,7 +9,6 @@ accuracy and Fréchet distance for the embedded teacher (offline), FID through t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -18,30 +17,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from .models import ModelBundle, make_scheduler
+from .evaluate import SamplingSetup
+from .models import ModelBundle
 from .policies import CachePolicy
 from .sampling import GuidedDenoiser, balanced_labels, noise_from_seeds, sample, sample_seeds
 
 SHARDS = "shards"
-
-
-@dataclass
-class EvalSetup:
-    """What is sampled: the same fields as `infer.py sample`, so both commands draw the same samples."""
-
-    model: str = "embedded:digits"
-    policy: str = "full"
-    steps: int = 20
-    scheduler: str = "ddim"
-    num_samples: int = 50_000
-    seed: int = 0
-    guidance_scale: float = 1.5
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "num_samples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"evaluation: field '{name}' must be ≥ 1, got {getattr(self, name)}")
 
 
 class SampleIndices(Dataset):
@@ -69,7 +50,7 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
 class ShardedSampling(L.LightningModule):
     """`predict_step` samples one batch of indices with the policy applied; the model stays frozen."""
 
-    def __init__(self, bundle: ModelBundle, policy: CachePolicy, setup: EvalSetup) -> None:
+    def __init__(self, bundle: ModelBundle, policy: CachePolicy, setup: SamplingSetup) -> None:
         super().__init__()
         if getattr(bundle, "text_conditioned", False):
             raise ValueError(f"--model {setup.model}: distributed evaluation samples class-conditional models only")
@@ -77,12 +58,7 @@ class ShardedSampling(L.LightningModule):
         self.bundle, self.policy, self.eval_setup = bundle, policy, setup
         config = bundle.transformer.config
         self.shape = (config.in_channels, config.sample_size, config.sample_size)
-        self.timesteps = self._scheduler().timesteps.clone()
-
-    def _scheduler(self):
-        scheduler = make_scheduler(self.eval_setup.scheduler, self.bundle.scheduler_config)
-        scheduler.set_timesteps(self.eval_setup.steps)
-        return scheduler
+        self.timesteps = setup.new_scheduler(bundle.scheduler_config).timesteps.clone()
 
     def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         setup = self.eval_setup
@@ -91,7 +67,7 @@ class ShardedSampling(L.LightningModule):
         labels = balanced_labels(setup.num_samples, self.bundle.num_classes)[indices]
         denoiser = GuidedDenoiser(self.transformer, setup.guidance_scale)
         with self.policy.apply(self.transformer, timesteps=self.timesteps):
-            latents = sample(denoiser, self._scheduler(), noise, labels, setup.steps)
+            latents = sample(denoiser, setup.new_scheduler(self.bundle.scheduler_config), noise, labels, setup.steps)
         if self.vae is not None:
             with torch.no_grad():
                 latents = self.vae.decode(latents / self.vae.config.scaling_factor).sample
@@ -153,17 +129,20 @@ def sharded_trainer(out: Path, accelerator: str = "auto", devices: int | str = 1
     )
 
 
-def sample_sharded(bundle: ModelBundle, policy: CachePolicy, setup: EvalSetup, trainer: L.Trainer) -> bool:
+def sample_sharded(bundle: ModelBundle, policy: CachePolicy, setup: SamplingSetup, trainer: L.Trainer) -> bool:
     """Sample on every rank of `trainer`; returns True on global rank 0, once every rank's shards are written."""
     loader = DataLoader(SampleIndices(setup.num_samples), batch_size=setup.batch_size, shuffle=False)
     trainer.predict(ShardedSampling(bundle, policy, setup), loader, return_predictions=False)
     return trainer.is_global_zero
 
 
-def quality_report(bundle: ModelBundle, setup: EvalSetup, out: Path, world_size: int, reference: Path | None) -> dict:
+def quality_report(
+    bundle: ModelBundle, setup: SamplingSetup, policy: str, out: Path, world_size: int, reference: Path | None
+) -> dict:
     """Rank 0: the metrics of the merged samples, with what ran (the `fid` command's report.json)."""
     labels, images = load_samples(out, setup.num_samples)
-    result = {**asdict(setup), "world_size": world_size, "samples": str(Path(out) / SHARDS)}
+    result = {**setup.describe(policy), "batch_size": setup.batch_size, "world_size": world_size}
+    result["samples"] = str(Path(out) / SHARDS)
     if bundle.is_digits:
         from .metrics import DigitsQuality
 
@@ -197,7 +176,7 @@ def reference_images(reference: Path | None, size: int) -> torch.Tensor:
     """Real images for FID: every image under `reference`, center-cropped to `size` (uint8 [N, 3, S, S])."""
     from PIL import Image
 
-    from data.imagefolder import IMAGE_EXTENSIONS, center_crop_arr
+    from .images import IMAGE_EXTENSIONS, center_crop_arr
 
     if reference is None:
         raise ValueError("fid: --reference is required (a folder of real images) for models other than digits")

@@ -1,23 +1,38 @@
-"""Sample with and without a policy from the same noise, side by side, and measure what users care about."""
+"""Sample with and without a policy from the same noise, side by side, and measure what users care about.
+
+`SamplingSetup` is what a sampling run is, for every command that samples (`infer.py sample` and `fid`,
+`bench/compare.py`, the bench scripts); `SideBySide` runs methods beside the uncached model; `report` is the
+`report.json` payload and `measure_rows` the benchmark rows built from it.
+"""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any, Protocol
 
 import torch
+from diffusers import SchedulerMixin
+from torch import nn
 from tqdm.auto import tqdm
 
 from .metrics import DigitsQuality, count_flops, psnr_db, ssim
 from .models import ModelBundle, make_scheduler
-from .plan import Plan
+from .plan import Action, Plan
 from .policies import CachePolicy
 from .sampling import GuidedDenoiser, balanced_labels, initial_noise, sample
+from .timing import Interleaved
 
 
 @dataclass
 class SamplingSetup:
+    """What one sampling run is: the model, the scheduler and its step count, the guidance scale, the noise seed,
+    how many samples in which batches. The defaults are `infer.py sample`'s; commands that differ subclass this
+    with their own defaults (`CompareConfig`, bench/overhead.py's `OverheadSetup`)."""
+
+    model: str = "embedded:digits"
     steps: int = 20
     scheduler: str = "ddim"
     num_samples: int = 64
@@ -26,10 +41,48 @@ class SamplingSetup:
     batch_size: int = 64
     flops_samples: int = 0  # count FLOPs over the first N samples' whole trajectories (0: all samples)
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"evaluation: field '{name}' must be ≥ 1, got {getattr(self, name)}")
+
     @classmethod
     def trained_like(cls, policy: CachePolicy, **knobs) -> SamplingSetup:
         """Sampling as a trained policy was trained: its step count and guidance scale (1.5 if unrecorded)."""
         return cls(steps=len(policy.timesteps), guidance_scale=policy.provenance.get("guidance_scale", 1.5), **knobs)
+
+    def new_scheduler(self, scheduler_config: dict) -> SchedulerMixin:
+        """A fresh scheduler of this setup's kind and step count, built from the model's scheduler config."""
+        scheduler = make_scheduler(self.scheduler, scheduler_config)
+        scheduler.set_timesteps(self.steps)
+        return scheduler
+
+    def describe(self, policy: str) -> dict[str, Any]:
+        """What ran, as `report.json` names it (the README's keys)."""
+        return {
+            "policy": policy,
+            "model": self.model,
+            "steps": self.steps,
+            "scheduler": self.scheduler,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "guidance_scale": self.guidance_scale,
+        }
+
+
+class Applied(Protocol):
+    """What a method applied for one run leaves to read afterwards."""
+
+    executed: Mapping[Action, int]  # branch calls by what they did
+    plan: Plan | None  # None for methods that decide at run time
+
+
+class CacheMethod(Protocol):
+    """Anything `SideBySide` runs: a `CachePolicy`, or a peer cache from `l2c.peers`."""
+
+    def apply(self, model: nn.Module, timesteps: torch.Tensor) -> AbstractContextManager[Applied]: ...
+
+    def describe(self) -> str: ...
 
 
 @dataclass
@@ -63,17 +116,15 @@ class SideBySide:
         self._executed: dict[str, int] = {}
         self._plan: Plan | None = None
 
-    def _scheduler(self):
-        scheduler = make_scheduler(self.setup.scheduler, self.bundle.scheduler_config)
-        scheduler.set_timesteps(self.setup.steps)
-        return scheduler
+    def _scheduler(self) -> SchedulerMixin:
+        return self.setup.new_scheduler(self.bundle.scheduler_config)
 
     def _batches(self):
         size = self.setup.batch_size
         for start in range(0, self.setup.num_samples, size):
             yield slice(start, min(start + size, self.setup.num_samples))
 
-    def _sample(self, batch: slice, policy: CachePolicy | None, bar=None, steps: int | None = None) -> torch.Tensor:
+    def _sample(self, batch: slice, policy: CacheMethod | None, bar=None, steps: int | None = None) -> torch.Tensor:
         def step(_: int) -> None:
             if bar is not None:
                 bar.update((batch.stop - batch.start) * self.setup.steps / (steps or self.setup.steps))
@@ -95,7 +146,7 @@ class SideBySide:
         with torch.no_grad():
             return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1).float().cpu()
 
-    def _flops(self, policy: CachePolicy | None, steps: int | None = None) -> int:
+    def _flops(self, policy: CacheMethod | None, steps: int | None = None) -> int:
         count = self.setup.flops_samples or self.setup.num_samples
         total = 0
         for batch in self._batches():
@@ -106,44 +157,32 @@ class SideBySide:
             total += flops
         return total
 
-    def flops_ratio(self, policy: CachePolicy) -> float:
+    def flops_ratio(self, policy: CacheMethod) -> float:
         """FLOPs with `policy` ÷ uncached over the FLOPs samples, without timing or images: for tuning a knob."""
         if self._flops_uncached is None:
             self._flops_uncached = self._flops(None)
         return self._flops(policy) / self._flops_uncached
 
-    def run(self, policy: CachePolicy | None, label: str | None = None, steps: int | None = None) -> PolicyRun:
-        """`policy` beside the uncached run; `policy=None, steps=k`: the uncached model with k steps instead.
-
-        `policy` may be anything with `apply(model, timesteps)` returning a context manager whose value has
-        `executed` and `plan` (and `describe()`), such as the peer caches in `l2c.peers`.
-        """
+    def run(self, policy: CacheMethod | None, label: str | None = None, steps: int | None = None) -> PolicyRun:
+        """`policy` beside the uncached run; `policy=None, steps=k`: the uncached model with k steps instead."""
         if (policy is None) != (steps is not None) or (policy is None and label is None):
             raise ValueError("SideBySide.run: pass a policy, or policy=None with `steps` and a `label` (fewer steps)")
         self._executed, self._plan = {}, None
         label = label or policy.describe()
         latents, reference = [], []
-        wall, wall_uncached = 0.0, 0.0
+        timer = Interleaved("abba")  # which side runs first alternates batch by batch
         work = 2 * self.setup.num_samples * self.setup.steps
         with tqdm(
             total=work, desc=f"sampling {label} + uncached", unit="sample-step", disable=not self.progress
         ) as bar:
-            for index, batch in enumerate(self._batches()):
-                # Alternate which runs first (ABBA) so drift in machine load falls on both sides alike.
-                order = (True, False) if index % 2 == 0 else (False, True)
-                for is_reference in order:
-                    start = time.perf_counter()
-                    if is_reference:
-                        result = self._sample(batch, None, bar)
-                    else:
-                        result = self._sample(batch, policy, bar, steps)
-                    elapsed = time.perf_counter() - start
-                    if is_reference:
-                        reference.append(result)
-                        wall_uncached += elapsed
-                    else:
-                        latents.append(result)
-                        wall += elapsed
+            for batch in self._batches():
+                calls = {
+                    "reference": partial(self._sample, batch, None, bar),
+                    "policy": partial(self._sample, batch, policy, bar, steps),
+                }
+                results = timer.round(calls)
+                reference.append(results["reference"])
+                latents.append(results["policy"])
         executed, plan = dict(self._executed), self._plan
         if self._flops_uncached is None:
             self._flops_uncached = self._flops(None)
@@ -153,8 +192,8 @@ class SideBySide:
             images=self._decode(torch.cat(latents)),
             reference=self._decode(torch.cat(reference)),
             labels=self.labels,
-            wall_s=wall,
-            wall_s_uncached=wall_uncached,
+            wall_s=timer.total("policy"),
+            wall_s_uncached=timer.total("reference"),
             flops=flops,
             flops_uncached=flops_uncached,
             plan=plan,
@@ -162,16 +201,10 @@ class SideBySide:
         )
 
 
-def report(run: PolicyRun, setup: SamplingSetup, model: str, quality: DigitsQuality | None) -> dict:
+def report(run: PolicyRun, setup: SamplingSetup, quality: DigitsQuality | None) -> dict:
     """The `report.json` payload; keys are a contract (see the README)."""
     result = {
-        "policy": run.policy,
-        "model": model,
-        "steps": setup.steps,
-        "scheduler": setup.scheduler,
-        "num_samples": setup.num_samples,
-        "seed": setup.seed,
-        "guidance_scale": setup.guidance_scale,
+        **setup.describe(run.policy),
         "flops_ratio": run.flops / run.flops_uncached,
         "flops": run.flops,
         "flops_uncached": run.flops_uncached,
@@ -191,3 +224,42 @@ def report(run: PolicyRun, setup: SamplingSetup, model: str, quality: DigitsQual
             fd_digits_uncached=quality.fd_digits(run.reference),
         )
     return result
+
+
+@dataclass
+class Row:
+    """One benchmark row to measure: `policy` beside the uncached model, or (no policy) the uncached model at
+    `steps` steps. `extra` adds keys to the JSON row (e.g. the budget a router was set to)."""
+
+    method: str  # one marker per method in the plots
+    setting: str  # the exact knob setting
+    policy: CacheMethod | None = None
+    steps: int | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def measure_rows(
+    bench: SideBySide,
+    rows: Iterable[Row],
+    quality: DigitsQuality | None,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """The JSON row of each `Row`: method, setting, the `report` keys, note, extras; `digit_accuracy` and
+    `fd_digits` are null without the digits metrics. `on_row(row)` follows each, so a long run can save as it goes."""
+    results = []
+    for row in rows:
+        run = bench.run(row.policy, label=row.setting, steps=row.steps)
+        result = {"method": row.method, "setting": row.setting, **report(run, bench.setup, quality), "note": row.note}
+        if quality is None:
+            result.update(digit_accuracy=None, fd_digits=None)
+        result.update(row.extra)
+        results.append(result)
+        if on_row is not None:
+            on_row(result)
+    return results
+
+
+def quality_for(bundle: ModelBundle) -> DigitsQuality | None:
+    """The digits metrics for the embedded teacher's kind of model; None for other models."""
+    return DigitsQuality() if bundle.is_digits else None

@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from .digits import load_digits_split
 from .digits_classifier import DigitsClassifier, load_digits_classifier
 
 T = TypeVar("T")
@@ -153,8 +154,6 @@ class DigitsQuality:
         device: torch.device | str | None = None,
         batch_size: int = 512,
     ) -> None:
-        from data.digits import load_digits_split
-
         self.classifier = classifier if classifier is not None else load_digits_classifier(device)
         self.classifier.eval()
         self.device = next(self.classifier.parameters()).device

@@ -1,23 +1,20 @@
 """The side-by-side benchmark: peers on real diffusers models (exact counts, model restored), knob tuning, fewer-step
 rows, and `bench/compare.py --quick` end to end on the embedded teacher."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from l2c_testing import ddim_sample, ddim_timesteps, dit_inputs, tiny_dit, tiny_pixart
 
 import infer
+from bench import compare as bench_compare
 from l2c import compare
 from l2c.evaluate import SamplingSetup, SideBySide
 from l2c.models import ModelBundle
 from l2c.peers import DBCache, FBCache, TaylorSeer, taylorseer_compute_steps
 from l2c.plan import Action
 
-ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"method", "flops_ratio", "speedup_wall", "psnr_db", "ssim", "digit_accuracy", "fd_digits"}
 BRANCHES = 2  # a DiT block's attn1 and ff
 
@@ -107,18 +104,10 @@ def test_fewer_steps_row_counts_half_the_flops_and_needs_a_label():
         bench.run(None)
 
 
-def load_bench_compare():
-    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quick_compare_writes_rows_notes_and_the_pareto_plot(tmp_path, capsys):
     out = tmp_path / "compare.json"
-    assert load_bench_compare().main(["--quick", "--json", str(out), "--no-progress"]) == 0
-    rows = json.loads(out.read_text())
+    assert bench_compare.main(["--quick", "--json", str(out), "--no-progress"]) == 0
+    rows = json.loads(out.read_text())["rows"]
     assert all(ROW_KEYS <= set(row) for row in rows)
     uncached = [row for row in rows if row["method"] == "uncached"]
     assert len(uncached) == 1 and uncached[0]["flops_ratio"] == 1.0 and uncached[0]["psnr_db"] == 100.0
@@ -144,3 +133,31 @@ def test_only_keeps_the_named_methods_and_the_uncached_row():
     config = compare.CompareConfig(only=("tokencache", "ToCa"))
     assert config.wants("TokenCache") and config.wants("ToCa") and not config.wants("DuCa")
     assert compare.CompareConfig().wants("DuCa")  # no filter: every method
+
+
+def test_a_preset_that_fails_is_noted_and_the_rows_built_before_and_after_it_are_kept():
+    notes = []
+    rows = compare.preset_rows("static every-N", ["static:interval=2", "nosuchkind:interval=2", "static:interval=3"],
+                               notes)  # fmt: skip
+    assert [row.setting for row in rows] == ["static:interval=2", "static:interval=3"]
+    assert len(notes) == 1 and "nosuchkind" in notes[0]
+
+
+def test_interval_presets_follow_the_config():
+    assert compare.interval_presets("toca", compare.CompareConfig()) == [f"toca:interval={n}" for n in (2, 3, 4)]
+    assert compare.interval_presets("toca", compare.CompareConfig(quick=True)) == ["toca:interval=2"]
+    assert compare.static_presets(compare.CompareConfig(quick=True)) == ["static:interval=2"]
+
+
+def test_budget_dir_parsing_and_abba_order():
+    from l2c.rebudget import parse_budget_dir
+    from l2c.timing import Interleaved
+
+    assert parse_budget_dir("0.5=out/a=b") == (0.5, "out/a=b")
+    assert parse_budget_dir("out/l2c-r3") == (None, "out/l2c-r3")
+    order = []
+    timer = Interleaved("abba", warmup=1)
+    for _ in range(3):
+        timer.round({"a": lambda: order.append("a"), "b": lambda: order.append("b")})
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert len(timer.seconds["a"]) == 2  # the warm-up round is not kept

@@ -11,7 +11,7 @@ import scipy.linalg
 import torch
 
 import l2c.digits_classifier as digits_classifier
-from data.digits import load_digits_split
+from l2c.digits import load_digits_split
 from l2c.digits_classifier import (
     CLASSIFIER_PATH,
     DigitsClassifier,

@@ -1,30 +1,19 @@
 """bench/overhead.py on a small DiT: the JSON columns, efficiency = speedup / ideal speedup, exact cache bytes."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import overhead
+
 COLUMNS = {"method", "wall_s", "flops_ratio", "ideal_speedup", "speedup", "efficiency"}
 
 
-def load_overhead():
-    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "bench" / "overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_overhead_rows_on_a_small_dit(tmp_path, capsys):
-    overhead = load_overhead()
     out = tmp_path / "overhead.json"
     argv = ["--layers", "2", "--heads", "2", "--head-dim", "8", "--latent-size", "8", "--steps", "4"]
     assert overhead.main([*argv, "--repeats", "2", "--json", str(out), "--no-progress"]) == 0
-    rows = {row["method"]: row for row in json.loads(out.read_text())}
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"no hooks", "full", "static every-2"}  # the released router needs 28 blocks and 20 steps
     assert "skipped the official router" in capsys.readouterr().out
     for row in rows.values():
@@ -42,7 +31,6 @@ def test_overhead_rows_on_a_small_dit(tmp_path, capsys):
 
 
 def test_the_released_router_fits_a_28_block_dit_at_ddim_20():
-    overhead = load_overhead()
     if not overhead.ROUTER.is_file():
         pytest.skip(f"fixture {overhead.ROUTER} not present")
     setup = overhead.OverheadSetup(heads=2, head_dim=8, latent_size=4)
