@@ -95,7 +95,7 @@ class FrozenTeacherModule(L.LightningModule):
         self,
         teacher: str = "embedded:digits",
         steps: int = 20,
-        scheduler: str = "ddim",
+        scheduler: Literal["ddim", "ddpm", "dpm", "euler"] = "ddim",
         guidance_scale: float = 1.5,
         export_dir: str | None = None,
         shard_teacher: bool = False,
@@ -104,7 +104,7 @@ class FrozenTeacherModule(L.LightningModule):
         Args:
             teacher: The frozen model: an embedded name (`embedded:digits`), a local diffusers directory or a hub id.
             steps: Sampling steps of the schedule the predictor is trained for (at least 2).
-            scheduler: The sampler: ddim, ddpm, dpm (DPM-Solver++) or euler, built from the teacher's scheduler config.
+            scheduler: The sampler (dpm: DPM-Solver++), built from the teacher's scheduler config.
             guidance_scale: Classifier-free guidance scale of the teacher's trajectories (1: no guidance).
             export_dir: Where global rank 0 writes the policy at the end of fit (none: no export).
             shard_teacher: Under DDP with several processes, shard the frozen teacher with FSDP2 over the ranks

@@ -59,8 +59,11 @@ def even_steps(num_steps: int, budget: float) -> torch.Tensor:
 
 
 class RouterTrainer(FrozenTeacherModule):
-    """What both objectives share: the router (one gate logit per step, block and branch), the refresh pattern's
-    full steps, the branches' measured costs, and the export of an `l2c` policy."""
+    """What both Learning-to-Cache objectives share.
+
+    The router (one gate logit per step, block and branch), the refresh pattern's full steps, the branches' measured
+    costs, and the export of an `l2c` policy.
+    """
 
     kind = "l2c"
     objective: ClassVar[str]  # recorded in the provenance
@@ -80,7 +83,7 @@ class RouterTrainer(FrozenTeacherModule):
             lr: Learning rate of the router's optimizer.
             init_logit: The router's starting logit, the same for every slot (training alone orders them).
             export_budget: Export the plan computing this share of all branch work (full steps included), in [0, 1];
-                none: export the slots scoring above `export_threshold`.
+                none (segment objective only): export the slots scoring above `export_threshold`.
             init: Warm start: `constant` (every logit `init_logit`) or, with a budget, `even` (the budget's steps
                 spread evenly from step 0 start above the others).
             **kwargs: The frozen teacher's settings (`FrozenTeacherModule`).
@@ -149,8 +152,11 @@ class RouterTrainer(FrozenTeacherModule):
 
 
 class SegmentRouterTrainer(RouterTrainer):
-    """The paper's segment objective: one full step cached, the router's soft gates on the segment's reuse steps, MSE
-    to the teacher's output there plus λ times the gated work; AdamW."""
+    """Learning-to-Cache with the paper's segment objective (AdamW).
+
+    A segment's full step is cached; at its reuse steps the router's soft gates blend fresh and cached branch outputs,
+    and the loss is the MSE to the teacher's output there plus λ times the gated work.
+    """
 
     objective = "segment"
 
@@ -224,8 +230,11 @@ class SegmentRouterTrainer(RouterTrainer):
 
 
 class RolloutRouterTrainer(RouterTrainer):
-    """The rollout objective: whole sampling runs with soft gates spending exactly `export_budget`, MSE of the sample
-    to the teacher's; the best router on the validation conditions is exported."""
+    """Learning-to-Cache with the rollout objective (SGD on unit-RMS gradients).
+
+    Whole sampling runs with soft gates spending exactly `export_budget`; the loss is the MSE of the sample to the
+    teacher's. With validation conditions the best validated router is exported.
+    """
 
     objective = "rollout"
     refresh_cache = True  # computed slots refresh the cache, as at inference

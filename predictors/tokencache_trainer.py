@@ -37,8 +37,11 @@ BUDGET_TERMS = {  # the budget term of the loss, from the global batch's mean sc
 
 
 class TokenCacheTrainer(FrozenTeacherModule):
-    """One step s and gap g per optimizer step: the teacher's step s−g cached, the student's step s blended token by
-    token by the predictor's scores; MSE to the teacher's output plus the budget term. Exports a calibrated policy."""
+    """TokenCache: a token-importance predictor trained against the frozen teacher; exports a calibrated policy.
+
+    One step s and gap g per optimizer step: the teacher's step s−g cached, the student's step s blended token by token
+    by the predictor's scores; the loss is the MSE to the teacher's output plus the budget term.
+    """
 
     kind = "tokencache"
 

@@ -648,6 +648,34 @@ def test_train_cli_smoke(teacher_dir, tmp_path):
     assert policy.provenance["global_steps"] == 2 and policy.provenance["teacher"] == str(teacher_dir)
 
 
+@pytest.mark.parametrize(
+    "recipe, objective, expected",
+    [
+        ("digits-ddim20.yaml", None, SegmentRouterTrainer),
+        ("digits-ddim20.yaml", "segment", SegmentRouterTrainer),
+        ("digits-ddim20-rollout.yaml", "rollout", RolloutRouterTrainer),
+    ],
+)
+def test_a_config_naming_the_class_before_the_split_builds_its_objectives_class(
+    teacher_dir, tmp_path, monkeypatch, recipe, objective, expected
+):
+    """Configs written before the split (`class_path: ...LayerRouterTrainer`, maybe `objective`) keep working."""
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    config = yaml.safe_load((ROOT / "configs/l2c" / recipe).read_text())
+    config["model"]["class_path"] = "predictors.l2c_trainer.LayerRouterTrainer"
+    config["model"]["init_args"].update(teacher=str(teacher_dir), steps=4, refresh_interval=4 if objective else 2)
+    if objective is not None:
+        config["model"]["init_args"]["objective"] = objective
+    (tmp_path / "old.yaml").write_text(json.dumps(config))  # JSON is YAML
+    monkeypatch.chdir(tmp_path)  # the recipe's relative run directories land in tmp_path
+    args = ["--config", str(tmp_path / "old.yaml"), "--trainer.logger", "false"]
+    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args)
+    assert type(cli.model) is expected and cli.model.objective == (objective or "segment")
+    assert cli.model.hparams.lr == config["model"]["init_args"]["lr"]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 5. Real-image mode: (images, labels) batches noised to a segment's full step
 # ------------------------------------------------------------------------------------------------------------------
