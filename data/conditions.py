@@ -58,6 +58,16 @@ class ClassConditionDataModule(L.LightningDataModule):
         val_samples: int = 0,
         val_seed: int = 200_000,
     ):
+        """
+        Args:
+            num_classes: Class labels 0 … num_classes−1, every class equally often (the teacher's class count).
+            samples_per_epoch: (label, noise seed) pairs per epoch: item i is label i mod C with seed `seed` + i.
+            batch_size: Conditions per batch and process (the global batch: batch_size × processes).
+            seed: The first noise seed, and the seed of the per-epoch shuffle.
+            shuffle: Shuffle the conditions every epoch; false: index order (the DDP equivalence test's).
+            val_samples: Held-out validation conditions (0: no validation), the same at every validation.
+            val_seed: The first noise seed of the validation conditions (apart from the training seeds).
+        """
         super().__init__()
         if val_samples < 0:
             raise ValueError(f"class conditions: field 'val_samples' must be ≥ 0 (0: no validation), got {val_samples}")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -109,15 +110,31 @@ class PromptDataModule(L.LightningDataModule):
         num_prompts: int | None = None,
         max_length: int = 120,
         cache_dir: str = "cache/prompts",
-        embeds_dtype: str = "float16",
+        embeds_dtype: Literal["float32", "float16", "bfloat16"] = "float16",
         encode_batch_size: int = 16,
         samples_per_epoch: int = 2048,
         batch_size: int = 8,
         seed: int = 0,
         shuffle: bool = True,
     ) -> None:
+        """
+        Args:
+            dataset: A hub data set, or a local .txt (one prompt a line), .csv, .json, .jsonl or .parquet file.
+            text_encoder: The directory or hub id holding the teacher's `tokenizer/` and `text_encoder/`.
+            column: The data set's prompt column (`text` for a .txt file).
+            split: The hub data set's split.
+            num_prompts: Only the first N prompts (none: all).
+            max_length: Tokens per prompt, padded or truncated (PixArt-α: 120).
+            cache_dir: Where the encoded prompts are cached, one file named by a hash of what produced it.
+            embeds_dtype: The cached embeddings' dtype.
+            encode_batch_size: Prompts per text-encoder call while caching.
+            samples_per_epoch: (prompt, noise seed) pairs per epoch: item i is prompt i mod N with seed `seed` + i.
+            batch_size: Prompts per batch and process.
+            seed: The first noise seed.
+            shuffle: Shuffle the pairs every epoch; false: index order (each DDP rank its slice).
+        """
         super().__init__()
-        if embeds_dtype not in DTYPES:
+        if embeds_dtype not in DTYPES:  # also for a module built in Python (LightningCLI checks the `Literal`)
             raise ValueError(f"prompt data: field 'embeds_dtype' is {embeds_dtype!r}, expected one of {list(DTYPES)}")
         for name, value in (("max_length", max_length), ("samples_per_epoch", samples_per_epoch)):
             if value < 1:

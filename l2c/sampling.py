@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -136,17 +137,35 @@ def denoise(
     labels: Condition,
     num_steps: int,
     on_step: Callable[[int], None] | None = None,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    step_context: Callable[[int], AbstractContextManager] | None = None,
+    on_output: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """`sample` under whatever grad mode the caller set: the trainers' rollouts backpropagate through it."""
+    """`sample` under whatever grad mode the caller set: the trainers' rollouts backpropagate through it.
+
+    The trainers' options: steps `start` … `stop` − 1 only (from step 0, `noise` is scaled by the scheduler's
+    `init_noise_sigma`; a later start takes it as the state x_start); `step_context(i)` is entered around step i's
+    model call (the rollout's per-step gates); `on_output(i, model_input, halves)` sees each step's scaled input and
+    raw output split as [G, B, ...] (G = 2: cond, null), before guidance (the teacher's trajectories).
+    """
     scheduler.set_timesteps(num_steps)
     model = denoiser.transformer
     param = next(model.parameters())
-    x = noise.to(param.device, param.dtype) * scheduler.init_noise_sigma
+    x = noise.to(param.device, param.dtype)
+    if start == 0:
+        x = x * scheduler.init_noise_sigma
     labels = labels.to(param.device)
-    for i, t in enumerate(scheduler.timesteps):
+    for i in range(start, num_steps if stop is None else stop):
+        t = scheduler.timesteps[i]
         model_input = scheduler.scale_model_input(x, t)
-        eps = denoiser(model_input, t.to(param.device), labels)
-        x = scheduler.step(eps, t, x).prev_sample
+        with step_context(i) if step_context is not None else nullcontext():
+            out = denoiser.raw(model_input, t.to(param.device), labels)
+        halves = out.unflatten(0, (len(out) // len(x), len(x)))
+        if on_output is not None:
+            on_output(i, model_input, halves)
+        x = scheduler.step(denoiser.guide(halves, x.shape[1]), t, x).prev_sample
         if on_step is not None:
             on_step(i)
     return x

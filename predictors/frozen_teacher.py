@@ -12,18 +12,25 @@ the same number of times in the same order: `teacher_needed_elsewhere` is how a 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from l2c.adapters import find_blocks, read_outside_their_block
+from l2c.adapters import find_blocks, model_spec, read_outside_their_block
 from l2c.models import ModelBundle, load_model, make_scheduler
+from l2c.policies import CachePolicy, FullPolicy
 from l2c.runtime import CacheRuntime
-from l2c.sampling import Condition, GuidedDenoiser, noise_from_seeds
+from l2c.sampling import Condition, GuidedDenoiser, denoise, noise_from_seeds
+
+from .token_importance import on_first_block
 
 
 @dataclass
@@ -71,18 +78,66 @@ class TrajectoryCache:
 
 
 class FrozenTeacherModule(L.LightningModule):
+    """A trainer of a caching predictor against a frozen teacher: the template every such trainer fills in.
+
+    It owns the teacher and its outputs, the cache runtime on the teacher while fitting (applied at fit start,
+    removed at fit end), the blend gates of the student's calls, and the export: the predictor's policy bound to the
+    teacher, its provenance the saved hyperparameters. A subclass provides what differs: `kind` (the provenance's
+    "trainer"), `trained_policy()` (the unbound policy of its predictor), and if it needs them `refresh_cache`,
+    `before_blocks`, `extra_provenance` and `policy_summary`. Its settings are its `__init__`'s: `Literal` choices and
+    the `Args:` docstring are what LightningCLI checks and `train.py fit --help` prints.
+    """
+
+    kind: ClassVar[str]  # the provenance's "trainer" and the prefix of its error messages
+    refresh_cache: bool = False  # blended outputs become the cache, as a branch computed at a reuse step refreshes it
+
     def __init__(
-        self, teacher: str, steps: int, scheduler: str, guidance_scale: float, shard_teacher: bool = False
+        self,
+        teacher: str = "embedded:digits",
+        steps: int = 20,
+        scheduler: Literal["ddim", "ddpm", "dpm", "euler"] = "ddim",
+        guidance_scale: float = 1.5,
+        export_dir: str | None = None,
+        shard_teacher: bool = False,
     ) -> None:
+        """
+        Args:
+            teacher: The frozen model: an embedded name (`embedded:digits`), a local diffusers directory or a hub id.
+            steps: Sampling steps of the schedule the predictor is trained for (at least 2).
+            scheduler: The sampler (dpm: DPM-Solver++), built from the teacher's scheduler config.
+            guidance_scale: Classifier-free guidance scale of the teacher's trajectories (1: no guidance).
+            export_dir: Where global rank 0 writes the policy at the end of fit (none: no export).
+            shard_teacher: Under DDP with several processes, shard the frozen teacher with FSDP2 over the ranks
+                (for a teacher too large for one GPU); the predictor stays replicated.
+        """
         super().__init__()
+        self.save_hyperparameters()  # the whole signature of the concrete class: Lightning reads every __init__ frame
+        self.check_fields()  # before the teacher loads
         bundle = load_model(teacher)
         object.__setattr__(self, "_bundle", bundle)  # not a submodule: see the module docstring
         self.teacher.requires_grad_(False).eval()
         self.sampler = make_scheduler(scheduler, bundle.scheduler_config)
         self.sampler.set_timesteps(steps)
         self.guidance = GuidedDenoiser(self.teacher, guidance_scale)
-        self.runtime: CacheRuntime | None = None  # a subclass's cache runtime on the teacher, while fitting
-        self.shard_teacher = shard_teacher
+        self.spec = model_spec(self.teacher)
+        self.trajectories = TrajectoryCache()
+        self.runtime: CacheRuntime | None = None  # the cache runtime on the teacher, while fitting
+        self._before_blocks_hook: RemovableHandle | None = None
+
+    def check_fields(self) -> None:
+        """Refuse bad settings (read from `self.hparams`) before the teacher loads: values outside their `Literal`
+        choices (as LightningCLI does, also for modules built in Python), then what a subclass adds."""
+        hints: dict[str, object] = {}
+        for cls in reversed(type(self).__mro__):
+            if issubclass(cls, FrozenTeacherModule):
+                hints.update(get_type_hints(cls.__init__))
+        for name, value in self.hparams.items():
+            if get_origin(hints.get(name)) is Literal and value not in get_args(hints[name]):
+                raise ValueError(
+                    f"{self.kind} trainer: field '{name}' must be one of {get_args(hints[name])}, got {value!r}"
+                )
+        if self.hparams.steps < 2:
+            raise ValueError(f"{self.kind} trainer: field 'steps' must be ≥ 2, got {self.hparams.steps}")
 
     @property
     def bundle(self) -> ModelBundle:
@@ -104,7 +159,7 @@ class FrozenTeacherModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
-        if not self.shard_teacher or self.teacher_sharded:
+        if not self.hparams.shard_teacher or self.teacher_sharded:
             return
         if self.trainer.world_size == 1:
             rank_zero_info("shard_teacher: one process, nothing to shard over; the teacher stays whole")
@@ -122,11 +177,67 @@ class FrozenTeacherModule(L.LightningModule):
         needed_anywhere = self.trainer.strategy.reduce_boolean_decision(needed_here, all=False)  # on every rank
         return needed_anywhere and not needed_here
 
+    # -- the cache runtime lives on the teacher only while fitting; these are the only places that touch it ----------
     def on_fit_start(self) -> None:
         if not self.teacher_sharded:  # a sharded teacher was placed on the device when sharded, in `setup`
             self.teacher.to(self.device)
         if self.bundle.vae is not None:
             self.bundle.vae.to(self.device)
+        self.runtime = FullPolicy().apply(self.teacher, timesteps=self.timesteps)
+        if type(self).before_blocks is not FrozenTeacherModule.before_blocks:
+            self._before_blocks_hook = self.on_first_block(self.before_blocks)
+
+    def on_fit_end(self) -> None:
+        if self._before_blocks_hook is not None:
+            self._before_blocks_hook.remove()
+        self.runtime.remove()
+        self.runtime, self._before_blocks_hook = None, None
+        directory = self.hparams.export_dir
+        # Building the policy may call the teacher (TokenCache calibrates): when it is sharded, every rank builds it
+        # (its calls are collectives).
+        if directory and (self.trainer.is_global_zero or self.teacher_sharded):
+            policy = self.exported_policy()
+            if self.trainer.is_global_zero:
+                policy.save_pretrained(directory)
+                print(self.export_message(policy, directory))
+
+    def before_blocks(self, args: tuple, kwargs: dict) -> None:
+        """Called with the (args, kwargs) of the teacher's first block, just before it, while fitting (a subclass
+        that overrides it gets the hook; TokenCache scores the tokens there)."""
+
+    def on_first_block(self, callback: Callable[[tuple, dict], None]) -> RemovableHandle:
+        """Run `callback(args, kwargs)` just before the teacher's first transformer block."""
+        return on_first_block(self.teacher, callback)
+
+    @contextmanager
+    def blending(self, gates: torch.Tensor | None = None) -> Iterator[None]:
+        """Inside, every branch of the teacher returns gates·fresh + (1 − gates)·cached, gates [blocks, branches(,
+        batch(, tokens))]; `None`: branches compute and store as usual (unless `set_gates` gives gates meanwhile)."""
+        self.set_gates(gates)
+        try:
+            yield
+        finally:
+            self.set_gates(None)
+
+    def set_gates(self, gates: torch.Tensor | None) -> None:
+        """The blend gates of the branches' next calls: the one place a trainer sets the runtime's training state."""
+        self.runtime.blend, self.runtime.blend_refresh = gates, self.refresh_cache
+
+    def uncached(self) -> AbstractContextManager:
+        """The plain teacher inside (the runtime paused, its cache kept), e.g. for the teacher's own trajectories."""
+        return self.runtime.pause() if self.runtime is not None else nullcontext()
+
+    def start_cache(self, trajectory: Trajectory, step: int) -> None:
+        """A fresh cache from the teacher's own `step` (no grad): every branch computes and stores its output."""
+        self.runtime.reset()  # each training step is a trajectory of its own, whatever its batch size
+        with torch.no_grad():
+            self.teacher_output(trajectory, step)
+
+    # -- the teacher's outputs ---------------------------------------------------------------------------------------
+    def teacher_output(self, trajectory: Trajectory, step: int) -> torch.Tensor:
+        """The transformer's raw output ([cond; null] rows) at `step`, called on the input the trajectory saw there."""
+        x = trajectory.inputs[step - trajectory.start]
+        return self.guidance.raw(x, self.timesteps[step].to(self.device), trajectory.labels)
 
     @torch.no_grad()
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
@@ -138,25 +249,26 @@ class FrozenTeacherModule(L.LightningModule):
 
     @torch.no_grad()
     def teacher_trajectory(
-        self, x: torch.Tensor, labels: torch.Tensor, start: int = 0, until: int | None = None
+        self, x: torch.Tensor, labels: Condition, start: int = 0, until: int | None = None
     ) -> Trajectory:
         """Sample with the uncached teacher from state `x` at step `start` up to step `until` inclusive
         (to the end, keeping the sample x_0 as `final`, when `until` is None)."""
-        scheduler = make_scheduler_like(self.sampler)
-        last = len(scheduler.timesteps) - 1 if until is None else until
         inputs, outputs = [], []
-        with self.runtime.pause() if self.runtime is not None else nullcontext():
-            for i in range(start, last + 1):
-                t = scheduler.timesteps[i]
-                scaled = scheduler.scale_model_input(x, t)
-                out = self.guidance.raw(scaled, t.to(self.device), labels)
-                halves = out.unflatten(0, (len(out) // len(x), len(x)))
-                inputs.append(scaled)
-                outputs.append(halves)
-                if i < last or until is None:
-                    x = scheduler.step(self.guidance.guide(halves, x.shape[1]), t, x).prev_sample
-        final = x if until is None else None
-        return Trajectory(start, torch.stack(inputs), torch.stack(outputs), labels, final)
+
+        def keep(step: int, model_input: torch.Tensor, halves: torch.Tensor) -> None:
+            inputs.append(model_input)
+            outputs.append(halves)
+
+        stop = None if until is None else until + 1
+        with self.uncached():
+            x = denoise(self.guidance, make_scheduler_like(self.sampler), x, labels, len(self.timesteps),
+                        start=start, stop=stop, on_output=keep)  # fmt: skip
+        return Trajectory(start, torch.stack(inputs), torch.stack(outputs), labels, x if until is None else None)
+
+    def noise_for(self, seeds: torch.Tensor) -> torch.Tensor:
+        config = self.teacher.config
+        shape = (config.in_channels, config.sample_size, config.sample_size)
+        return noise_from_seeds(seeds, shape).to(self.device)
 
     def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         """Stop at the first NaN/Inf loss, naming the step and the terms: one bad step poisons every later checkpoint.
@@ -175,10 +287,36 @@ class FrozenTeacherModule(L.LightningModule):
             f"(rank {self.global_rank}): {found}; training stopped, the last checkpoint is the last finite state"
         )
 
-    def noise_for(self, seeds: torch.Tensor) -> torch.Tensor:
-        config = self.teacher.config
-        shape = (config.in_channels, config.sample_size, config.sample_size)
-        return noise_from_seeds(seeds, shape).to(self.device)
+    # -- export --------------------------------------------------------------------------------------------------------
+    def trained_policy(self) -> CachePolicy:
+        """The policy of the predictor as trained, not yet bound to the teacher."""
+        raise NotImplementedError
+
+    def extra_provenance(self) -> dict:
+        """What the provenance records besides the saved hyperparameters and the optimizer steps."""
+        return {}
+
+    def policy_summary(self, policy: CachePolicy) -> str:
+        """One line on the exported policy, printed after the export."""
+        return ""
+
+    def export_message(self, policy: CachePolicy, directory: str | Path) -> str:
+        return f"exported {self.kind} policy to {directory}: {self.policy_summary(policy)}"
+
+    def exported_policy(self, steps_trained: int | None = None) -> CachePolicy:
+        """The trained policy bound to the teacher; its provenance: the saved hyperparameters, the optimizer steps
+        (`steps_trained` for a module restored from a checkpoint, which has no trainer) and the subclass's extras."""
+        policy = self.trained_policy().bind(self.teacher, self.timesteps, type(self.sampler).__name__)
+        settings = {name: list(value) if isinstance(value, tuple) else value for name, value in self.hparams.items()}
+        steps = self.global_step if steps_trained is None else steps_trained
+        policy.provenance = {"trainer": self.kind, **settings, "global_steps": int(steps), **self.extra_provenance()}
+        return policy
+
+    def export(self, directory: str | Path, steps_trained: int | None = None) -> CachePolicy:
+        """Save the trained policy to `directory` (see `exported_policy`) and return it."""
+        policy = self.exported_policy(steps_trained)
+        policy.save_pretrained(directory)
+        return policy
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

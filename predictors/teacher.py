@@ -34,6 +34,22 @@ class DigitsTeacher(L.LightningModule):
         export_dir: str | None = None,
         export_every_n_steps: int = 0,
     ) -> None:
+        """
+        Args:
+            num_layers: Transformer blocks of the DiT.
+            num_attention_heads: Attention heads per block.
+            attention_head_dim: Width of one head (hidden size: heads × head width).
+            num_classes: Class labels (the digits: 10); the null class for guidance is `num_classes`.
+            sample_size: Image side in pixels.
+            patch_size: Patch side in pixels.
+            num_train_timesteps: Steps of the DDPM training schedule.
+            beta_schedule: The DDPM noise schedule (a diffusers `beta_schedule`).
+            lr: Peak learning rate of AdamW.
+            warmup_steps: Linear learning-rate warm-up steps.
+            ema_decay: Decay of the exported EMA weights.
+            export_dir: Where the EMA teacher is written in diffusers format (none: no export).
+            export_every_n_steps: Also export every N optimizer steps (0: only at the end of fit).
+        """
         super().__init__()
         self.save_hyperparameters()
         self.transformer = DiTTransformer2DModel(

@@ -14,6 +14,7 @@ training and evaluation seeds) and the measured statistics (`TokenCacheCalibrati
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,91 +22,85 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 from tqdm.auto import tqdm
 
-from l2c.adapters import find_blocks, model_spec
-from l2c.policies import FullPolicy
-from l2c.policies.tokencache import TPRR_SIGNALS, TokenCacheCalibration, TokenCachePolicy
+from l2c.adapters import find_blocks
+from l2c.policies.tokencache import TokenCacheCalibration, TokenCachePolicy
 
-from .frozen_teacher import FrozenTeacherModule, TrajectoryCache, step_generator
-from .token_importance import TokenImportancePredictor, on_first_block
+from .frozen_teacher import FrozenTeacherModule, step_generator
+from .token_importance import TokenImportancePredictor
 
-BUDGET_LOSSES = ("ratio", "l1")
 CALIBRATION_SEED = 2_000_000  # calibration noise: apart from training (data seed) and evaluation (0 …) seeds
 HISTOGRAM_BINS = 1000
+BUDGET_TERMS = {  # the budget term of the loss, from the global batch's mean score and the target ratio
+    "ratio": lambda mean, target: (mean - target) ** 2,
+    "l1": lambda mean, target: mean,
+}
 
 
 class TokenCacheTrainer(FrozenTeacherModule):
+    """TokenCache: a token-importance predictor trained against the frozen teacher; exports a calibrated policy.
+
+    One step s and gap g per optimizer step: the teacher's step s−g cached, the student's step s blended token by token
+    by the predictor's scores; the loss is the MSE to the teacher's output plus the budget term.
+    """
+
+    kind = "tokencache"
+
     def __init__(
         self,
-        teacher: str = "embedded:digits",
-        steps: int = 20,
-        scheduler: str = "ddim",
-        guidance_scale: float = 1.5,
         max_gap: int = 2,
         ff_inner_dim: int | None = 128,
         init_score: float = 0.9,
-        budget_loss: str = "ratio",
+        budget_loss: Literal["ratio", "l1"] = "ratio",
         budget_weight: float = 1.0,
         target_ratio: float = 0.3,
         lr: float = 1e-3,
-        export_dir: str | None = None,
         export_token_budget: float = 0.3,
         export_floor: float = 0.05,
         export_full_steps: int = 6,
-        export_tprr_signal: str = "error",
+        export_tprr_signal: Literal["error", "importance"] = "error",
         calibration_samples: int = 32,
         seed: int = 0,
-        shard_teacher: bool = False,
+        **kwargs,
     ) -> None:
-        if steps < 2 or max_gap < 1:
-            raise ValueError(f"tokencache trainer: need steps ≥ 2 and max_gap ≥ 1, got {steps} and {max_gap}")
-        if budget_loss not in BUDGET_LOSSES:
-            raise ValueError(
-                f"tokencache trainer: field 'budget_loss' must be one of {BUDGET_LOSSES}, got {budget_loss!r}"
-            )
-        if export_tprr_signal not in TPRR_SIGNALS:
-            raise ValueError(
-                f"tokencache trainer: field 'export_tprr_signal' must be one of {TPRR_SIGNALS}, "
-                f"got {export_tprr_signal!r}"
-            )
-        if not 0.0 <= target_ratio <= 1.0:
-            raise ValueError(f"tokencache trainer: field 'target_ratio' must be in [0, 1], got {target_ratio}")
-        super().__init__(teacher, steps, scheduler, guidance_scale, shard_teacher=shard_teacher)
-        self.save_hyperparameters()
-        self.spec = model_spec(self.teacher)
+        """
+        Args:
+            max_gap: The cached step is 1 … max_gap steps before the trained one (the intervals met at inference).
+            ff_inner_dim: The predictor's MLP width (the teacher's first units of its first block's MLP); none: the
+                whole MLP.
+            init_score: Every token's starting score, in (0, 1) (the student starts near the teacher).
+            budget_loss: The budget term: `ratio`, (mean score − target_ratio)², or `l1`, the mean score.
+            budget_weight: The budget term's weight in the loss.
+            target_ratio: The mean score the `ratio` budget pulls towards, in [0, 1].
+            lr: Learning rate of the predictor's AdamW.
+            export_token_budget: The exported policy's share of tokens recomputed on a cache step.
+            export_floor: Blocks whose calibrated ratio falls below this are cached whole.
+            export_full_steps: Full steps of the exported schedule (TPRR).
+            export_tprr_signal: What places the full steps: the calibrated step-to-step `error` or the `importance`.
+            calibration_samples: Teacher trajectories the predictor is calibrated on at export.
+            seed: Seed of the (step, gap) each optimizer step trains (a pure function of seed and step: resumable).
+            **kwargs: The frozen teacher's settings (`FrozenTeacherModule`).
+        """
+        super().__init__(**kwargs)
         self.predictor = without_label_dropout(
             TokenImportancePredictor.from_teacher(self.teacher, ff_inner_dim, init_score)
         )
-        self.trajectories = TrajectoryCache()
-        self.runtime = None
-        self._gating = False  # the first-block hook turns scores into blend gates only on the student's step
+        self._gating = False  # `before_blocks` turns scores into blend gates only on the student's step
         self._scores: torch.Tensor | None = None
-        self._hook = None
 
-    # -- the cache runtime and the predictor hook live on the teacher only while fitting -----------------
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.runtime = FullPolicy().apply(self.teacher, timesteps=self.timesteps)
-        self._hook = on_first_block(self.teacher, self._gate)
+    def check_fields(self) -> None:
+        super().check_fields()
+        hp = self.hparams
+        if hp.max_gap < 1:
+            raise ValueError(f"tokencache trainer: field 'max_gap' must be ≥ 1, got {hp.max_gap}")
+        if not 0.0 <= hp.target_ratio <= 1.0:
+            raise ValueError(f"tokencache trainer: field 'target_ratio' must be in [0, 1], got {hp.target_ratio}")
 
-    def on_fit_end(self) -> None:
-        self._hook.remove()
-        self.runtime.remove()
-        self.runtime, self._hook = None, None
-        directory = self.hparams.export_dir
-        # Calibration calls the teacher: when it is sharded, every rank calibrates (its calls are collectives).
-        if directory and (self.trainer.is_global_zero or self.teacher_sharded):
-            policy = self.calibrated_policy()
-            if self.trainer.is_global_zero:
-                policy.save_pretrained(directory)
-                print(summary(policy, directory))
-
-    def _gate(self, args: tuple, kwargs: dict) -> None:
+    def before_blocks(self, args: tuple, kwargs: dict) -> None:
         if not self._gating:
             return
         scores = self.predictor(args, kwargs)  # [batch, blocks, tokens]
         self._scores = scores
-        branches = len(self.spec.branches)
-        self.runtime.blend = scores.transpose(0, 1).unsqueeze(1).expand(-1, branches, -1, -1)
+        self.set_gates(scores.transpose(0, 1).unsqueeze(1).expand(-1, len(self.spec.branches), -1, -1))
 
     # -- training ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -114,22 +109,20 @@ class TokenCacheTrainer(FrozenTeacherModule):
         step = int(torch.randint(1, len(self.timesteps), (), generator=generator))
         gap = int(torch.randint(1, min(hp.max_gap, step) + 1, (), generator=generator))
         trajectory = self.trajectories.get(self, *batch)
-        self.runtime.reset()
-        self.runtime.blend = None
-        with torch.no_grad():  # the cached step: every branch computes and stores its output
-            self._call(trajectory, step - gap)
+        self.start_cache(trajectory, step - gap)
         self._gating = True
         try:
-            out = self._call(trajectory, step)
+            with self.blending():  # the gates: the predictor's scores of this very call, set by `before_blocks`
+                out = self.teacher_output(trajectory, step)
         finally:
-            self._gating, self.runtime.blend = False, None
+            self._gating = False
         scores, self._scores = self._scores, None
         mse = F.mse_loss(out, trajectory.model_output(step))
         # The budget is on the global batch's mean score: its value all-reduced over ranks, its gradient this rank's,
         # so DDP's gradient average is the 1-process gradient of (mean − target)² (a square of a mean is not linear).
         mean = scores.mean()
         mean = mean + (self.trainer.strategy.reduce(mean.detach().clone(), reduce_op="mean") - mean).detach()
-        budget = (mean - hp.target_ratio) ** 2 if hp.budget_loss == "ratio" else mean
+        budget = BUDGET_TERMS[hp.budget_loss](mean, hp.target_ratio)
         loss = mse + hp.budget_weight * budget
         self.check_finite({"train/mse": mse, "train/budget": budget, "train/loss": loss})
         self.log_dict(
@@ -143,10 +136,6 @@ class TokenCacheTrainer(FrozenTeacherModule):
             prog_bar=True,
         )
         return loss
-
-    def _call(self, trajectory, step: int) -> torch.Tensor:
-        x = trajectory.inputs[step - trajectory.start]
-        return self.guidance.raw(x, self.timesteps[step].to(self.device), trajectory.labels)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.predictor.parameters(), lr=self.hparams.lr, weight_decay=0.0)
@@ -163,7 +152,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
         importance = torch.zeros(steps, dtype=torch.float64)
         error = torch.zeros(steps, dtype=torch.float64)
         seen: dict[str, torch.Tensor] = {}
-        handles = [on_first_block(self.teacher, lambda a, k: seen.__setitem__("scores", self.predictor(a, k)))]
+        handles = [self.on_first_block(lambda a, k: seen.__setitem__("scores", self.predictor(a, k)))]
         outputs: list[torch.Tensor | None] = [None] * blocks
         previous: list[torch.Tensor | None] = [None] * blocks
         for index, block in enumerate(find_blocks(self.teacher)):
@@ -172,7 +161,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
         self.predictor.eval()
         try:
             for step in tqdm(range(steps), desc="calibrating tokencache", unit="step", disable=self.global_rank > 0):
-                self._call(trajectory, step)
+                self.teacher_output(trajectory, step)
                 if step > 0:
                     scores = seen["scores"].double().cpu()
                     for block in range(blocks):
@@ -188,16 +177,10 @@ class TokenCacheTrainer(FrozenTeacherModule):
             self.predictor.train(was_training)
         return TokenCacheCalibration(histogram, importance.float(), error.float())
 
-    def export(self, directory: str | Path, steps_trained: int | None = None) -> TokenCachePolicy:
-        """Calibrate and save the policy; `steps_trained` for a module restored from a checkpoint (no trainer)."""
-        policy = self.calibrated_policy(steps_trained)
-        policy.save_pretrained(directory)
-        return policy
-
-    def calibrated_policy(self, steps_trained: int | None = None) -> TokenCachePolicy:
-        """The policy of the current predictor, calibrated on teacher trajectories and bound to the teacher."""
+    def trained_policy(self) -> TokenCachePolicy:
+        """The policy of the current predictor, calibrated on teacher trajectories."""
         hp = self.hparams
-        policy = TokenCachePolicy(
+        return TokenCachePolicy(
             token_budget=hp.export_token_budget,
             floor=hp.export_floor,
             full_steps=hp.export_full_steps,
@@ -206,21 +189,14 @@ class TokenCacheTrainer(FrozenTeacherModule):
             predictor_state={k: v.detach().float().cpu().clone() for k, v in self.predictor.state_dict().items()},
             calibration=self.calibrate(hp.calibration_samples),
         )
-        policy = policy.bind(self.teacher, self.timesteps, type(self.sampler).__name__)
-        policy.provenance = {
-            "trainer": "tokencache",
-            "teacher": hp.teacher,
-            "guidance_scale": hp.guidance_scale,
-            "max_gap": hp.max_gap,
-            "budget_loss": hp.budget_loss,
-            "budget_weight": hp.budget_weight,
-            "target_ratio": hp.target_ratio,
-            "lr": hp.lr,
-            "global_steps": int(self.global_step if steps_trained is None else steps_trained),
-            "calibration_samples": hp.calibration_samples,
-            "calibration_seed": CALIBRATION_SEED,
-        }
-        return policy
+
+    def extra_provenance(self) -> dict:
+        return {"calibration_seed": CALIBRATION_SEED}
+
+    def policy_summary(self, policy: TokenCachePolicy) -> str:
+        ratios = ", ".join(f"{r:.2f}" for r in policy.block_ratios().tolist())
+        full = policy.step_types(len(policy.timesteps)).nonzero().flatten().tolist()
+        return f"block ratios [{ratios}], full steps {full}"
 
 
 def without_label_dropout(predictor: nn.Module) -> nn.Module:
@@ -234,12 +210,6 @@ def without_label_dropout(predictor: nn.Module) -> nn.Module:
         if isinstance(module, LabelEmbedding):
             module.dropout_prob = 0.0
     return predictor
-
-
-def summary(policy: TokenCachePolicy, directory: str | Path) -> str:
-    ratios = ", ".join(f"{r:.2f}" for r in policy.block_ratios().tolist())
-    full = policy.step_types(len(policy.timesteps)).nonzero().flatten().tolist()
-    return f"exported tokencache policy to {directory}: block ratios [{ratios}], full steps {full}"
 
 
 def _keeper(outputs: list, index: int):
@@ -261,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     module = trainer.load_from_checkpoint(args.ckpt, map_location="cpu")
     steps = torch.load(args.ckpt, map_location="cpu", weights_only=False)["global_step"]  # Lightning's own format
-    print(summary(module.export(args.out, steps_trained=steps), args.out))
+    print(module.export_message(module.export(args.out, steps_trained=steps), args.out))
     return 0
 
 

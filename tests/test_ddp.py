@@ -1,6 +1,6 @@
 """Frozen-teacher trainers under a real Lightning DDP run: 2 CPU processes, gloo backend, a tiny saved teacher.
 
-Each case is one trainer (`CASES`): the Learning-to-Cache `LayerRouterTrainer` (its predictor: `router`) and the
+Each case is one trainer (`CASES`): the Learning-to-Cache `SegmentRouterTrainer` (its predictor: `router`) and the
 `TokenCacheTrainer` (its predictor: `predictor`, a token-importance block). Lightning's DDP launcher starts the other
 ranks by re-running the command line, so the training runs in a subprocess: this file doubles as the worker script
 (`python tests/test_ddp.py worker --case <name> ...`). Each rank writes its predictor's parameters, flattened, before
@@ -45,7 +45,7 @@ from torch.distributed.tensor import DTensor
 import l2c
 from l2c.runtime import BRANCH_HOOK
 from predictors.frozen_teacher import FrozenTeacherModule
-from predictors.l2c_trainer import LayerRouterTrainer
+from predictors.l2c_trainer import SegmentRouterTrainer
 from predictors.token_importance import on_first_block
 from predictors.tokencache_trainer import TokenCacheTrainer
 
@@ -80,7 +80,7 @@ CASES = {
     # guidance 1.5. The bound leaves room for other BLAS builds. Without the all-reduce (DDP's comm hook
     # replaced by torch's `noop_hook`) the ranks and the 1-process run differ by 0.18 and tests (a) and (b) fail.
     "l2c": Case(
-        LayerRouterTrainer, dict(steps=4, guidance_scale=2.0, refresh_interval=2, lr=0.05, l1=1e-3), "router", 1e-6
+        SegmentRouterTrainer, dict(steps=4, guidance_scale=2.0, refresh_interval=2, lr=0.05, l1=1e-3), "router", 1e-6
     ),
     # Measured on this machine: 1.6e-7 over every parameter but the key bias below (float summation order, as for
     # l2c). Before the trainer's two DDP fixes it was 0.045: the predictor's copy of the DiT block dropped 10% of class
@@ -416,7 +416,7 @@ def test_sharded_export_fits_the_unsharded_teacher(runs, teacher):
 def test_shard_teacher_with_one_process_leaves_the_teacher_whole(teacher, tmp_path):
     from data.conditions import ClassConditionDataModule
 
-    module = LayerRouterTrainer(teacher=str(teacher), shard_teacher=True, **CASES["l2c"].kwargs)
+    module = SegmentRouterTrainer(teacher=str(teacher), shard_teacher=True, **CASES["l2c"].kwargs)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,

@@ -26,7 +26,7 @@ import l2c
 import l2c.policy_io
 from data.conditions import ClassConditionDataModule
 from predictors.frozen_teacher import check_strategy
-from predictors.l2c_trainer import LayerRouterTrainer
+from predictors.l2c_trainer import SegmentRouterTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = dict(
@@ -128,7 +128,7 @@ def killed_and_resumed(teacher_dir, tmp_path_factory):
 def uninterrupted(teacher_dir, tmp_path_factory):
     """The same run in one go, in-process (the same module, data and seed as the CLI's)."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(root / "policy"))
+    module = SegmentRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(root / "policy"))
     L.seed_everything(0, verbose=False)
     quiet_trainer(root, max_steps=MAX_STEPS, enable_checkpointing=False).fit(module, data())
     return l2c.load_policy(root / "policy")
@@ -139,8 +139,8 @@ def crashed_and_resumed(teacher_dir, tmp_path_factory):
     """Fit with a checkpoint after every step, crash inside step KILL_AT, resume from `last.ckpt` in a new Trainer."""
     root = tmp_path_factory.mktemp("crashed")
 
-    def fit(ckpt_path: Path | None = None, crash: bool = False) -> LayerRouterTrainer:
-        module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(root / "policy"))
+    def fit(ckpt_path: Path | None = None, crash: bool = False) -> SegmentRouterTrainer:
+        module = SegmentRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(root / "policy"))
         checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_last=True)
         callbacks = [checkpoints, CrashAt(KILL_AT)] if crash else [checkpoints]
         L.seed_everything(0, verbose=False)
@@ -196,7 +196,7 @@ def test_the_resume_checkpoint_holds_the_router_and_its_optimizer_only(crashed_a
 
 
 def test_the_embedded_teachers_checkpoint_is_tiny_beside_the_teacher(tmp_path):
-    module = LayerRouterTrainer(teacher="embedded:digits", steps=4, guidance_scale=1.5)
+    module = SegmentRouterTrainer(teacher="embedded:digits", steps=4, guidance_scale=1.5)
     trainer = quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=False)
     L.seed_everything(0, verbose=False)
     trainer.fit(module, ClassConditionDataModule(num_classes=10, samples_per_epoch=2, batch_size=2))
@@ -229,7 +229,7 @@ def test_resuming_mid_epoch_replays_the_remaining_batches(tmp_path):
 
 def test_a_nan_loss_stops_training_naming_the_step_and_the_term(teacher_dir, tmp_path):
     """A real NaN: the teacher's first MLP returns NaN from optimizer step 2 on (its trajectories are cached)."""
-    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(tmp_path / "policy"))
+    module = SegmentRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(tmp_path / "policy"))
     trainer = quiet_trainer(tmp_path, max_steps=5, enable_checkpointing=False)
 
     def poison(_module, _args, output):
@@ -246,7 +246,7 @@ def test_a_nan_loss_stops_training_naming_the_step_and_the_term(teacher_dir, tmp
 
 
 def test_an_inf_term_is_named_too(teacher_dir):
-    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
+    module = SegmentRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
     module.check_finite({"train/mse": torch.tensor(0.5), "train/l1": torch.tensor(0.1)})  # finite: no error
     with pytest.raises(FloatingPointError, match=r"global step 0 .*'train/l1' = inf"):
         module.check_finite({"train/mse": torch.tensor(0.5), "train/l1": torch.tensor(float("inf"))})
@@ -337,7 +337,7 @@ def nan_worker(teacher: str, root: str) -> None:
     from lightning.pytorch.strategies import DDPStrategy
 
     torch.set_num_threads(1)
-    module = LayerRouterTrainer(teacher=teacher, **TRAINER_KWARGS)
+    module = SegmentRouterTrainer(teacher=teacher, **TRAINER_KWARGS)
     trainer = quiet_trainer(Path(root), devices=2, strategy=DDPStrategy(process_group_backend="gloo"), max_steps=5,
                             enable_checkpointing=False)  # fmt: skip
 

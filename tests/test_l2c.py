@@ -1,5 +1,6 @@
 """Learning-to-Cache end to end: the runtime's differentiable blend, `LayerRouterPolicy` plans, the importer of the
-published DiT-XL/2 router, and `LayerRouterTrainer` fitted on a tiny real teacher (API and CLI)."""
+published DiT-XL/2 router, and the router trainers (`SegmentRouterTrainer`, `RolloutRouterTrainer`) fitted on a tiny
+real teacher (API and CLI)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,13 @@ from l2c.policies import LayerRouterPolicy
 from l2c.policies.learned import full_step_mask, select_by_budget, soft_select_by_budget
 from l2c.runtime import BRANCH_HOOK, STEP_HOOK
 from l2c.sampling import GuidedDenoiser, noise_from_seeds, sample
-from predictors.l2c_trainer import LayerRouterTrainer, even_steps
+from predictors.l2c_trainer import (
+    LayerRouterTrainer,
+    RolloutRouterTrainer,
+    RouterTrainer,
+    SegmentRouterTrainer,
+    even_steps,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -491,7 +498,7 @@ def test_malformed_routers_raise_policy_format_error(tmp_path, routers):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 4. LayerRouterTrainer end to end on a tiny teacher
+# 4. SegmentRouterTrainer end to end on a tiny teacher
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -504,14 +511,14 @@ def teacher_dir(tmp_path_factory) -> Path:
     return root
 
 
-def teacher_state(module: LayerRouterTrainer) -> dict[str, torch.Tensor]:
+def teacher_state(module: RouterTrainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.teacher.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
 def fitted(teacher_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
-    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(root / "policy"))
+    module = SegmentRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(root / "policy"))
     before = SimpleNamespace(logits=module.router.logits.detach().clone(), teacher=teacher_state(module))
     trainer = quiet_trainer(root)
     L.seed_everything(0, verbose=False)
@@ -546,7 +553,7 @@ def test_the_checkpoint_holds_no_teacher(fitted, teacher_dir):
     assert list(state) == ["router.logits"]
     teacher_bytes = sum(f.stat().st_size for f in (teacher_dir / "transformer").glob("*.safetensors"))
     assert ckpt.stat().st_size * 5 < teacher_bytes, (ckpt.stat().st_size, teacher_bytes)  # ~5 KB vs ~83 KB here
-    restored = LayerRouterTrainer.load_from_checkpoint(ckpt)
+    restored = SegmentRouterTrainer.load_from_checkpoint(ckpt)
     assert torch.equal(restored.router.logits, fitted.module.router.logits)
 
 
@@ -573,7 +580,7 @@ def test_the_exported_policy_loads_records_its_provenance_and_samples(fitted, te
 
 
 def test_budget_export_computes_that_share_of_all_slots(teacher_dir, tmp_path):
-    module = LayerRouterTrainer(
+    module = SegmentRouterTrainer(
         teacher=str(teacher_dir), **TRAINER_KWARGS, export_dir=str(tmp_path / "policy"), export_budget=0.75
     )
     L.seed_everything(0, verbose=False)
@@ -607,20 +614,21 @@ def test_budget_export_computes_that_share_of_all_slots(teacher_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    "trainer, kwargs, field",
     [
-        (dict(steps=1), "steps"),
-        (dict(refresh_interval=1), "refresh_interval"),
-        (dict(export_budget=2.0), "budget"),
-        (dict(objective="trajectory"), "objective"),
-        (dict(objective="rollout"), "export_budget"),
-        (dict(init="even"), "init"),
-        (dict(objective="rollout", export_budget=0.5, temperature=(0.1, 0.2)), "temperature"),
+        (SegmentRouterTrainer, dict(steps=1), "steps"),
+        (SegmentRouterTrainer, dict(refresh_interval=1), "refresh_interval"),
+        (SegmentRouterTrainer, dict(export_budget=2.0), "budget"),
+        (LayerRouterTrainer, dict(objective="trajectory"), "objective"),
+        (RolloutRouterTrainer, dict(), "export_budget"),
+        (SegmentRouterTrainer, dict(init="even"), "init"),
+        (RolloutRouterTrainer, dict(export_budget=0.5, temperature=(0.1, 0.2)), "temperature"),
     ],
 )
-def test_trainer_refuses_bad_fields(teacher_dir, kwargs, field):
+def test_trainer_refuses_bad_fields(teacher_dir, trainer, kwargs, field):
+    base = {k: v for k, v in TRAINER_KWARGS.items() if k != "l1" or trainer is not RolloutRouterTrainer}  # no λ there
     with pytest.raises(ValueError, match=field):
-        LayerRouterTrainer(teacher=str(teacher_dir), **{**TRAINER_KWARGS, **kwargs})
+        trainer(teacher=str(teacher_dir), **{**base, **kwargs})
 
 
 def test_train_cli_smoke(teacher_dir, tmp_path):
@@ -638,6 +646,34 @@ def test_train_cli_smoke(teacher_dir, tmp_path):
     policy = l2c.load_policy(export)
     assert isinstance(policy, LayerRouterPolicy) and policy.logits.shape == (4, 2, 2)
     assert policy.provenance["global_steps"] == 2 and policy.provenance["teacher"] == str(teacher_dir)
+
+
+@pytest.mark.parametrize(
+    "recipe, objective, expected",
+    [
+        ("digits-ddim20.yaml", None, SegmentRouterTrainer),
+        ("digits-ddim20.yaml", "segment", SegmentRouterTrainer),
+        ("digits-ddim20-rollout.yaml", "rollout", RolloutRouterTrainer),
+    ],
+)
+def test_a_config_naming_the_class_before_the_split_builds_its_objectives_class(
+    teacher_dir, tmp_path, monkeypatch, recipe, objective, expected
+):
+    """Configs written before the split (`class_path: ...LayerRouterTrainer`, maybe `objective`) keep working."""
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    config = yaml.safe_load((ROOT / "configs/l2c" / recipe).read_text())
+    config["model"]["class_path"] = "predictors.l2c_trainer.LayerRouterTrainer"
+    config["model"]["init_args"].update(teacher=str(teacher_dir), steps=4, refresh_interval=4 if objective else 2)
+    if objective is not None:
+        config["model"]["init_args"]["objective"] = objective
+    (tmp_path / "old.yaml").write_text(json.dumps(config))  # JSON is YAML
+    monkeypatch.chdir(tmp_path)  # the recipe's relative run directories land in tmp_path
+    args = ["--config", str(tmp_path / "old.yaml"), "--trainer.logger", "false"]
+    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args)
+    assert type(cli.model) is expected and cli.model.objective == (objective or "segment")
+    assert cli.model.hparams.lr == config["model"]["init_args"]["lr"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -662,7 +698,7 @@ class TinyImages(L.LightningDataModule):
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, drop_last=self.drop_last)
 
 
-def direct_step(module: LayerRouterTrainer, batch) -> torch.Tensor:
+def direct_step(module: RouterTrainer, batch) -> torch.Tensor:
     """`training_step` outside a Trainer (its `self.log` only warns there), between the fit start/end hooks."""
     module.on_fit_start()
     try:
@@ -674,7 +710,7 @@ def direct_step(module: LayerRouterTrainer, batch) -> torch.Tensor:
 
 
 def test_image_batches_give_a_finite_loss_with_gradient_on_the_router_only(teacher_dir):
-    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
+    module = SegmentRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
     torch.manual_seed(0)
     loss = direct_step(module, tiny_images(4))
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
@@ -689,7 +725,7 @@ def test_image_batches_give_a_finite_loss_with_gradient_on_the_router_only(teach
 @pytest.mark.parametrize("batch_kind", ["images", "conditions"])
 def test_saturated_gates_reproduce_the_teacher_exactly(teacher_dir, batch_kind):
     """Scores of exactly 1 make every reuse step a compute step: the MSE vanishes and the loss is λ·Σ s."""
-    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
+    module = SegmentRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
     batch = tiny_images(4) if batch_kind == "images" else (torch.tensor([0, 1, 2, 3]), torch.tensor([5, 6, 7, 8]))
     with torch.no_grad():
         module.router.logits.fill_(100.0)
@@ -716,7 +752,7 @@ class GradProbe(L.Callback):
 
 
 def test_image_mode_through_lightning(teacher_dir, tmp_path):
-    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
+    module = SegmentRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
     before = teacher_state(module)
     probe = GradProbe()
     L.seed_everything(0, verbose=False)
@@ -729,7 +765,7 @@ def test_image_mode_through_lightning(teacher_dir, tmp_path):
 
 
 def test_a_smaller_last_batch_does_not_break_training(teacher_dir, tmp_path):
-    module = LayerRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
+    module = SegmentRouterTrainer(teacher=str(teacher_dir), **TRAINER_KWARGS)
     L.seed_everything(0, verbose=False)
     # 6 images in batches of 4 and 2; over 12 epochs some batch starts at segment 2 right after one ended at step 1.
     quiet_trainer(tmp_path, max_steps=24, enable_checkpointing=False).fit(module, TinyImages(6, 4, drop_last=False))
@@ -755,7 +791,7 @@ def test_even_steps_spread_the_budget_from_step_zero(steps, budget, expected):
     assert int(gaps.max() - gaps.min()) <= 1, "evenly spread: gaps differ by at most one step"
 
 
-ROLLOUT_KWARGS = dict(steps=4, guidance_scale=2.0, refresh_interval=4, objective="rollout", export_budget=0.5, lr=0.05)
+ROLLOUT_KWARGS = dict(steps=4, guidance_scale=2.0, refresh_interval=4, export_budget=0.5, lr=0.05)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 0.05])
@@ -791,7 +827,7 @@ def test_soft_gates_pass_gradients_to_every_reuse_logit():
 def test_rollout_samples_as_the_exported_plan_and_trains_every_reuse_slot(teacher_dir, tmp_path):
     """`rollout` with the hard gates samples exactly as the exported policy does at inference; the soft training
     step reaches every logit of a reuse step."""
-    module = LayerRouterTrainer(teacher=str(teacher_dir), **ROLLOUT_KWARGS, init="even")
+    module = RolloutRouterTrainer(teacher=str(teacher_dir), **ROLLOUT_KWARGS, init="even")
     with torch.no_grad():
         module.router.logits.add_(torch.randn(module.router.logits.shape, generator=torch.Generator().manual_seed(3)))
     labels, seeds = torch.tensor([3, 7, 1]), torch.tensor([11, 12, 13])
@@ -825,12 +861,12 @@ def test_rollout_through_lightning_lowers_the_exported_plans_error(teacher_dir, 
     noise = noise_from_seeds(seeds, (1, 8, 8))
     uncached = sample(denoiser, make_scheduler("ddim", bundle.scheduler_config), noise, labels, 4)
 
-    def exported_error(module: LayerRouterTrainer, name: str) -> float:
+    def exported_error(module: RouterTrainer, name: str) -> float:
         with module.export(tmp_path / name).apply(bundle.transformer):
             cached = sample(denoiser, make_scheduler("ddim", bundle.scheduler_config), noise, labels, 4)
         return torch.mean((cached - uncached) ** 2).item()
 
-    module = LayerRouterTrainer(
+    module = RolloutRouterTrainer(
         teacher=str(teacher_dir), **{**ROLLOUT_KWARGS, "lr": 0.3, "init_logit": 0.5}, init="even"
     )
     before = exported_error(module, "before")
@@ -852,7 +888,7 @@ class ValidationProbe(L.Callback):
 
 
 def test_rollout_exports_the_best_validated_router_and_resumes_it(teacher_dir, tmp_path):
-    module = LayerRouterTrainer(
+    module = RolloutRouterTrainer(
         teacher=str(teacher_dir), **{**ROLLOUT_KWARGS, "lr": 0.3}, init="even", init_logit=0.5,
         export_dir=str(tmp_path / "policy"),
     )  # fmt: skip
@@ -868,7 +904,7 @@ def test_rollout_exports_the_best_validated_router_and_resumes_it(teacher_dir, t
     assert policy.provenance["selected"] == {"global_step": best_step, "val_psnr_db": module.best.psnr_db}
 
     (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
-    restored = LayerRouterTrainer.load_from_checkpoint(ckpt)
+    restored = RolloutRouterTrainer.load_from_checkpoint(ckpt)
     assert restored.best.global_step == best_step and torch.equal(restored.best.logits, best_logits)
 
 

@@ -13,7 +13,7 @@ import l2c
 from data.prompts import PromptDataModule, load_prompts
 from l2c.models import load_model
 from l2c.sampling import GuidedDenoiser, TextCondition
-from predictors.l2c_trainer import LayerRouterTrainer
+from predictors.l2c_trainer import SegmentRouterTrainer
 
 PROMPTS = ["A photo of a cat", "a red dog on the green grass", "  an astronaut riding a horse on the moon "]
 
@@ -111,7 +111,7 @@ def test_guided_denoiser_matches_the_pipelines_guidance(pixart_dir, prompt_file,
 
 def test_l2c_trains_on_a_pixart_teacher_and_runs_in_its_pipeline(pixart_dir, prompt_file, tmp_path):
     L.seed_everything(0)
-    trainer_module = LayerRouterTrainer(
+    trainer_module = SegmentRouterTrainer(
         teacher=str(pixart_dir),
         steps=4,
         scheduler="dpm",
