@@ -22,7 +22,7 @@ import torch
 
 from l2c.results import Column, format_table, write_results
 from l2c.timing import Interleaved, wall_clock
-from predictors.l2c_trainer import LayerRouterTrainer
+from predictors.l2c_trainer import RolloutRouterTrainer, SegmentRouterTrainer
 
 TABLE = (
     Column("objective"),
@@ -39,11 +39,9 @@ TABLE = (
 def measure(teacher: str, interval: int, batch_size: int, repeats: int, budget: float | None = None) -> dict:
     """Median training-step and teacher-forward times for one refresh interval (or the rollout at `budget`)."""
     if budget is None:
-        module = LayerRouterTrainer(teacher=teacher, refresh_interval=interval)
+        module = SegmentRouterTrainer(teacher=teacher, refresh_interval=interval)
     else:
-        module = LayerRouterTrainer(
-            teacher=teacher, refresh_interval=interval, objective="rollout", export_budget=budget, init="even"
-        )
+        module = RolloutRouterTrainer(teacher=teacher, refresh_interval=interval, export_budget=budget, init="even")
     module.log_dict = lambda *a, **k: None  # no Trainer attached: logging is not what is timed
     module.on_fit_start()  # the trainer's cache runtime on the teacher
     labels = torch.arange(batch_size) % module.bundle.num_classes
@@ -71,7 +69,7 @@ def measure(teacher: str, interval: int, batch_size: int, repeats: int, budget: 
     module.on_fit_end()
     sampling_steps = len(module.timesteps) if budget is not None else 1
     return {
-        "objective": module.hparams.objective,
+        "objective": module.objective,
         "refresh_interval": interval,
         "batch_size": batch_size,
         "model_batch": len(x),
@@ -95,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [measure(args.teacher, i, args.batch_size, args.repeats) for i in args.refresh_interval]
     if args.rollout_budget is not None:
-        steps = len(LayerRouterTrainer(teacher=args.teacher).timesteps)
+        steps = len(SegmentRouterTrainer(teacher=args.teacher).timesteps)
         rows.append(measure(args.teacher, steps, args.batch_size, args.repeats, args.rollout_budget))
     write_results(args.json, {k: v for k, v in vars(args).items() if k != "json"}, rows)
     print(format_table(rows, TABLE))
