@@ -117,7 +117,6 @@ class LayerRouterTrainer(FrozenTeacherModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.runtime = FullPolicy().apply(self.teacher, timesteps=self.timesteps)
-        self.runtime.blend_refresh = self.hparams.soft_refresh
 
     def on_fit_end(self) -> None:
         self.runtime.remove()
@@ -149,16 +148,14 @@ class LayerRouterTrainer(FrozenTeacherModule):
             self._measure_branch_costs(trajectory, start)
         weights = self.branch_costs / self.branch_costs.mean()
         scores = self.router()
-        self.runtime.blend = None
         with torch.no_grad():  # the full step: every branch computes and stores its output
             self._call(trajectory, start)
         mse_terms, l1_terms = [], []
         for step in range(start + 1, min(start + self.hparams.refresh_interval, len(self.timesteps))):
-            self.runtime.blend = scores[step]
-            out = self._call(trajectory, step)
+            with self.runtime.blending(scores[step], refresh=self.hparams.soft_refresh):
+                out = self._call(trajectory, step)
             mse_terms.append(F.mse_loss(out, trajectory.model_output(step)))
             l1_terms.append((scores[step] * weights).sum())
-        self.runtime.blend = None
         mse, l1 = torch.stack(mse_terms).mean(), torch.stack(l1_terms).mean()
         loss = mse + self.hparams.l1 * l1
         self.check_finite({"train/mse": mse, "train/l1": self.hparams.l1 * l1, "train/loss": loss})
@@ -219,13 +216,10 @@ class LayerRouterTrainer(FrozenTeacherModule):
     def rollout(self, labels, seeds: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x_0 sampled from the seeds' noise with every branch blended by `gates` [steps, blocks, branches]."""
         self.runtime.reset()
-        self.runtime.blend = None  # step 0: every branch computes and fills the cache
-
-        def gate_next(step: int) -> None:
-            self.runtime.blend = gates[step + 1] if step + 1 < len(gates) else None
-
         scheduler = make_scheduler_like(self.sampler)
-        return denoise(self.guidance, scheduler, self.noise_for(seeds), labels, len(gates), on_step=gate_next)
+        # Step 0 computes every branch and fills the cache (a blend needs a cached output); step s blends gates[s].
+        with self.runtime.blending(lambda point: gates[point.step], refresh=self.hparams.soft_refresh):
+            return denoise(self.guidance, scheduler, self.noise_for(seeds), labels, len(gates))
 
     # -- validation: the exported plan's sampling error on held-out conditions; the best one is exported --------
     def on_validation_epoch_start(self) -> None:

@@ -22,11 +22,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from l2c.adapters import find_blocks, model_spec
+from l2c.extension import BlockInput
+from l2c.hooks import on_first_block, record_outputs
 from l2c.policies import FullPolicy
 from l2c.policies.tokencache import TPRR_SIGNALS, TokenCacheCalibration, TokenCachePolicy
+from l2c.token_importance import TokenImportancePredictor
 
 from .frozen_teacher import FrozenTeacherModule, TrajectoryCache, step_generator
-from .token_importance import TokenImportancePredictor, on_first_block
 
 BUDGET_LOSSES = ("ratio", "l1")
 CALIBRATION_SEED = 2_000_000  # calibration noise: apart from training (data seed) and evaluation (0 …) seeds
@@ -77,20 +79,16 @@ class TokenCacheTrainer(FrozenTeacherModule):
         )
         self.trajectories = TrajectoryCache()
         self.runtime = None
-        self._gating = False  # the first-block hook turns scores into blend gates only on the student's step
-        self._scores: torch.Tensor | None = None
-        self._hook = None
+        self._scores: torch.Tensor | None = None  # the student step's predictor scores, kept for the budget term
 
-    # -- the cache runtime and the predictor hook live on the teacher only while fitting -----------------
+    # -- the cache runtime lives on the teacher only while fitting -----------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.runtime = FullPolicy().apply(self.teacher, timesteps=self.timesteps)
-        self._hook = on_first_block(self.teacher, self._gate)
 
     def on_fit_end(self) -> None:
-        self._hook.remove()
         self.runtime.remove()
-        self.runtime, self._hook = None, None
+        self.runtime = None
         directory = self.hparams.export_dir
         # Calibration calls the teacher: when it is sharded, every rank calibrates (its calls are collectives).
         if directory and (self.trainer.is_global_zero or self.teacher_sharded):
@@ -99,13 +97,12 @@ class TokenCacheTrainer(FrozenTeacherModule):
                 policy.save_pretrained(directory)
                 print(summary(policy, directory))
 
-    def _gate(self, args: tuple, kwargs: dict) -> None:
-        if not self._gating:
-            return
-        scores = self.predictor(args, kwargs)  # [batch, blocks, tokens]
+    def _gates(self, point: BlockInput) -> torch.Tensor:
+        """The student step's blend gates: the predictor's scores of the first block's input, for every branch."""
+        scores = self.predictor(point.args, point.kwargs)  # [batch, blocks, tokens]
         self._scores = scores
         branches = len(self.spec.branches)
-        self.runtime.blend = scores.transpose(0, 1).unsqueeze(1).expand(-1, branches, -1, -1)
+        return scores.transpose(0, 1).unsqueeze(1).expand(-1, branches, -1, -1)
 
     # -- training ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -115,14 +112,10 @@ class TokenCacheTrainer(FrozenTeacherModule):
         gap = int(torch.randint(1, min(hp.max_gap, step) + 1, (), generator=generator))
         trajectory = self.trajectories.get(self, *batch)
         self.runtime.reset()
-        self.runtime.blend = None
         with torch.no_grad():  # the cached step: every branch computes and stores its output
             self._call(trajectory, step - gap)
-        self._gating = True
-        try:
+        with self.runtime.blending(self._gates):
             out = self._call(trajectory, step)
-        finally:
-            self._gating, self.runtime.blend = False, None
         scores, self._scores = self._scores, None
         mse = F.mse_loss(out, trajectory.model_output(step))
         # The budget is on the global batch's mean score: its value all-reduced over ranks, its gradient this rank's,
@@ -163,28 +156,28 @@ class TokenCacheTrainer(FrozenTeacherModule):
         importance = torch.zeros(steps, dtype=torch.float64)
         error = torch.zeros(steps, dtype=torch.float64)
         seen: dict[str, torch.Tensor] = {}
-        handles = [on_first_block(self.teacher, lambda a, k: seen.__setitem__("scores", self.predictor(a, k)))]
-        outputs: list[torch.Tensor | None] = [None] * blocks
-        previous: list[torch.Tensor | None] = [None] * blocks
-        for index, block in enumerate(find_blocks(self.teacher)):
-            handles.append(block.register_forward_hook(_keeper(outputs, index)))
+        scoring = on_first_block(self.teacher, lambda a, k: seen.__setitem__("scores", self.predictor(a, k)))
+        block_outputs = record_outputs(dict(enumerate(find_blocks(self.teacher))), keep=lambda o: o.detach().float())
+        previous: dict[int, torch.Tensor] = {}
         was_training = self.predictor.training
         self.predictor.eval()
         try:
-            for step in tqdm(range(steps), desc="calibrating tokencache", unit="step", disable=self.global_rank > 0):
-                self._call(trajectory, step)
-                if step > 0:
-                    scores = seen["scores"].double().cpu()
-                    for block in range(blocks):
-                        histogram[block] += torch.histc(scores[:, block], HISTOGRAM_BINS, 0.0, 1.0)
-                    importance[step] = scores.mean()
-                    error[step] = torch.stack(
-                        [(now - before).norm() / before.norm() for now, before in zip(outputs, previous)]
-                    ).mean()
-                previous = list(outputs)
+            with block_outputs as outputs:
+                for step in tqdm(
+                    range(steps), desc="calibrating tokencache", unit="step", disable=self.global_rank > 0
+                ):
+                    self._call(trajectory, step)
+                    if step > 0:
+                        scores = seen["scores"].double().cpu()
+                        for block in range(blocks):
+                            histogram[block] += torch.histc(scores[:, block], HISTOGRAM_BINS, 0.0, 1.0)
+                        importance[step] = scores.mean()
+                        error[step] = torch.stack(
+                            [(outputs[b] - previous[b]).norm() / previous[b].norm() for b in range(blocks)]
+                        ).mean()
+                    previous = dict(outputs)
         finally:
-            for handle in handles:
-                handle.remove()
+            scoring.remove()
             self.predictor.train(was_training)
         return TokenCacheCalibration(histogram, importance.float(), error.float())
 
@@ -240,13 +233,6 @@ def summary(policy: TokenCachePolicy, directory: str | Path) -> str:
     ratios = ", ".join(f"{r:.2f}" for r in policy.block_ratios().tolist())
     full = policy.step_types(len(policy.timesteps)).nonzero().flatten().tolist()
     return f"exported tokencache policy to {directory}: block ratios [{ratios}], full steps {full}"
-
-
-def _keeper(outputs: list, index: int):
-    def hook(module, args, output):
-        outputs[index] = output.detach().float()
-
-    return hook
 
 
 def main(argv: list[str] | None = None) -> int:

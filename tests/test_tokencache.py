@@ -27,7 +27,8 @@ from l2c.policies.tokencache import (
     two_phase_full_steps,
 )
 from l2c.policy_io import PolicyFormatError
-from predictors.token_importance import TokenImportancePredictor, on_first_block
+from l2c.hooks import on_first_block
+from l2c.token_importance import TokenImportancePredictor
 from predictors.tokencache_trainer import TokenCacheTrainer
 
 NUM_TOKENS = 16

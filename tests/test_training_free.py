@@ -43,7 +43,7 @@ from l2c.policies.scores import (
     value_norm_score,
 )
 from l2c.policies.toca import SIGNAL
-from l2c.runtime import BranchStore, SelectionRequest, TrajectoryState
+from l2c.extension import BranchStore, SelectionRequest, TrajectoryState
 
 
 @pytest.fixture(autouse=True)
