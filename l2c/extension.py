@@ -132,8 +132,8 @@ def stalest_tokens(request: SelectionRequest) -> torch.Tensor:
 
 
 # -- the check made at apply -----------------------------------------------------------------------------------------
-# Each extension point and the arguments the runtime calls it with (after `self`).
-EXTENSION_POINTS: dict[str, tuple[str, ...]] = {
+# Each extension point and the arguments the runtime calls it with (after `self`); None: a value, not a method.
+EXTENSION_POINTS: dict[str, tuple[str, ...] | None] = {
     "decide": ("step", "block", "branch_index", "state"),
     "observe": ("call",),
     "observe_output": ("out",),
@@ -141,45 +141,48 @@ EXTENSION_POINTS: dict[str, tuple[str, ...]] = {
     "before_blocks": ("point",),
     "prepare": ("model",),
     "token_selector": (),
-    "partial_keys": (),
+    "partial_keys": None,
 }
 
 
 def check_extensions(policy: object, base: type) -> None:
-    """Raise TypeError for an override that cannot be called as its extension point, or a near-miss name.
+    """Refuse, when a policy is applied, what would silently turn an extension off.
 
+    TypeError for an override the runtime cannot call with its extension point's arguments, and for a public name
+    close to one (a misspelling such as `observe_ouput`); ValueError for a `partial_keys` outside `PartialKeys`.
     `base` is the class declaring the points (`CachePolicy`); only names the policy's own classes define are checked.
     """
     cls = type(policy)
     known = ", ".join(EXTENSION_POINTS)
-    for klass in cls.__mro__:
-        if klass is base or not issubclass(klass, base):
-            break
-        for name in vars(klass):
-            if name.startswith("_") or hasattr(base, name) and name not in EXTENSION_POINTS:
-                continue
-            if name in EXTENSION_POINTS:
-                _check_signature(policy, cls, name, known)
-                continue
-            close = difflib.get_close_matches(name, EXTENSION_POINTS, n=1, cutoff=0.8)
-            if close:
-                raise TypeError(
-                    f"{cls.__name__}.{name} is not an extension point (did you mean {close[0]!r}?); a policy extends "
-                    f"the runtime through {known}"
-                )
+    own = {name for klass in cls.__mro__[: cls.__mro__.index(base)] for name in vars(klass) if not name.startswith("_")}
+    for name in sorted(own):
+        if name in EXTENSION_POINTS:
+            _check_signature(policy, cls, name, known)
+            continue
+        close = difflib.get_close_matches(name, EXTENSION_POINTS, n=1, cutoff=0.8)
+        if close and not hasattr(base, name):
+            raise TypeError(
+                f"{cls.__name__}.{name} is not an extension point (did you mean {close[0]!r}?); a policy extends "
+                f"the runtime through {known}"
+            )
+    if policy.partial_keys not in PARTIAL_KEYS:
+        raise ValueError(
+            f"policy {policy.describe()!r}: field 'partial_keys' is {policy.partial_keys!r}, expected one of "
+            f"{list(PARTIAL_KEYS)}"
+        )
 
 
 def _check_signature(policy: object, cls: type, name: str, known: str) -> None:
     expected = EXTENSION_POINTS[name]
-    if name == "partial_keys":
-        return  # a value, checked against PARTIAL_KEYS by the runtime
+    if expected is None:
+        return  # a value (`partial_keys`), checked after the methods
     member = getattr(policy, name)
     try:
         inspect.signature(member).bind(*expected)
-    except TypeError as error:
+    except TypeError as error:  # not callable, or not with these arguments
         raise TypeError(
-            f"{cls.__name__}.{name}{inspect.signature(member)} cannot be called as the extension point "
-            f"{name}({', '.join(expected)}) ({error}); a policy extends the runtime through {known}"
+            f"{cls.__name__}.{name} cannot be called as the extension point {name}({', '.join(expected)}) "
+            f"({error}); a policy extends the runtime through {known}"
         ) from None
     except ValueError:  # no signature to read (a builtin): let the call itself fail
         return

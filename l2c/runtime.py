@@ -30,7 +30,6 @@ from .adapters import (
     token_partial_supported,
 )
 from .extension import (
-    PARTIAL_KEYS,
     BlockInput,
     BranchCall,
     BranchStore,
@@ -403,11 +402,6 @@ class CacheRuntime:
         self.branch_names = self.spec.branches
         self.selector: TokenSelector = policy.token_selector()
         self.partial_keys = policy.partial_keys
-        if self.partial_keys not in PARTIAL_KEYS:
-            raise ValueError(
-                f"policy {policy.describe()!r}: field 'partial_keys' is {self.partial_keys!r}, expected one of "
-                f"{list(PARTIAL_KEYS)}"
-            )
         self.executed: Counter[Action] = Counter()
         self._paused = False
         self._blend: Blend | None = None
