@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -9,7 +10,6 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
-BRANCH_NAMES = ("attn1", "attn2", "ff")
 UNET_PARTS = ("down_blocks", "mid_block", "up_blocks")  # in the order a UNet runs them
 
 
@@ -34,6 +34,29 @@ class ModelSpec:
         if missing or extra:
             raise ValueError(f"model fingerprint: missing keys {missing}, unexpected keys {extra}")
         return cls(**{**data, "branches": tuple(data["branches"])})
+
+
+@dataclass(frozen=True)
+class BlockFamily:
+    """One kind of transformer block l2c caches: a declarative entry, no runtime code per family.
+
+    `branches` are the block's cacheable submodules, in the order plans index them (a model's branches are those
+    present in every one of its blocks); `hidden_size` reads the width of the tokens entering the block.
+    """
+
+    block_class: type[nn.Module]
+    branches: tuple[str, ...]
+    hidden_size: Callable[[nn.Module], int]
+
+
+# A new family (Flux double/single, SD3 `JointTransformerBlock`, Wan, ...) is one more entry here.
+BLOCK_FAMILIES: tuple[BlockFamily, ...] = (
+    BlockFamily(BasicTransformerBlock, ("attn1", "attn2", "ff"), lambda block: int(block.attn1.to_q.in_features)),
+)
+
+
+def block_family(block: nn.Module) -> BlockFamily | None:
+    return next((f for f in BLOCK_FAMILIES if isinstance(block, f.block_class)), None)
 
 
 @dataclass(frozen=True)
@@ -68,18 +91,18 @@ def _family(model: nn.Module) -> str:
     return "generic"
 
 
-def find_blocks(model: nn.Module) -> list[BasicTransformerBlock]:
-    """The transformer blocks in execution order (`transformer_blocks`, else every BasicTransformerBlock).
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks in execution order (`transformer_blocks`, else every block of a known family).
 
     UNets register `mid_block` after `up_blocks` but run it between them, so their parts are walked in the order
     down, mid, up (the order their blocks run in).
     """
     blocks = getattr(model, "transformer_blocks", None)
-    if isinstance(blocks, nn.ModuleList) and all(isinstance(b, BasicTransformerBlock) for b in blocks):
+    if isinstance(blocks, nn.ModuleList) and all(block_family(b) is not None for b in blocks):
         return list(blocks)
     parts = [getattr(model, name, None) for name in UNET_PARTS]
     roots = [p for p in parts if isinstance(p, nn.Module)] if all(p is not None for p in parts) else [model]
-    found = [m for root in roots for m in root.modules() if isinstance(m, BasicTransformerBlock)]
+    found = [m for root in roots for m in root.modules() if block_family(m) is not None]
     if not found:
         raise TypeError(
             f"{type(model).__name__} has no BasicTransformerBlock: l2c caches diffusers DiT, PixArt and "
@@ -91,7 +114,8 @@ def find_blocks(model: nn.Module) -> list[BasicTransformerBlock]:
 def branch_names(model: nn.Module) -> tuple[str, ...]:
     """Branch names present in every block (attn2 only where blocks have cross-attention)."""
     blocks = find_blocks(model)
-    return tuple(name for name in BRANCH_NAMES if all(getattr(b, name, None) is not None for b in blocks))
+    names = block_family(blocks[0]).branches
+    return tuple(name for name in names if all(getattr(b, name, None) is not None for b in blocks))
 
 
 def find_branches(model: nn.Module) -> list[Branch]:
@@ -115,7 +139,7 @@ def model_spec(target: nn.Module | object) -> ModelSpec:
         family=_family(model),
         num_blocks=len(blocks),
         branches=branch_names(model),
-        hidden_size=int(blocks[0].attn1.to_q.in_features),
+        hidden_size=block_family(blocks[0]).hidden_size(blocks[0]),
         num_tokens=_num_tokens(model),
     )
 

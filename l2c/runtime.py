@@ -12,15 +12,34 @@ import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks.hooks import CacheContext, StateManager
 from torch import nn
 
-from .adapters import Branch, ModelSpec, find_branches, model_spec, resolve_denoiser, token_partial_supported
+from .adapters import (
+    Branch,
+    ModelSpec,
+    find_blocks,
+    find_branches,
+    model_spec,
+    resolve_denoiser,
+    token_partial_supported,
+)
+from .extension import (
+    BlockInput,
+    BranchCall,
+    BranchStore,
+    SelectionRequest,
+    StepOutput,
+    TokenPruning,
+    TokenSelector,
+    TrajectoryState,
+)
+from .hooks import forward_hooks
 from .plan import Action, Plan
 
 if TYPE_CHECKING:
@@ -28,96 +47,36 @@ if TYPE_CHECKING:
 
 STEP_HOOK = "l2c_step"
 BRANCH_HOOK = "l2c_branch"
+BLOCKS_HOOK = "l2c_blocks"  # on the first transformer block: the "before the blocks" point
+HOOK_NAMES = (STEP_HOOK, BLOCKS_HOOK, BRANCH_HOOK)
 DEFAULT_CONTEXT = "default"
-# What the queries of a partial self-attention attend to (a policy's optional `partial_keys` attribute): "fresh" =
-# keys/values of every token recomputed from this step's input; "cached" = fresh keys/values for the selected
-# tokens, the stored ones (from each token's last computation) for the rest, so only selected tokens are projected.
-PARTIAL_KEYS = ("fresh", "cached")
+# `timesteps=RECORD_TIMESTEPS`: no table up front; the first run's timesteps become it (Block Caching's calibration).
+RECORD_TIMESTEPS = "record"
+Gates = torch.Tensor  # [blocks, branches(, batch(, tokens))]
+GateSource = Gates | Callable[[BlockInput], Gates | None]
 
 
 @dataclass
-class BranchStore:
-    """A branch's cached output for one trajectory, and each token's age in steps since computed."""
+class Blend:
+    """Training: the gates of `CacheRuntime.blending`, resolved (when a callable) at each call's before-blocks point."""
 
-    output: torch.Tensor | None = None  # [batch, tokens, channels]
-    age: torch.Tensor | None = None  # [batch, tokens], int64
-    # Self-attention under `partial_keys="cached"`: each token's key and value projections ("to_k", "to_v",
-    # [batch, tokens, inner]) as of the step the token was last computed.
-    keys_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: GateSource | None
+    refresh: bool  # the blended output becomes the cache (see `BranchHook._blend`)
+    gates: Gates | None = None
 
-
-@dataclass
-class TrajectoryState(BaseState):
-    """Per-trajectory (and per diffusers cache context) cache: reset whenever a new sampling run starts."""
-
-    step: int = -1
-    batch_size: int | None = None
-    stores: dict[tuple[int, str], BranchStore] = field(default_factory=dict)
-    # Signals a dynamic policy measured on this trajectory (scores, changes, per-sample countdowns), keyed by it.
-    signals: dict[Any, Any] = field(default_factory=dict)
-
-    def reset(self, *args, **kwargs) -> None:
-        self.step = -1
-        self.batch_size = None
-        self.stores.clear()
-        self.signals.clear()
+    def resolve(self, point: BlockInput) -> None:
+        self.gates = self.source(point) if callable(self.source) else self.source
 
 
 @dataclass(frozen=True)
-class SelectionRequest:
-    """What a token selector sees for one partial branch execution."""
+class Execution:
+    """How one branch runs at one call: the action, its token ratio, the computing rows, the blend gate."""
 
-    step: int
-    block: int
-    branch: str
-    inputs: torch.Tensor  # the branch input [batch, tokens, channels]
-    store: BranchStore
-    num_selected: int
-    state: TrajectoryState | None = None  # the trajectory, for selectors that read `state.signals`
-
-
-@dataclass(frozen=True)
-class BranchCall:
-    """One branch execution, as a policy's optional `observe(call)` sees it (see `CacheRuntime.observe`)."""
-
-    step: int
-    block: int
-    branch: str
-    action: Action  # what runs: COMPUTE (of every row, or of `rows`), REUSE or PARTIAL
-    rows: torch.Tensor | None  # per-sample decision: indices of the rows computed (None: every row)
-    module: nn.Module
-    store: BranchStore  # `store.output` is the previous output on entry, the new one on exit
-    state: TrajectoryState
-    plan: Plan | None
-    args: tuple
-    kwargs: dict
-
-
-@dataclass(frozen=True)
-class TokenPruning:
-    """Run a branch on the `kept` tokens only; token i's output is then the kept output at position `source[:, i]`."""
-
-    kept: torch.Tensor  # [batch, kept] token indices, increasing
-    source: torch.Tensor  # [batch, tokens] position in `kept` whose output each token takes
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """The denoiser's output at one step, as a policy's optional `observe_output(out)` sees it."""
-
-    step: int
-    state: TrajectoryState
-    model: nn.Module
-    sample: torch.Tensor  # the model's prediction, e.g. [batch, channels, height, width]
-
-
-TokenSelector = Callable[[SelectionRequest], torch.Tensor]  # -> indices [batch, num_selected]
-
-
-def stalest_tokens(request: SelectionRequest) -> torch.Tensor:
-    """Recompute the tokens computed longest ago (ties: lowest index first); needs no extra work."""
-    order = torch.argsort(request.store.age, dim=1, descending=True, stable=True)
-    return order[:, : request.num_selected]
+    action: Action
+    ratio: float = 1.0
+    rows: torch.Tensor | None = None  # per-sample decision: indices of the rows computed (None: every row)
+    gate: torch.Tensor | None = None  # training: COMPUTE, then g·f(x) + (1−g)·cached
+    refresh: bool = False  # with a gate: the blend becomes the cache
 
 
 def _timestep_argument(model: nn.Module) -> Callable[[tuple, dict], torch.Tensor]:
@@ -135,6 +94,24 @@ def _timestep_argument(model: nn.Module) -> Callable[[tuple, dict], torch.Tensor
     return read
 
 
+def running_state(states: StateManager) -> TrajectoryState | None:
+    """The trajectory whose hooked denoiser call is in progress in the current cache context (None: no such call)."""
+    try:
+        state = states.get_state()
+    except ValueError:  # no cache context set: no denoiser call has opened one
+        return None
+    return state if state.running else None
+
+
+def _open_state(states: StateManager) -> TrajectoryState:
+    """The current context's state; an unmodified pipeline (or a bare model call) sets no context: use ours."""
+    try:
+        return states.get_state()
+    except ValueError:
+        states.set_context(CacheContext(DEFAULT_CONTEXT))
+        return states.get_state()
+
+
 class StepTrackerHook(ModelHook):
     """On the denoiser: maps the called timestep to a step index and opens the matching trajectory state."""
 
@@ -148,13 +125,13 @@ class StepTrackerHook(ModelHook):
 
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
         if self.runtime.paused:
-            self.runtime.current = None
+            state = running_state(self.states)
+            if state is not None:
+                state.running = False
             return args, kwargs
         timestep = self.read_timestep(args, kwargs)
         step = self.runtime.step_of(timestep)
-        if self.states._context is None:
-            self.states.set_context(_default_context())
-        state = self.states.get_state()
+        state = _open_state(self.states)
         batch_size = _batch_size(args, kwargs)
         if step <= state.step:
             state.reset()
@@ -163,13 +140,13 @@ class StepTrackerHook(ModelHook):
                 f"batch size changed from {state.batch_size} to {batch_size} inside one sampling run "
                 f"(step {step}); the cache holds one row per sample"
             )
-        state.step, state.batch_size = step, batch_size
-        self.runtime.current = state
+        state.step, state.batch_size, state.running = step, batch_size, True
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        state, self.runtime.current = self.runtime.current, None
+        state = running_state(self.states)
         if state is not None:
+            state.running = False
             self.runtime.observe_output(state, module, output)
         return output
 
@@ -178,10 +155,21 @@ class StepTrackerHook(ModelHook):
         return module
 
 
-def _default_context():
-    from diffusers.hooks.hooks import CacheContext
+class BlocksHook(ModelHook):
+    """On the first transformer block: the "before the blocks" point, once per denoiser call, with its input."""
 
-    return CacheContext(DEFAULT_CONTEXT)
+    def __init__(self, runtime: CacheRuntime, states: StateManager) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.states = states
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
+        state = running_state(self.states)
+        if state is not None:
+            self.runtime.before_blocks(
+                BlockInput(state.step, state, self.runtime.model, self.runtime.plan, args, kwargs)
+            )
+        return args, kwargs
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
@@ -189,55 +177,95 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
     return int(hidden.shape[0])
 
 
-class BranchHook(ModelHook):
-    """On one branch module: executes the current step's action for this (block, branch)."""
+Runner = Callable[["BranchHook", Callable, BranchCall, Execution], torch.Tensor]
 
-    def __init__(self, runtime: CacheRuntime, branch: Branch, branch_index: int) -> None:
+
+class BranchHook(ModelHook):
+    """On one branch module: executes the current step's action for this (block, branch).
+
+    Each action runs through its own method, found in `RUNNERS` (a new action is one method and one entry).
+    """
+
+    def __init__(self, runtime: CacheRuntime, branch: Branch, branch_index: int, states: StateManager) -> None:
         super().__init__()
         self.runtime = runtime
         self.branch = branch
         self.branch_index = branch_index
+        self.states = states
         self.partial_ok = token_partial_supported(branch)
 
     def new_forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
         original = self.fn_ref.original_forward
-        state = self.runtime.current
-        if state is None:  # branch called outside the denoiser's forward: leave it alone
+        state = running_state(self.states)
+        if state is None:  # branch called outside the denoiser's forward (or while paused): leave it alone
             return original(*args, **kwargs)
-        key = (self.branch.block, self.branch.name)
-        store = state.stores.setdefault(key, BranchStore())
-        if self.runtime.blend is not None and store.output is not None:
-            return self._blend(original, store, args, kwargs)
-        action, ratio = self.runtime.decision(state.step, self.branch.block, self.branch_index, state)
-        rows = None
-        if isinstance(action, torch.Tensor):  # a per-sample decision: one action code per batch row
-            action, rows = _split_rows(action, state.step, self.branch)
-        if (action != Action.COMPUTE or rows is not None) and store.output is None:
-            verb = "reuse rows of" if rows is not None else action.name.lower()
+        branch = self.branch
+        store = state.stores.setdefault((branch.block, branch.name), BranchStore())
+        run = self.runtime.execution(state, branch, self.branch_index, store)
+        if (run.action != Action.COMPUTE or run.rows is not None) and store.output is None:
+            verb = "reuse rows of" if run.rows is not None else run.action.name.lower()
             raise RuntimeError(
-                f"plan asks to {verb} block {self.branch.block} {self.branch.name} at step "
+                f"plan asks to {verb} block {branch.block} {branch.name} at step "
                 f"{state.step}, but no step of this run computed it yet"
             )
-        self.runtime.executed[action] += 1
-        branch, plan = self.branch, self.runtime.plan
-        call = BranchCall(state.step, branch.block, branch.name, action, rows, module, store, state, plan, args, kwargs)
+        self.runtime.executed[run.action] += 1
+        plan = self.runtime.plan
+        call = BranchCall(
+            state.step, branch.block, branch.name, run.action, run.rows, module, store, state, plan, args, kwargs
+        )
         with self.runtime.observe(call):
-            if action == Action.REUSE:
-                store.age += 1
-                return store.output
-            if action == Action.PARTIAL:
-                return self._partial(original, store, state, ratio, args, kwargs)
-            if rows is not None:
-                return self._rows(original, store, rows, args, kwargs)
-            pruning = self.runtime.pruning(call)
-            if pruning is not None:
-                return self._pruned(original, store, pruning, args, kwargs)
-            with self._keys_values(module, store):
-                output = original(*args, **kwargs)
-            store.output = output
-            store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
-            return output
+            return self.RUNNERS[run.action](self, original, call, run)
 
+    # -- one method per action ------------------------------------------------------------------------------------
+    def _compute(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
+        """Run the branch (blended, on some rows, or on the tokens a pruning keeps) and store its output."""
+        store, args, kwargs = call.store, call.args, call.kwargs
+        if run.gate is not None:
+            return self._blend(original, store, run, args, kwargs)
+        if run.rows is not None:
+            return self._rows(original, store, run.rows, args, kwargs)
+        pruning = self.runtime.policy.token_pruning(call)
+        if pruning is not None:
+            return self._pruned(original, store, pruning, args, kwargs)
+        with self._keys_values(call.module, store):
+            output = original(*args, **kwargs)
+        store.output = output
+        store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
+        return output
+
+    def _reuse(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
+        call.store.age += 1
+        return call.store.output
+
+    def _partial(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
+        """Recompute the selected share of the tokens, scatter them into the stored output."""
+        if not self.partial_ok:
+            raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot be recomputed token by token")
+        store, state = call.store, call.state
+        args, kwargs = list(call.args), dict(call.kwargs)
+        hidden = args.pop(0) if args else kwargs.pop("hidden_states")
+        num_tokens = hidden.shape[1]
+        count = max(1, min(num_tokens, round(run.ratio * num_tokens)))
+        request = SelectionRequest(state.step, self.branch.block, self.branch.name, hidden, store, count, state)
+        index = self.runtime.selector(request)
+        selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        cached_keys = self.branch.name == "attn1" and self.runtime.partial_keys == "cached"
+        if self.branch.name == "attn1":
+            if kwargs.get("attention_mask") is not None:
+                raise RuntimeError("partial self-attention with an attention mask is not supported")
+            if not cached_keys:  # "fresh": keys and values come from every token of this step
+                kwargs["encoder_hidden_states"] = hidden
+        # Selected tokens are the queries; under "cached" keys, `_keys_values` completes their keys and values.
+        with self._keys_values(self.branch.module, store, index=index) if cached_keys else nullcontext():
+            fresh = original(selected, *args, **kwargs)
+        output = store.output.scatter(1, index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]), fresh)
+        store.output = output
+        store.age = (store.age + 1).scatter(1, index, 0)
+        return output
+
+    RUNNERS: dict[Action, Runner] = {Action.COMPUTE: _compute, Action.REUSE: _reuse, Action.PARTIAL: _partial}
+
+    # -- variants of COMPUTE ----------------------------------------------------------------------------------------
     def _rows(self, original, store: BranchStore, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """Compute only the batch rows in `rows` (every batch-sized tensor argument is sliced); the rest reuse."""
         batch = store.output.shape[0]
@@ -258,7 +286,7 @@ class BranchHook(ModelHook):
         """Run the branch on the kept tokens only (for self-attention they are all its queries, keys and values)."""
         if not self.partial_ok:
             raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot run on a subset of its tokens")
-        args = list(args)
+        args, kwargs = list(args), dict(kwargs)
         hidden = args.pop(0) if args else kwargs.pop("hidden_states")
         if self.branch.name == "attn1" and kwargs.get("attention_mask") is not None:
             raise RuntimeError("pruned self-attention with an attention mask is not supported")
@@ -269,16 +297,33 @@ class BranchHook(ModelHook):
         store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
         return output
 
+    def _blend(self, original, store: BranchStore, run: Execution, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Training: g·f(x) + (1−g)·cached, differentiable in the gate g.
+
+        The cache is left as it was, unless the blending's `refresh`: then the blend becomes the cache, as a
+        computed branch refreshes it at inference, and gradients flow through it into later steps' gates.
+        """
+        gate = run.gate
+        if gate.ndim == 2:  # per (sample, token)
+            gate = gate.unsqueeze(-1)
+        elif gate.ndim == 1:  # per sample
+            gate = gate.view(-1, 1, 1)
+        fresh = original(*args, **kwargs)
+        mixed = gate * fresh + (1 - gate) * store.output
+        if run.refresh:
+            store.output = mixed
+        return mixed
+
     @contextmanager
     def _keys_values(
         self, attn: nn.Module, store: BranchStore, rows: torch.Tensor | None = None, index: torch.Tensor | None = None
     ) -> Iterator[None]:
         """Self-attention under `partial_keys="cached"`: keep each token's key/value projections in the store.
 
-        Plain forward hooks on `attn.to_k` / `attn.to_v` for the one call (the processor itself is untouched):
-        a full computation stores them; `rows` updates those batch rows; `index` [batch, selected] (a partial step,
-        where only the selected tokens are projected) scatters the fresh projections into the stored ones and hands
-        the processor the completed [batch, tokens, inner] keys and values.
+        Forward hooks on `attn.to_k` / `attn.to_v` for the one call (the processor itself is untouched): a full
+        computation stores them; `rows` updates those batch rows; `index` [batch, selected] (a partial step, where
+        only the selected tokens are projected) scatters the fresh projections into the stored ones and hands the
+        processor the completed [batch, tokens, inner] keys and values.
         """
         if self.branch.name != "attn1" or self.runtime.partial_keys != "cached":
             yield
@@ -305,58 +350,13 @@ class BranchHook(ModelHook):
 
             return hook
 
-        handles = [getattr(attn, name).register_forward_hook(complete(name)) for name in ("to_k", "to_v")]
-        try:
+        with forward_hooks({getattr(attn, name): complete(name) for name in ("to_k", "to_v")}):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
         if fired != {"to_k", "to_v"}:
             raise RuntimeError(
                 f"block {self.branch.block} attn1: partial_keys='cached' needs the attention processor to call "
                 f"attn.to_k and attn.to_v ({type(attn.processor).__name__} called {sorted(fired)})"
             )
-
-    def _blend(self, original, store: BranchStore, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Training: g·f(x) + (1−g)·cached, differentiable in the gate g.
-
-        The cache is left as it was, unless `runtime.blend_refresh`: then the blend becomes the cache, as a
-        computed branch refreshes it at inference, and gradients flow through it into later steps' gates.
-        """
-        gate = self.runtime.blend[self.branch.block, self.branch_index]
-        if gate.ndim == 2:  # per (sample, token)
-            gate = gate.unsqueeze(-1)
-        elif gate.ndim == 1:  # per sample
-            gate = gate.view(-1, 1, 1)
-        fresh = original(*args, **kwargs)
-        mixed = gate * fresh + (1 - gate) * store.output
-        if self.runtime.blend_refresh:
-            store.output = mixed
-        return mixed
-
-    def _partial(self, original, store: BranchStore, state: TrajectoryState, ratio: float, args: tuple, kwargs: dict):
-        if not self.partial_ok:
-            raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot be recomputed token by token")
-        args = list(args)
-        hidden = args.pop(0) if args else kwargs.pop("hidden_states")
-        num_tokens = hidden.shape[1]
-        count = max(1, min(num_tokens, round(ratio * num_tokens)))
-        request = SelectionRequest(state.step, self.branch.block, self.branch.name, hidden, store, count, state)
-        index = self.runtime.selector(request)
-        selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        cached_keys = self.branch.name == "attn1" and self.runtime.partial_keys == "cached"
-        if self.branch.name == "attn1":
-            if kwargs.get("attention_mask") is not None:
-                raise RuntimeError("partial self-attention with an attention mask is not supported")
-            if not cached_keys:  # "fresh": keys and values come from every token of this step
-                kwargs["encoder_hidden_states"] = hidden
-        # Selected tokens are the queries; under "cached" keys, `_keys_values` completes their keys and values.
-        with self._keys_values(self.branch.module, store, index=index) if cached_keys else nullcontext():
-            fresh = original(selected, *args, **kwargs)
-        output = store.output.scatter(1, index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]), fresh)
-        store.output = output
-        store.age = (store.age + 1).scatter(1, index, 0)
-        return output
 
 
 def _split_rows(codes: torch.Tensor, step: int, branch: Branch) -> tuple[Action, torch.Tensor | None]:
@@ -378,49 +378,38 @@ def _split_rows(codes: torch.Tensor, step: int, branch: Branch) -> tuple[Action,
 class CacheRuntime:
     """A policy applied to one model: owns the hooks, the step table and the resolved plan.
 
-    Dynamic policies may define optional methods (looked up on the policy, so static policies need none):
-    `decide(step, block, branch_index, state) -> (action, ratio) | None` overrides the plan's entry at run time
-    (`action` may be a tensor of per-row codes, COMPUTE or REUSE, for per-sample decisions: only the computing
-    rows run); `observe(call: BranchCall) -> context manager | None` is entered around each branch execution, to
-    measure signals into `state.signals`; `observe_output(out: StepOutput)` sees the denoiser's output of every
-    step; `token_pruning(call: BranchCall) -> TokenPruning | None` makes a branch that computes (every row) run on
-    some of its tokens and fill the others from kept ones. All see only the trajectory's own state.
+    The policy extends it through the extension points `CachePolicy` declares (checked here, at apply): `decide`
+    overrides the plan's entry at run time, `observe` is entered around each branch execution, `token_pruning`
+    makes a computing branch run on some of its tokens, `before_blocks` sees the first block's input once per
+    denoiser call, `observe_output` the denoiser's output. All see only the trajectory's own state, which lives in
+    the step hook's `StateManager` (one `TrajectoryState` per diffusers cache context).
     """
 
     def __init__(
         self,
         target: nn.Module | object,
         policy: CachePolicy,
-        timesteps: torch.Tensor | list | None = None,
+        timesteps: torch.Tensor | list | Literal["record"] | None = None,
     ) -> None:
         self.model = resolve_denoiser(target)
         self.pipeline = None if isinstance(target, nn.Module) else target
         self.policy = policy
+        policy.check_extensions()
+        policy.prepare(self.model)  # first: before the plan is built and any hook is attached
         self.spec: ModelSpec = model_spec(self.model)
         policy.check_model(self.spec, self.pipeline)
         self.branches = find_branches(self.model)
         self.branch_names = self.spec.branches
         self.selector: TokenSelector = policy.token_selector()
-        self._decide = getattr(policy, "decide", None)
-        self.partial_keys: str = getattr(policy, "partial_keys", "fresh")
-        if self.partial_keys not in PARTIAL_KEYS:
-            raise ValueError(
-                f"policy {policy.describe()!r}: field 'partial_keys' is {self.partial_keys!r}, expected one of "
-                f"{list(PARTIAL_KEYS)}"
-            )
-        self._observe = getattr(policy, "observe", None)
-        self._prune = getattr(policy, "token_pruning", None)
-        self._observe_output = getattr(policy, "observe_output", None)
-        self.current: TrajectoryState | None = None
-        # Training only: gates [blocks, branches(, batch(, tokens))] that blend fresh and cached outputs.
-        self.blend: torch.Tensor | None = None
-        self.blend_refresh = False  # training only: the blended output becomes the cache (see `BranchHook._blend`)
-        self.paused = False
+        self.partial_keys = policy.partial_keys
         self.executed: Counter[Action] = Counter()
+        self._paused = False
+        self._blend: Blend | None = None
         self._timesteps: torch.Tensor | None = None
         self._plan: Plan | None = None
         self._explicit_timesteps = timesteps is not None
-        if timesteps is not None:
+        self._recording = isinstance(timesteps, str) and timesteps == RECORD_TIMESTEPS
+        if timesteps is not None and not self._recording:
             policy.check_timesteps(torch.as_tensor(timesteps))
             self._bind(torch.as_tensor(timesteps))
         elif policy.timesteps is not None:
@@ -438,6 +427,15 @@ class CacheRuntime:
     def plan(self) -> Plan | None:
         return self._plan
 
+    @property
+    def timesteps(self) -> torch.Tensor | None:
+        """The step table (float64): the index of a called timestep in it is the step."""
+        return self._timesteps
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def step_of(self, timestep: torch.Tensor) -> int:
         values = timestep.detach().flatten().to("cpu", torch.float64)
         if values.numel() == 0:
@@ -446,7 +444,7 @@ class CacheRuntime:
             raise ValueError(f"samples in one batch are at different timesteps {values.unique().tolist()}")
         value = float(values[0])
         self._follow_pipeline()
-        index = self._lookup(value)
+        index = self._record(value) if self._recording else self._lookup(value)
         if index is None:
             known = None if self._timesteps is None else [round(t, 4) for t in self._timesteps.tolist()]
             raise ValueError(
@@ -467,60 +465,82 @@ class CacheRuntime:
         self.policy.check_timesteps(steps)
         self._bind(steps)
 
+    def _record(self, value: float) -> int:
+        """Recording: a new timestep extends the table until a call returns to the first one (a second run)."""
+        index = self._lookup(value)
+        if index is None:
+            known = [] if self._timesteps is None else self._timesteps.tolist()
+            self._bind(torch.tensor([*known, value], dtype=torch.float64))
+            return len(known)
+        if index == 0 and len(self._timesteps) > 1:
+            self._recording = False
+        return index
+
     def _lookup(self, value: float) -> int | None:
         if self._timesteps is None:
             return None
         hits = torch.nonzero(torch.isclose(self._timesteps, torch.tensor(value, dtype=torch.float64), atol=1e-4))
         return int(hits[0, 0]) if len(hits) else None
 
+    # -- the extension points, as the hooks reach them ---------------------------------------------------------------
     def decision(
         self, step: int, block: int, branch_index: int, state: TrajectoryState | None = None
     ) -> tuple[Action | torch.Tensor, float]:
-        if self._decide is not None and state is not None:
-            dynamic = self._decide(step, block, branch_index, state)
+        """The policy's `decide` where it answers, else the plan's entry."""
+        if state is not None:
+            dynamic = self.policy.decide(step, block, branch_index, state)
             if dynamic is not None:
                 return dynamic
         return Action(self._actions[step][block][branch_index]), self._ratios[step][block][branch_index]
 
-    def pruning(self, call: BranchCall) -> TokenPruning | None:
-        return self._prune(call) if self._prune is not None else None
+    def execution(self, state: TrajectoryState, branch: Branch, branch_index: int, store: BranchStore) -> Execution:
+        """How a branch runs now: a training blend (once the branch has a cached output), else the decision."""
+        blend = self._blend
+        if blend is not None and blend.gates is not None and store.output is not None:
+            return Execution(Action.COMPUTE, gate=blend.gates[branch.block, branch_index], refresh=blend.refresh)
+        action, ratio = self.decision(state.step, branch.block, branch_index, state)
+        if isinstance(action, torch.Tensor):  # a per-sample decision: one action code per batch row
+            action, rows = _split_rows(action, state.step, branch)
+            return Execution(action, ratio, rows)
+        return Execution(action, ratio)
+
+    def before_blocks(self, point: BlockInput) -> None:
+        self.policy.before_blocks(point)
+        if self._blend is not None:
+            self._blend.resolve(point)
 
     def observe_output(self, state: TrajectoryState, model: nn.Module, output: Any) -> None:
-        if self._observe_output is not None:
-            sample = output if isinstance(output, torch.Tensor) else output[0]  # a tensor, tuple or BaseOutput
-            self._observe_output(StepOutput(state.step, state, model, sample))
+        sample = output if isinstance(output, torch.Tensor) else output[0]  # a tensor, tuple or BaseOutput
+        self.policy.observe_output(StepOutput(state.step, state, model, sample))
 
     def observe(self, call: BranchCall) -> AbstractContextManager:
-        probe = self._observe(call) if self._observe is not None else None
+        probe = self.policy.observe(call)
         return probe if probe is not None else nullcontext()
 
     # -- hooks ------------------------------------------------------------------------------------
     def _attach(self) -> None:
-        modules = [self.model] + [b.module for b in self.branches]
+        first_block = find_blocks(self.model)[0]
+        modules = [self.model, first_block] + [b.module for b in self.branches]
         for module in modules:
             registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None and (registry.get_hook(STEP_HOOK) or registry.get_hook(BRANCH_HOOK)):
+            if registry is not None and any(registry.get_hook(name) for name in HOOK_NAMES):
                 raise RuntimeError("this model already has an l2c policy applied; call remove() first")
-        self._saved = [(m, "forward" in m.__dict__, "_diffusers_hook" in m.__dict__) for m in modules]
-        HookRegistry.check_if_exists_or_initialize(self.model).register_hook(StepTrackerHook(self), STEP_HOOK)
+        self._saved = [_Restore(m) for m in modules]
+        step_hook = StepTrackerHook(self)
+        HookRegistry.check_if_exists_or_initialize(self.model).register_hook(step_hook, STEP_HOOK)
+        blocks_hook = BlocksHook(self, step_hook.states)
+        HookRegistry.check_if_exists_or_initialize(first_block).register_hook(blocks_hook, BLOCKS_HOOK)
         index = {name: i for i, name in enumerate(self.branch_names)}
         for branch in self.branches:
             registry = HookRegistry.check_if_exists_or_initialize(branch.module)
-            registry.register_hook(BranchHook(self, branch, index[branch.name]), BRANCH_HOOK)
+            registry.register_hook(BranchHook(self, branch, index[branch.name], step_hook.states), BRANCH_HOOK)
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
 
     def remove(self) -> None:
         """Detach every hook and put each module back exactly as it was before `apply`."""
-        for module, had_forward, had_registry in self._saved:
-            registry = module._diffusers_hook
-            for name in (STEP_HOOK, BRANCH_HOOK):
-                registry.remove_hook(name, recurse=False)
-            if not had_forward and not registry.hooks:
-                module.__dict__.pop("forward", None)
-            if not had_registry and not registry.hooks:
-                del module._diffusers_hook
+        for saved in self._saved:
+            saved.restore()
         self._saved = []
-        self.current = None
 
     def reset(self) -> None:
         """Forget every cached output (all cache contexts); the next call starts a new trajectory."""
@@ -529,14 +549,59 @@ class CacheRuntime:
     @contextmanager
     def pause(self) -> Iterator[None]:
         """Run the model as if unhooked (trainers use it for teacher passes); cache state is kept."""
-        self.paused = True
+        self._paused = True
         try:
             yield
         finally:
-            self.paused = False
+            self._paused = False
+
+    @contextmanager
+    def blending(self, gates: GateSource | None, refresh: bool = False) -> Iterator[None]:
+        """Training: inside, every branch with a cached output computes and returns g·f(x) + (1−g)·cached.
+
+        `gates` [blocks, branches(, batch(, tokens))], or a callable evaluated at each call's before-blocks point
+        (e.g. a predictor reading the first block's input) returning them; None blends nothing (the plan runs).
+        With `refresh`, the blend becomes the cache, as a computed branch refreshes it at inference.
+        """
+        if self._blend is not None:
+            raise RuntimeError("runtime.blending(...) is already active; blends do not nest")
+        self._blend = Blend(gates, refresh, None if callable(gates) else gates)
+        try:
+            yield
+        finally:
+            self._blend = None
 
     def __enter__(self) -> CacheRuntime:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class _Restore:
+    """What `remove()` needs to put one module back exactly as `apply` found it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.had_forward = "forward" in module.__dict__
+        self.had_registry = "_diffusers_hook" in module.__dict__
+
+    def restore(self) -> None:
+        registry = HookRegistry.check_if_exists_or_initialize(self.module)
+        for name in HOOK_NAMES:
+            registry.remove_hook(name, recurse=False)
+        if not registry.hooks:
+            _drop_empty_registry(self.module, self.had_forward, self.had_registry)
+
+
+def _drop_empty_registry(module: nn.Module, had_forward: bool, had_registry: bool) -> None:
+    """Undo what diffusers leaves behind once its last hook is removed (the one place l2c touches its internals).
+
+    `HookRegistry.remove_hook` restores `forward` by assigning the bound method it had wrapped, which stays as an
+    instance attribute, and keeps the emptied registry in `module._diffusers_hook`; diffusers has no call that undoes
+    either, so a module l2c found without them gets both deleted, and its class's `forward` is used again.
+    """
+    if not had_forward:
+        module.__dict__.pop("forward", None)
+    if not had_registry:
+        del module._diffusers_hook

@@ -12,8 +12,7 @@ the same number of times in the same order: `teacher_needed_elsewhere` is how a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, get_args, get_origin, get_type_hints
@@ -22,15 +21,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from l2c.adapters import find_blocks, model_spec, read_outside_their_block
 from l2c.models import ModelBundle, load_model, make_scheduler
 from l2c.policies import CachePolicy, FullPolicy
-from l2c.runtime import CacheRuntime
+from l2c.runtime import CacheRuntime, GateSource
 from l2c.sampling import Condition, GuidedDenoiser, denoise, noise_from_seeds
-
-from .token_importance import on_first_block
 
 
 @dataclass
@@ -122,7 +118,6 @@ class FrozenTeacherModule(L.LightningModule):
         self.spec = model_spec(self.teacher)
         self.trajectories = TrajectoryCache()
         self.runtime: CacheRuntime | None = None  # the cache runtime on the teacher, while fitting
-        self._before_blocks_hook: RemovableHandle | None = None
 
     def check_fields(self) -> None:
         """Refuse bad settings (read from `self.hparams`) before the teacher loads: values outside their `Literal`
@@ -184,14 +179,10 @@ class FrozenTeacherModule(L.LightningModule):
         if self.bundle.vae is not None:
             self.bundle.vae.to(self.device)
         self.runtime = FullPolicy().apply(self.teacher, timesteps=self.timesteps)
-        if type(self).before_blocks is not FrozenTeacherModule.before_blocks:
-            self._before_blocks_hook = self.on_first_block(self.before_blocks)
 
     def on_fit_end(self) -> None:
-        if self._before_blocks_hook is not None:
-            self._before_blocks_hook.remove()
         self.runtime.remove()
-        self.runtime, self._before_blocks_hook = None, None
+        self.runtime = None
         directory = self.hparams.export_dir
         # Building the policy may call the teacher (TokenCache calibrates): when it is sharded, every rank builds it
         # (its calls are collectives).
@@ -201,27 +192,12 @@ class FrozenTeacherModule(L.LightningModule):
                 policy.save_pretrained(directory)
                 print(self.export_message(policy, directory))
 
-    def before_blocks(self, args: tuple, kwargs: dict) -> None:
-        """Called with the (args, kwargs) of the teacher's first block, just before it, while fitting (a subclass
-        that overrides it gets the hook; TokenCache scores the tokens there)."""
-
-    def on_first_block(self, callback: Callable[[tuple, dict], None]) -> RemovableHandle:
-        """Run `callback(args, kwargs)` just before the teacher's first transformer block."""
-        return on_first_block(self.teacher, callback)
-
-    @contextmanager
-    def blending(self, gates: torch.Tensor | None = None) -> Iterator[None]:
-        """Inside, every branch of the teacher returns gates·fresh + (1 − gates)·cached, gates [blocks, branches(,
-        batch(, tokens))]; `None`: branches compute and store as usual (unless `set_gates` gives gates meanwhile)."""
-        self.set_gates(gates)
-        try:
-            yield
-        finally:
-            self.set_gates(None)
-
-    def set_gates(self, gates: torch.Tensor | None) -> None:
-        """The blend gates of the branches' next calls: the one place a trainer sets the runtime's training state."""
-        self.runtime.blend, self.runtime.blend_refresh = gates, self.refresh_cache
+    def blending(self, gates: GateSource | None) -> AbstractContextManager:
+        """Inside, every branch of the teacher with a cached output returns gates·fresh + (1 − gates)·cached, gates
+        [blocks, branches(, batch(, tokens))] or a callable of the call's first-block input (`BlockInput`) returning
+        them (TokenCache scores the tokens there); `None`: branches compute and store as usual. With
+        `refresh_cache` the blend becomes the cache."""
+        return self.runtime.blending(gates, refresh=self.refresh_cache)
 
     def uncached(self) -> AbstractContextManager:
         """The plain teacher inside (the runtime paused, its cache kept), e.g. for the teacher's own trajectories."""

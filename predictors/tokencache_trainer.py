@@ -23,10 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from l2c.adapters import find_blocks
+from l2c.extension import BlockInput
+from l2c.hooks import on_first_block, record_outputs
 from l2c.policies.tokencache import TokenCacheCalibration, TokenCachePolicy
+from l2c.token_importance import TokenImportancePredictor
 
 from .frozen_teacher import FrozenTeacherModule, step_generator
-from .token_importance import TokenImportancePredictor
 
 CALIBRATION_SEED = 2_000_000  # calibration noise: apart from training (data seed) and evaluation (0 …) seeds
 HISTOGRAM_BINS = 1000
@@ -84,7 +86,6 @@ class TokenCacheTrainer(FrozenTeacherModule):
         self.predictor = without_label_dropout(
             TokenImportancePredictor.from_teacher(self.teacher, ff_inner_dim, init_score)
         )
-        self._gating = False  # `before_blocks` turns scores into blend gates only on the student's step
         self._scores: torch.Tensor | None = None
 
     def check_fields(self) -> None:
@@ -95,12 +96,11 @@ class TokenCacheTrainer(FrozenTeacherModule):
         if not 0.0 <= hp.target_ratio <= 1.0:
             raise ValueError(f"tokencache trainer: field 'target_ratio' must be in [0, 1], got {hp.target_ratio}")
 
-    def before_blocks(self, args: tuple, kwargs: dict) -> None:
-        if not self._gating:
-            return
-        scores = self.predictor(args, kwargs)  # [batch, blocks, tokens]
+    def _gates(self, point: BlockInput) -> torch.Tensor:
+        """The student call's blend gates: the predictor's scores of the very input its first block sees."""
+        scores = self.predictor(point.args, point.kwargs)  # [batch, blocks, tokens]
         self._scores = scores
-        self.set_gates(scores.transpose(0, 1).unsqueeze(1).expand(-1, len(self.spec.branches), -1, -1))
+        return scores.transpose(0, 1).unsqueeze(1).expand(-1, len(self.spec.branches), -1, -1)
 
     # -- training ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -110,12 +110,8 @@ class TokenCacheTrainer(FrozenTeacherModule):
         gap = int(torch.randint(1, min(hp.max_gap, step) + 1, (), generator=generator))
         trajectory = self.trajectories.get(self, *batch)
         self.start_cache(trajectory, step - gap)
-        self._gating = True
-        try:
-            with self.blending():  # the gates: the predictor's scores of this very call, set by `before_blocks`
-                out = self.teacher_output(trajectory, step)
-        finally:
-            self._gating = False
+        with self.blending(self._gates):
+            out = self.teacher_output(trajectory, step)
         scores, self._scores = self._scores, None
         mse = F.mse_loss(out, trajectory.model_output(step))
         # The budget is on the global batch's mean score: its value all-reduced over ranks, its gradient this rank's,
@@ -152,28 +148,28 @@ class TokenCacheTrainer(FrozenTeacherModule):
         importance = torch.zeros(steps, dtype=torch.float64)
         error = torch.zeros(steps, dtype=torch.float64)
         seen: dict[str, torch.Tensor] = {}
-        handles = [self.on_first_block(lambda a, k: seen.__setitem__("scores", self.predictor(a, k)))]
-        outputs: list[torch.Tensor | None] = [None] * blocks
-        previous: list[torch.Tensor | None] = [None] * blocks
-        for index, block in enumerate(find_blocks(self.teacher)):
-            handles.append(block.register_forward_hook(_keeper(outputs, index)))
+        scoring = on_first_block(self.teacher, lambda a, k: seen.__setitem__("scores", self.predictor(a, k)))
+        blocks_of = dict(enumerate(find_blocks(self.teacher)))
+        previous: dict[int, torch.Tensor] = {}
         was_training = self.predictor.training
         self.predictor.eval()
         try:
-            for step in tqdm(range(steps), desc="calibrating tokencache", unit="step", disable=self.global_rank > 0):
-                self.teacher_output(trajectory, step)
-                if step > 0:
-                    scores = seen["scores"].double().cpu()
-                    for block in range(blocks):
-                        histogram[block] += torch.histc(scores[:, block], HISTOGRAM_BINS, 0.0, 1.0)
-                    importance[step] = scores.mean()
-                    error[step] = torch.stack(
-                        [(now - before).norm() / before.norm() for now, before in zip(outputs, previous)]
-                    ).mean()
-                previous = list(outputs)
+            with record_outputs(blocks_of, keep=lambda output: output.detach().float()) as outputs:
+                for step in tqdm(
+                    range(steps), desc="calibrating tokencache", unit="step", disable=self.global_rank > 0
+                ):
+                    self.teacher_output(trajectory, step)
+                    if step > 0:
+                        scores = seen["scores"].double().cpu()
+                        for block in range(blocks):
+                            histogram[block] += torch.histc(scores[:, block], HISTOGRAM_BINS, 0.0, 1.0)
+                        importance[step] = scores.mean()
+                        error[step] = torch.stack(
+                            [(outputs[b] - previous[b]).norm() / previous[b].norm() for b in range(blocks)]
+                        ).mean()
+                    previous = dict(outputs)
         finally:
-            for handle in handles:
-                handle.remove()
+            scoring.remove()
             self.predictor.train(was_training)
         return TokenCacheCalibration(histogram, importance.float(), error.float())
 
@@ -210,13 +206,6 @@ def without_label_dropout(predictor: nn.Module) -> nn.Module:
         if isinstance(module, LabelEmbedding):
             module.dropout_prob = 0.0
     return predictor
-
-
-def _keeper(outputs: list, index: int):
-    def hook(module, args, output):
-        outputs[index] = output.detach().float()
-
-    return hook
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,10 +43,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import l2c
+from l2c.hooks import on_first_block
 from l2c.runtime import BRANCH_HOOK
 from predictors.frozen_teacher import FrozenTeacherModule
 from predictors.l2c_trainer import SegmentRouterTrainer
-from predictors.token_importance import on_first_block
 from predictors.tokencache_trainer import TokenCacheTrainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -104,16 +104,12 @@ def blend_setup():
     return SimpleNamespace(model=model, timesteps=timesteps, x0=x0, x1=x1, labels=labels, compute=compute, reuse=reuse)
 
 
-def blended_step(s, runtime, gates) -> torch.Tensor:
+def blended_step(s, runtime, gates, refresh: bool = False) -> torch.Tensor:
     """Step 0 computes (and caches) every branch without a blend; step 1 runs with `gates` as the blend."""
-    runtime.blend = None
     with torch.no_grad():
         s.model(s.x0, timestep=at(s.timesteps[0], s.x0), class_labels=s.labels)
-    runtime.blend = gates
-    try:
+    with runtime.blending(gates, refresh=refresh):
         return s.model(s.x1, timestep=at(s.timesteps[1], s.x1), class_labels=s.labels).sample
-    finally:
-        runtime.blend = None
 
 
 def test_blend_all_ones_equals_compute_and_all_zeros_equals_reuse(blend_setup):
@@ -168,8 +164,7 @@ def test_blend_refresh_makes_the_blend_the_cache_as_inference_would(blend_setup)
         with FixedPlanPolicy(plan_maker({1: Action.REUSE, 2: Action.REUSE})).apply(
             s.model, timesteps=s.timesteps
         ) as runtime:
-            runtime.blend_refresh = True
-            blended_step(s, runtime, torch.ones(2, 2))
+            blended_step(s, runtime, torch.ones(2, 2), refresh=True)
             refreshed = s.model(x2, timestep=at(s.timesteps[2], x2), class_labels=s.labels).sample
     torch.testing.assert_close(refreshed, expected, atol=1e-6, rtol=0)
 
@@ -180,10 +175,9 @@ def test_blend_refresh_carries_gradients_to_earlier_gates(blend_setup, refresh):
     x2, _ = dit_inputs(batch=2, seed=3)
     first, second = torch.full((2, 2), 0.5, requires_grad=True), torch.full((2, 2), 0.5, requires_grad=True)
     with l2c.FullPolicy().apply(s.model, timesteps=s.timesteps) as runtime:
-        runtime.blend_refresh = refresh
-        blended_step(s, runtime, first)
-        runtime.blend = second
-        out = s.model(x2, timestep=at(s.timesteps[2], x2), class_labels=s.labels).sample
+        blended_step(s, runtime, first, refresh)
+        with runtime.blending(second, refresh=refresh):
+            out = s.model(x2, timestep=at(s.timesteps[2], x2), class_labels=s.labels).sample
         torch.nn.functional.mse_loss(out, s.compute).backward()
     assert bool((second.grad != 0).all())
     assert (first.grad is not None and bool((first.grad != 0).all())) == refresh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from l2c_testing import (
 )
 
 import l2c
+import l2c.hooks
 from l2c import Action
 
 
@@ -398,3 +400,74 @@ def test_invalid_plans_are_refused():
     x, labels = dit_inputs()
     with pytest.raises(RuntimeError, match="no step of this run computed it"):
         model(x, timestep=at(t[1], x), class_labels=labels)
+
+
+# -- the extension surface -------------------------------------------------------------------------------------------
+@dataclass
+class MisspeltPolicy(l2c.FullPolicy):
+    kind = "test-misspelt"
+
+    def observe_ouput(self, out):  # meant: observe_output
+        raise AssertionError("never called")
+
+
+@dataclass
+class WrongSignaturePolicy(l2c.FullPolicy):
+    kind = "test-signature"
+
+    def decide(self, step, block):  # the runtime calls decide(step, block, branch_index, state)
+        return None
+
+
+@pytest.mark.parametrize(
+    ("policy", "method"), [(MisspeltPolicy(), "observe_ouput"), (WrongSignaturePolicy(), "decide")]
+)
+def test_an_extension_point_that_the_runtime_cannot_call_is_refused_at_apply(policy, method):
+    model = tiny_dit()
+    before = module_snapshot(model)
+    with pytest.raises(TypeError, match=rf"{type(policy).__name__}\.{method}.*observe_output.*before_blocks"):
+        policy.apply(model, timesteps=ddim_timesteps(2))
+    assert module_snapshot(model) == before and not hasattr(model, "_diffusers_hook")
+
+
+@dataclass
+class FirstBlockWatcher(l2c.FullPolicy):
+    kind = "test-before-blocks"
+    seen: list = field(default_factory=list)
+
+    def before_blocks(self, point):
+        self.seen.append((point.step, point.args[0].shape, sorted(point.kwargs)))
+
+
+def test_before_blocks_sees_each_call_once_with_the_first_blocks_input():
+    model = tiny_dit()
+    x, labels = dit_inputs(batch=2)
+    grab = {}
+    handle = l2c.hooks.on_first_block(model, lambda a, k: grab.setdefault("call", (a, k)))
+    model(x, timestep=at(ddim_timesteps(3)[0], x), class_labels=labels)
+    handle.remove()
+    policy = FirstBlockWatcher()
+    with policy.apply(model, timesteps=ddim_timesteps(3)):
+        ddim_sample(model, x, labels, 3)
+    args, kwargs = grab["call"]
+    assert policy.seen == [(step, args[0].shape, sorted(kwargs)) for step in range(3)]
+
+
+def test_blending_gates_may_come_from_the_first_blocks_input():
+    """A callable source is evaluated at the before-blocks point: here it is 1 (compute) at every branch."""
+    model = tiny_dit()
+    x, labels = dit_inputs(batch=2)
+    timesteps = ddim_timesteps(3)
+    reference, _ = ddim_sample(model, x, labels, 3)
+    steps = []
+
+    def gates(point):
+        steps.append(point.step)
+        return torch.ones(2, 2)
+
+    with FixedPlanPolicy(plan_maker({1: Action.REUSE, 2: Action.REUSE})).apply(model, timesteps=timesteps) as runtime:
+        with runtime.blending(gates):
+            blended, _ = ddim_sample(model, x, labels, 3)
+        assert runtime.executed == Counter({Action.COMPUTE: 3 * 2 * 2})  # the blend computes: no plan REUSE ran
+    assert steps == [0, 1, 2]
+    torch.testing.assert_close(blended, reference, atol=1e-6, rtol=0)

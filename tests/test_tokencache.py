@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import l2c
 from data.conditions import ClassConditionDataModule
+from l2c.hooks import on_first_block
 from l2c.metrics import count_flops
 from l2c.policies.tokencache import (
     SIGNAL,
@@ -27,7 +28,7 @@ from l2c.policies.tokencache import (
     two_phase_full_steps,
 )
 from l2c.policy_io import PolicyFormatError
-from predictors.token_importance import TokenImportancePredictor, on_first_block
+from l2c.token_importance import TokenImportancePredictor
 from predictors.tokencache_trainer import TokenCacheTrainer
 
 NUM_TOKENS = 16

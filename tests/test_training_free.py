@@ -25,6 +25,7 @@ from l2c_testing import (
 import infer
 import l2c
 from l2c import Action
+from l2c.extension import BranchStore, SelectionRequest, TrajectoryState
 from l2c.metrics import count_flops
 from l2c.policies import AdaCachePolicy, BlockCachePolicy, DuCaPolicy, ToCaPolicy
 from l2c.policies.adacache import parse_codebook, relative_change, steps_until_next
@@ -43,7 +44,6 @@ from l2c.policies.scores import (
     value_norm_score,
 )
 from l2c.policies.toca import SIGNAL
-from l2c.runtime import BranchStore, SelectionRequest, TrajectoryState
 
 
 @pytest.fixture(autouse=True)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import ModelSpec
+from ..extension import BranchCall, TrajectoryState
 from ..plan import Action, Plan
-from ..runtime import BranchCall, TrajectoryState
 from .base import CachePolicy
 
 SIGNAL = "adacache"

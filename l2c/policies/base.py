@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -11,8 +12,19 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..adapters import ModelSpec
+from ..extension import (
+    BlockInput,
+    BranchCall,
+    Decision,
+    StepOutput,
+    TokenPruning,
+    TokenSelector,
+    TrajectoryState,
+    check_extensions,
+    stalest_tokens,
+)
 from ..plan import Plan
-from ..runtime import CacheRuntime, TokenSelector, stalest_tokens
+from ..runtime import CacheRuntime
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,9 +47,16 @@ class PolicyTarget:
 
 @dataclass
 class CachePolicy:
-    """Base of every policy: subclasses are dataclasses of their knobs and implement `build_plan`."""
+    """Base of every policy: subclasses are dataclasses of their knobs and implement `build_plan`.
+
+    Dynamic policies also override the runtime's extension points below (no-ops here; `check_extensions` refuses, at
+    apply, an override the runtime could not call and a near-miss name such as `observe_ouput`).
+    """
 
     kind: ClassVar[str]
+    # A `PartialKeys`: what partial self-attention's queries attend to; a subclass may make it a field (it is left
+    # unannotated here so that such a field keeps its place among the subclass's own, in `params()` and `describe()`).
+    partial_keys = "fresh"
     target: PolicyTarget | None = field(default=None, kw_only=True, repr=False)
     provenance: dict = field(default_factory=dict, kw_only=True, repr=False)
 
@@ -45,8 +64,36 @@ class CachePolicy:
     def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
         raise NotImplementedError
 
+    # -- the runtime's extension points (see `l2c.extension`) -------------------------------------------------------
     def token_selector(self) -> TokenSelector:
+        """Which tokens a PARTIAL branch recomputes (default: the stalest)."""
         return stalest_tokens
+
+    def prepare(self, model: nn.Module) -> None:
+        """Once per application, first of all (before the plan and the hooks; e.g. to build modules from the model)."""
+
+    def decide(self, step: int, block: int, branch_index: int, state: TrajectoryState) -> Decision | None:
+        """Override the plan's (action, ratio) at run time; `action` may be a tensor of per-row COMPUTE/REUSE codes
+        (only the computing rows run). None: the plan's entry."""
+        return None
+
+    def before_blocks(self, point: BlockInput) -> None:
+        """Once per denoiser call, after the step is resolved, with the first block's input (e.g. to score tokens)."""
+
+    def observe(self, call: BranchCall) -> AbstractContextManager | None:
+        """A context manager entered around this branch execution (to measure signals into `state.signals`)."""
+        return None
+
+    def token_pruning(self, call: BranchCall) -> TokenPruning | None:
+        """Make a branch that computes (every row) run on some of its tokens and fill the others from kept ones."""
+        return None
+
+    def observe_output(self, out: StepOutput) -> None:
+        """See the denoiser's output of every step."""
+
+    def check_extensions(self) -> None:
+        """Raise TypeError naming the policy class and method if an override does not fit its extension point."""
+        check_extensions(self, CachePolicy)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Learned tensors saved beside the plan in `policy.safetensors` (none for rule-based policies)."""

@@ -1,7 +1,8 @@
 """`blockcache`: Block Caching ("Cache Me if You Can", Wimbauer et al. 2024), training-free part.
 
-A calibration run samples without caching while plain torch forward hooks record every branch's output at
-every step. From it, each branch's relative change between consecutive steps,
+A calibration run samples without caching, under the cache runtime with a full policy that records every
+branch's output at every step (the runtime's `timesteps="record"` takes the step table from the first run).
+From it, each branch's relative change between consecutive steps,
 
     change[s] = ‖out_s − out_{s−1}‖₁ / ‖out_s‖₁      (summed over the calibration batch; change[0] = 0),
 
@@ -17,8 +18,8 @@ give, so loading it rebuilds the same schedule without a calibration run.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +27,11 @@ import torch
 from torch import nn
 
 from ..adapters import ModelSpec, find_branches, model_spec, resolve_denoiser
+from ..extension import BlockInput, BranchCall
 from ..plan import Action, Plan
-from ..runtime import BRANCH_HOOK, STEP_HOOK
+from ..runtime import BRANCH_HOOK, RECORD_TIMESTEPS, STEP_HOOK, CacheRuntime
 from .base import CachePolicy, PolicyTarget
+from .full import FullPolicy
 
 CHANGE_TENSOR = "blockcache.change"
 
@@ -102,23 +105,21 @@ class BlockCachePolicy(CachePolicy):
         matched by their order within the step.
         """
         model = resolve_denoiser(target)
-        branches = find_branches(model)
-        if any(_has_hook(b.module, BRANCH_HOOK) for b in branches) or _has_hook(model, STEP_HOOK):
+        if any(_has_hook(b.module, BRANCH_HOOK) for b in find_branches(model)) or _has_hook(model, STEP_HOOK):
             raise RuntimeError("blockcache calibration needs an uncached run: remove the l2c policy applied first")
-        spec = model_spec(model)
-        recorder = _ChangeRecorder(model, spec, branches)
-        try:
+        meter = _ChangeMeter()
+        with CacheRuntime(target, meter, timesteps=RECORD_TIMESTEPS) as runtime:  # the first run sets the table
             run()
-        finally:
-            recorder.remove()
-        change, timesteps = recorder.result()
+        if runtime.timesteps is None:
+            raise ValueError("blockcache calibration: the run never called the model")
+        timesteps = runtime.timesteps.tolist()
         scheduler = None if isinstance(target, nn.Module) else getattr(target, "scheduler", None)
         scheduler_name = None if scheduler is None else type(scheduler).__name__
-        provenance = {**self.provenance, "calibration": {"runs": recorder.runs, "model_calls": recorder.calls}}
+        provenance = {**self.provenance, "calibration": {"runs": meter.runs, "model_calls": meter.calls}}
         return dataclasses.replace(
             self,
-            change=change,
-            target=PolicyTarget(spec, scheduler_name, tuple(timesteps)),
+            change=meter.change(len(timesteps)),
+            target=PolicyTarget(runtime.spec, scheduler_name, tuple(timesteps)),
             provenance=provenance,
         )
 
@@ -128,65 +129,49 @@ def _has_hook(module: nn.Module, name: str) -> bool:
     return registry is not None and registry.get_hook(name) is not None
 
 
-class _ChangeRecorder:
-    """Plain torch forward hooks: the denoiser's timestep per call, each branch's ‖Δout‖₁ and ‖out‖₁ per step."""
+class _ChangeMeter(FullPolicy):
+    """Calibration: computes every branch (a full policy) and sums each branch's ‖Δout‖₁ and ‖out‖₁ per step.
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, branches) -> None:
-        self.spec = spec
-        self.index = {name: i for i, name in enumerate(spec.branches)}
-        self.signature = inspect.signature(model.forward)
-        self.timesteps: list[float] = []  # of the first run
-        self.step = -1
+    The runtime resolves the steps; the meter only tells calls within one step apart (their order) and new runs
+    (a call back at step 0), so that each output is compared with the same call of the run's previous step.
+    """
+
+    kind = "blockcache-calibration"
+
+    def __init__(self) -> None:
+        super().__init__()
         self.runs = 0
         self.calls = 0
+        self.step = -1
         self.call_in_step = 0
+        self.spec: ModelSpec | None = None
         self.previous: dict[tuple[int, int, int], torch.Tensor] = {}  # (call in step, block, branch) -> output
         self.current: dict[tuple[int, int, int], torch.Tensor] = {}
         self.delta: dict[tuple[int, int, int], float] = {}  # (step, block, branch) -> Σ‖Δ‖₁
         self.norm: dict[tuple[int, int, int], float] = {}
-        self.last_value: float | None = None
-        self.handles = [model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
-        for branch in branches:
-            key = (branch.block, self.index[branch.name])
-            self.handles.append(branch.module.register_forward_hook(self._on_branch(key)))
 
-    def _on_model(self, module, args, kwargs):
-        bound = self.signature.bind_partial(*args, **kwargs)
-        value = bound.arguments.get("timestep")
-        if value is None:
-            raise ValueError("blockcache calibration: the model was called without `timestep`")
-        value = float(torch.as_tensor(value).flatten()[0])
+    def prepare(self, model: nn.Module) -> None:
+        self.spec = model_spec(model)
+
+    def before_blocks(self, point: BlockInput) -> None:
         self.calls += 1
-        if value == self.last_value:  # another call within the same step (e.g. a separate unconditional pass)
+        if point.step == self.step:  # another call within the same step (e.g. a separate unconditional pass)
             self.call_in_step += 1
             return
         self._close_step()
-        if self.runs == 0 or value == self.timesteps[0]:  # a run starts
+        if point.step == 0:  # a run starts
             self.runs += 1
-            self.step = 0
             self.previous.clear()
-            if self.runs == 1:
-                self.timesteps.append(value)
-        elif self.runs == 1:  # the first run defines the timestep table
-            self.step += 1
-            self.timesteps.append(value)
-        else:
-            self.step += 1
-            if self.step >= len(self.timesteps) or abs(self.timesteps[self.step] - value) > 1e-4:
-                raise ValueError(
-                    f"blockcache calibration: run {self.runs} called the model at timestep {value:g} as step "
-                    f"{self.step}; every run must use the first run's timesteps {self.timesteps}"
-                )
-        self.last_value = value
-        self.call_in_step = 0
+        self.step, self.call_in_step = point.step, 0
 
-    def _on_branch(self, key: tuple[int, int]):
-        def hook(module, args, output):
-            if self.step < 0:
-                return
-            self.current[(self.call_in_step, *key)] = output.detach()
+    def observe(self, call: BranchCall) -> AbstractContextManager:
+        return self._record(call)
 
-        return hook
+    @contextmanager
+    def _record(self, call: BranchCall) -> Iterator[None]:
+        yield
+        branch = self.spec.branches.index(call.branch)
+        self.current[(self.call_in_step, call.block, branch)] = call.store.output.detach()
 
     def _close_step(self) -> None:
         """Fold the finished step's outputs into the sums, against the previous step of the same run."""
@@ -200,16 +185,10 @@ class _ChangeRecorder:
                 self.norm[slot] = self.norm.get(slot, 0.0) + float(output.abs().double().sum())
         self.previous, self.current = self.current, {}
 
-    def result(self) -> tuple[torch.Tensor, list[float]]:
+    def change(self, num_steps: int) -> torch.Tensor:
+        """change [steps, blocks, branches]: Σ‖Δout‖₁ / Σ‖out‖₁ (0 where nothing was compared, e.g. step 0)."""
         self._close_step()
-        if not self.timesteps:
-            raise ValueError("blockcache calibration: the run never called the model")
-        shape = (len(self.timesteps), self.spec.num_blocks, len(self.spec.branches))
-        change = torch.zeros(shape, dtype=torch.float32)
+        change = torch.zeros((num_steps, self.spec.num_blocks, len(self.spec.branches)), dtype=torch.float32)
         for (step, block, branch), delta in self.delta.items():
             change[step, block, branch] = delta / max(self.norm[(step, block, branch)], 1e-12)
-        return change, self.timesteps
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        return change

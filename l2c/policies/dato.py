@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import ModelSpec
-from ..runtime import BranchCall, StepOutput, TokenPruning
+from ..extension import BranchCall, StepOutput, TokenPruning
 from .scores import cell_best, top_tokens
 from .static import StaticPolicy
 

@@ -3,7 +3,7 @@
 Every function is per sample: row b of the result depends only on row b of the inputs, so a sample's selection
 never depends on the other samples in its batch. Higher score = recompute first.
 
-Signals are captured while a branch computes (see `capture_projections`): plain torch forward hooks on the
+Signals are captured while a branch computes (see `capture_projections`): forward hooks (`l2c.hooks`) on the
 attention module's own `to_q` / `to_k` / `to_v` linears, registered for the one call and removed after it, so the
 attention itself still runs through whatever processor the model uses (fused SDPA included) and the projections
 are never recomputed. Only the attention map itself (q·kᵀ and its softmax) is extra work, and only the policies
@@ -20,31 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hooks import record_outputs, submodules
+
 # -- capture -------------------------------------------------------------------------------------------------------
 
 
 @contextmanager
 def capture_projections(attn: nn.Module, names: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
     """While inside, record the outputs of `attn.<name>` (e.g. "to_q", "to_k", "to_v"): {name: [B, tokens, inner]}."""
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        module = getattr(attn, name, None)
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"{type(attn).__name__} has no `{name}` projection to read a token score from")
-        handles.append(module.register_forward_hook(_recorder(captured, name)))
-    try:
+    with record_outputs(submodules(attn, names, "projection to read a token score from")) as captured:
         yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _recorder(captured: dict, name: str):
-    def hook(module, args, output):
-        captured[name] = output.detach()
-
-    return hook
 
 
 def split_heads(attn: nn.Module, projected: torch.Tensor, norm: str | None = None) -> torch.Tensor:

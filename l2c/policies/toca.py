@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..adapters import ModelSpec, model_spec
+from ..extension import BranchCall, SelectionRequest, TokenSelector
 from ..plan import Action, Plan
-from ..runtime import BranchCall, SelectionRequest, TokenSelector
 from .base import CachePolicy
 from .scores import (
     attention_bias,

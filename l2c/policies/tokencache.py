@@ -3,8 +3,9 @@
 Steps are *full* (every branch computes) or *cache* steps, set by a Two-Phase Round-Robin schedule (TPRR): a
 boundary step splits the run into two phases, each with its own interval between full steps. On a cache step,
 block b recomputes the share `ratio[b]` of its tokens in every branch (attn1, attn2, ff) and reuses the rest; which
-tokens: the highest scores of a `TokenImportancePredictor` (`predictors/token_importance.py`) run on that step's
-input inside the model call (so FlopCounterMode counts it). Blocks whose ratio falls under `floor` are cached whole.
+tokens: the highest scores of a `TokenImportancePredictor` (`l2c/token_importance.py`) run on that step's
+input inside the model call, at the runtime's before-blocks point (so FlopCounterMode counts it). Blocks whose ratio
+falls under `floor` are cached whole.
 
 Both tables come from statistics measured at export (`TokenCacheCalibration`), not from constants:
 - per-block ratios (adaptive block selection): every calibration score of every (block, token) is pooled, the top
@@ -19,12 +20,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 import torch
 
-from ..adapters import ModelSpec, module_device, resolve_denoiser
+from ..adapters import ModelSpec, module_device
+from ..extension import BlockInput, PartialKeys, SelectionRequest, TokenSelector
 from ..plan import Action, Plan
-from ..runtime import CacheRuntime, SelectionRequest, TokenSelector
+from ..token_importance import TokenImportancePredictor
 from .base import CachePolicy, PolicyTarget
 from .scores import top_tokens
 
@@ -147,10 +150,12 @@ class TokenCachePolicy(CachePolicy):
     tprr_signal: str = "error"  # per-step curve TPRR is chosen from: "error" (measured) or "importance" (predictor)
     adaptive: bool = True  # False (ablation): every block recomputes the adaptive ratios' mean share of its tokens
     tprr: bool = True  # False (ablation): one interval for the whole run
-    partial_keys: str = "cached"  # what partial self-attention's queries see (l2c/runtime.py, PARTIAL_KEYS)
+    partial_keys: PartialKeys = "cached"  # what partial self-attention's queries see (l2c.extension.PartialKeys)
     ff_inner_dim: int | None = None  # the predictor's MLP width (None: the teacher's)
     predictor_state: dict[str, torch.Tensor] | None = field(default=None, kw_only=True, repr=False)
     calibration: TokenCacheCalibration | None = field(default=None, kw_only=True, repr=False)
+    # The predictor of each model the policy is applied to (built by `prepare`, dropped with the model).
+    _predictors: WeakKeyDictionary = field(default_factory=WeakKeyDictionary, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         name = self.kind
@@ -232,8 +237,6 @@ class TokenCachePolicy(CachePolicy):
 
     def build_predictor(self, model: nn.Module) -> nn.Module:
         """The trained predictor, rebuilt on `model`'s first block and loaded with the saved weights."""
-        from predictors.token_importance import TokenImportancePredictor
-
         if self.predictor_state is None:
             raise ValueError(f"{self.kind} policy has no predictor weights (load it from a policy directory)")
         predictor = TokenImportancePredictor.from_teacher(model, self.ff_inner_dim)
@@ -246,8 +249,16 @@ class TokenCachePolicy(CachePolicy):
             )
         return predictor.to(module_device(model)).eval().requires_grad_(False)
 
-    def apply(self, target: nn.Module | object, timesteps=None) -> CacheRuntime:
-        return TokenCacheRuntime(target, self, timesteps=timesteps)
+    def prepare(self, model: nn.Module) -> None:
+        """Build the predictor on the model's unhooked first block (`before_blocks` runs it on every scored step)."""
+        self._predictors[model] = self.build_predictor(model)
+
+    def before_blocks(self, point: BlockInput) -> None:
+        """Score the step's tokens from the first block's input, on steps with partial slots only."""
+        if point.plan is None or not bool((point.plan.actions[point.step] == Action.PARTIAL).any()):
+            return
+        with torch.no_grad():
+            point.state.signals[SIGNAL] = self._predictors[point.model](point.args, point.kwargs)
 
     # -- artifact --------------------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -277,27 +288,3 @@ class TokenCachePolicy(CachePolicy):
             if tensors[name].shape != derived.shape or not torch.allclose(tensors[name].float(), derived.float()):
                 raise ValueError(f"tensor {name!r} disagrees with the table its calibration and params give")
         return policy
-
-
-class TokenCacheRuntime(CacheRuntime):
-    """The cache runtime plus the policy's predictor, run before the first block on every step with partial slots."""
-
-    def __init__(self, target: nn.Module | object, policy: TokenCachePolicy, timesteps=None) -> None:
-        from predictors.token_importance import on_first_block
-
-        self.predictor = policy.build_predictor(resolve_denoiser(target))  # before any hook is attached
-        super().__init__(target, policy, timesteps=timesteps)
-        self._predictor_hook = on_first_block(self.model, self._score)
-
-    def _score(self, args: tuple, kwargs: dict) -> None:
-        state, plan = self.current, self.plan
-        if state is None or plan is None or not bool((plan.actions[state.step] == Action.PARTIAL).any()):
-            return
-        with torch.no_grad():
-            state.signals[SIGNAL] = self.predictor(args, kwargs)
-
-    def remove(self) -> None:
-        if self._predictor_hook is not None:
-            self._predictor_hook.remove()
-            self._predictor_hook = None
-        super().remove()

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 
 import torch
 from diffusers.models.activations import GELU
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from l2c.adapters import find_blocks
-
-BlockCall = Callable[[tuple, dict], None]  # (args, kwargs) of the first block's call
+from .adapters import find_blocks
 
 
 class TokenImportancePredictor(nn.Module):
@@ -94,15 +90,6 @@ def narrowed_feed_forward(ff: nn.Module, inner: int) -> nn.Module:
     narrowed.net[0].proj = proj.to(first.proj.weight)
     narrowed.net[-1] = out.to(last.weight)
     return narrowed
-
-
-def on_first_block(model: nn.Module, callback: BlockCall) -> RemovableHandle:
-    """Run `callback(args, kwargs)` just before the model's first transformer block, with that block's inputs."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        callback(args, kwargs)
-
-    return find_blocks(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _cast(value: object, dtype: torch.dtype) -> object:

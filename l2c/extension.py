@@ -1,0 +1,185 @@
+"""The runtime's extension surface: what a policy sees at each extension point, and the check made at apply.
+
+A policy extends the runtime by overriding the no-op methods `CachePolicy` declares (`decide`, `observe`,
+`observe_output`, `token_pruning`, `before_blocks`, `prepare`, `token_selector`) and the `partial_keys` setting.
+`check_extensions` runs when a policy is applied, so a misspelt or mis-signed override fails loudly instead of
+silently turning its behaviour off. Everything a point receives is a frozen record of the trajectory's own state.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import torch
+from diffusers.hooks.hooks import BaseState
+from torch import nn
+
+from .plan import Action, Plan
+
+# What the queries of a partial self-attention attend to: "fresh" = keys/values of every token recomputed from this
+# step's input; "cached" = fresh keys/values for the selected tokens, the stored ones (from each token's last
+# computation) for the rest, so only selected tokens are projected.
+PartialKeys = Literal["fresh", "cached"]
+PARTIAL_KEYS: tuple[str, ...] = get_args(PartialKeys)
+
+
+@dataclass
+class BranchStore:
+    """A branch's cached output for one trajectory, and each token's age in steps since computed."""
+
+    output: torch.Tensor | None = None  # [batch, tokens, channels]
+    age: torch.Tensor | None = None  # [batch, tokens], int64
+    # Self-attention under `partial_keys="cached"`: each token's key and value projections ("to_k", "to_v",
+    # [batch, tokens, inner]) as of the step the token was last computed.
+    keys_values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TrajectoryState(BaseState):
+    """Per-trajectory (and per diffusers cache context) cache: reset whenever a new sampling run starts."""
+
+    step: int = -1
+    batch_size: int | None = None
+    running: bool = False  # a hooked denoiser call of this trajectory is in progress
+    stores: dict[tuple[int, str], BranchStore] = field(default_factory=dict)
+    # Signals a dynamic policy measured on this trajectory (scores, changes, per-sample countdowns), keyed by it.
+    signals: dict[Any, Any] = field(default_factory=dict)
+
+    def reset(self, *args, **kwargs) -> None:
+        self.step = -1
+        self.batch_size = None
+        self.running = False
+        self.stores.clear()
+        self.signals.clear()
+
+
+@dataclass(frozen=True)
+class SelectionRequest:
+    """What a token selector sees for one partial branch execution."""
+
+    step: int
+    block: int
+    branch: str
+    inputs: torch.Tensor  # the branch input [batch, tokens, channels]
+    store: BranchStore
+    num_selected: int
+    state: TrajectoryState | None = None  # the trajectory, for selectors that read `state.signals`
+
+
+@dataclass(frozen=True)
+class BranchCall:
+    """One branch execution, as `CachePolicy.observe` and `CachePolicy.token_pruning` see it."""
+
+    step: int
+    block: int
+    branch: str
+    action: Action  # what runs: COMPUTE (of every row, or of `rows`), REUSE or PARTIAL
+    rows: torch.Tensor | None  # per-sample decision: indices of the rows computed (None: every row)
+    module: nn.Module
+    store: BranchStore  # `store.output` is the previous output on entry, the new one on exit
+    state: TrajectoryState
+    plan: Plan | None
+    args: tuple
+    kwargs: dict
+
+
+@dataclass(frozen=True)
+class TokenPruning:
+    """Run a branch on the `kept` tokens only; token i's output is then the kept output at position `source[:, i]`."""
+
+    kept: torch.Tensor  # [batch, kept] token indices, increasing
+    source: torch.Tensor  # [batch, tokens] position in `kept` whose output each token takes
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """The denoiser's output at one step, as `CachePolicy.observe_output` sees it."""
+
+    step: int
+    state: TrajectoryState
+    model: nn.Module
+    sample: torch.Tensor  # the model's prediction, e.g. [batch, channels, height, width]
+
+
+@dataclass(frozen=True)
+class BlockInput:
+    """The first block's input at one denoiser call, after the step is resolved (`CachePolicy.before_blocks`)."""
+
+    step: int
+    state: TrajectoryState
+    model: nn.Module  # the denoiser
+    plan: Plan | None
+    args: tuple  # exactly what the first transformer block is called with
+    kwargs: dict
+
+
+TokenSelector = Callable[[SelectionRequest], torch.Tensor]  # -> indices [batch, num_selected]
+# `decide`'s answer: (action, token ratio); the action may be a tensor of per-row codes (COMPUTE or REUSE).
+Decision = tuple[Action | torch.Tensor, float]
+
+
+def stalest_tokens(request: SelectionRequest) -> torch.Tensor:
+    """Recompute the tokens computed longest ago (ties: lowest index first); needs no extra work."""
+    order = torch.argsort(request.store.age, dim=1, descending=True, stable=True)
+    return order[:, : request.num_selected]
+
+
+# -- the check made at apply -----------------------------------------------------------------------------------------
+# Each extension point and the arguments the runtime calls it with (after `self`); None: a value, not a method.
+EXTENSION_POINTS: dict[str, tuple[str, ...] | None] = {
+    "decide": ("step", "block", "branch_index", "state"),
+    "observe": ("call",),
+    "observe_output": ("out",),
+    "token_pruning": ("call",),
+    "before_blocks": ("point",),
+    "prepare": ("model",),
+    "token_selector": (),
+    "partial_keys": None,
+}
+
+
+def check_extensions(policy: object, base: type) -> None:
+    """Refuse, when a policy is applied, what would silently turn an extension off.
+
+    TypeError for an override the runtime cannot call with its extension point's arguments, and for a public name
+    close to one (a misspelling such as `observe_ouput`); ValueError for a `partial_keys` outside `PartialKeys`.
+    `base` is the class declaring the points (`CachePolicy`); only names the policy's own classes define are checked.
+    """
+    cls = type(policy)
+    known = ", ".join(EXTENSION_POINTS)
+    own = {name for klass in cls.__mro__[: cls.__mro__.index(base)] for name in vars(klass) if not name.startswith("_")}
+    for name in sorted(own):
+        if name in EXTENSION_POINTS:
+            _check_signature(policy, cls, name, known)
+            continue
+        close = difflib.get_close_matches(name, EXTENSION_POINTS, n=1, cutoff=0.8)
+        if close and not hasattr(base, name):
+            raise TypeError(
+                f"{cls.__name__}.{name} is not an extension point (did you mean {close[0]!r}?); a policy extends "
+                f"the runtime through {known}"
+            )
+    if policy.partial_keys not in PARTIAL_KEYS:
+        raise ValueError(
+            f"policy {policy.describe()!r}: field 'partial_keys' is {policy.partial_keys!r}, expected one of "
+            f"{list(PARTIAL_KEYS)}"
+        )
+
+
+def _check_signature(policy: object, cls: type, name: str, known: str) -> None:
+    expected = EXTENSION_POINTS[name]
+    if expected is None:
+        return  # a value (`partial_keys`), checked after the methods
+    member = getattr(policy, name)
+    try:
+        inspect.signature(member).bind(*expected)
+    except TypeError as error:  # not callable, or not with these arguments
+        raise TypeError(
+            f"{cls.__name__}.{name} cannot be called as the extension point {name}({', '.join(expected)}) "
+            f"({error}); a policy extends the runtime through {known}"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): let the call itself fail
+        return
