@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..adapters import ModelSpec
-from ..forecast import PolynomialForecaster, StepRule
+from ..forecast import RULES, PolynomialForecaster
 from ..plan import Action, Plan
 from .base import CachePolicy
 
@@ -38,13 +38,15 @@ class TaylorSeerPolicy(CachePolicy):
     interval: int = 5  # N: diffusers' `cache_interval`
     order: int = 1  # m: diffusers' `max_order`
     warmup: int = 3  # diffusers' `disable_cache_before_step`: steps before it always compute (≥ 1)
-    rule: StepRule = "taylor"
+    rule: str = "taylor"  # a `StepRule`: "taylor" (TaylorSeer) or "lagrange" (exact polynomial extrapolation)
 
     def __post_init__(self) -> None:
         for name, low in (("interval", 1), ("order", 0), ("warmup", 1)):  # step 0 must compute
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{self.kind} policy: field '{name}' must be an integer ≥ {low}, got {value!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"{self.kind} policy: field 'rule' must be one of {sorted(RULES)}, got {self.rule!r}")
         self.forecaster = PolynomialForecaster(self.rule, self.order)
 
     def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
