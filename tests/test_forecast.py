@@ -198,6 +198,33 @@ def test_a_partial_step_can_fill_the_tokens_it_does_not_recompute_from_the_forec
     recorder.remove()
 
 
+@dataclass
+class RowsOnAttn1(ForecastingPolicy):
+    """Per-sample decisions on attn1 (row 0 computes, row 1 reuses, from step 1) beside a forecasting ff."""
+
+    def decide(self, step, block, branch_index, state):
+        if step == 0 or branch_index != 0:
+            return None
+        return torch.tensor([Action.COMPUTE, Action.REUSE]), 1.0
+
+
+def test_per_sample_decisions_keep_working_beside_forecasting_branches():
+    model, steps = tiny_dit(num_layers=1), 6
+    recorder = BranchRecorder(model)
+    runtime = RowsOnAttn1(plan_maker(every_third_forecasts_ff(steps), branches=("ff",))).apply(
+        model, ddim_timesteps(steps)
+    )
+    ddim_sample(model, *dit_inputs(batch=2), steps)
+    attn1 = [call["output"] for call in recorder.calls[(0, "attn1")]]
+    assert all(torch.equal(out[1], attn1[0][1]) for out in attn1)  # row 1 kept its step-0 output
+    (state,) = states(runtime)
+    assert state.stores[(0, "attn1")].history == []
+    assert [c.step for c in state.stores[(0, "ff")].history] == [3, 0]
+    assert runtime.executed[Action.FORECAST] == 4
+    runtime.remove()
+    recorder.remove()
+
+
 def test_forecasting_without_a_history_or_with_a_bad_forecaster_is_refused():
     model = tiny_dit(num_layers=1)
     runtime = FixedPlanPolicy(plan_maker({1: Action.FORECAST})).apply(model, ddim_timesteps(3))
