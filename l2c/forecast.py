@@ -25,7 +25,6 @@ import torch
 from .extension import Computed, Forecaster, ForecastRequest
 from .plan import Action, Plan
 
-DEFAULT_HISTORY = 3  # K, when a policy does not say: enough for an order-2 rule
 StepRule = Literal["taylor", "lagrange"]
 WeightRule = Callable[[int, Sequence[int], int], torch.Tensor]  # (step, history steps, order) -> w [float64]
 
@@ -105,6 +104,16 @@ class WeightTable:
             raise ValueError(f"{source}: must hold finite floats, got {self.table.dtype}")
 
 
+DEFAULT_HISTORY = 3  # K, when a policy does not say
+# What a plan's FORECAST slots use when the policy declares no forecaster: TaylorSeer's rule of order K − 1.
+DEFAULT_FORECASTER = PolynomialForecaster("taylor", order=DEFAULT_HISTORY - 1)
+
+
+def or_default(forecaster: Forecaster | None) -> Forecaster:
+    """The policy's forecaster, or `DEFAULT_FORECASTER`: any plan the validator accepts can forecast."""
+    return DEFAULT_FORECASTER if forecaster is None else forecaster
+
+
 def forecast(history: Sequence[Computed], weights: torch.Tensor) -> torch.Tensor:
     """Σ_k w_k · history[k].output, in the outputs' dtype and device (fewer weights: the newest computations)."""
     if not 1 <= len(weights) <= len(history):
@@ -116,10 +125,10 @@ def forecast(history: Sequence[Computed], weights: torch.Tensor) -> torch.Tensor
     return output
 
 
-def kept_history(plan: Plan | None, forecaster: Forecaster | None, block: int, branch_index: int) -> int:
+def kept_history(plan: Plan | None, forecaster: Forecaster, block: int, branch_index: int) -> int:
     """How many computations a branch keeps: the forecaster's K where the plan forecasts it (or fills its partial
     steps from a forecast), else none (the branch keeps only its last output, as a reusing branch does)."""
-    if plan is None or forecaster is None:
+    if plan is None:
         return 0
     column = plan.actions[:, block, branch_index]
     uses = bool((column == Action.FORECAST).any())

@@ -41,7 +41,7 @@ from .extension import (
     TokenSelector,
     TrajectoryState,
 )
-from .forecast import forecast, kept_history
+from .forecast import forecast, kept_history, or_default
 from .hooks import forward_hooks
 from .plan import Action, Plan
 
@@ -248,9 +248,9 @@ class BranchHook(ModelHook):
         if not self.partial_ok:
             raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot be recomputed token by token")
         store, state = call.store, call.state
-        forecaster = self.runtime.policy.forecaster
         # With the forecaster's `fill_partial`, the tokens not recomputed take the forecast, not the stale output.
-        base = self._predict(call) if forecaster is not None and forecaster.fill_partial and store.history else None
+        fill = or_default(self.runtime.policy.forecaster).fill_partial and store.history
+        base = self._predict(call) if fill else None
         args, kwargs = list(call.args), dict(call.kwargs)
         hidden = args.pop(0) if args else kwargs.pop("hidden_states")
         num_tokens = hidden.shape[1]
@@ -278,8 +278,7 @@ class BranchHook(ModelHook):
         if not call.store.history:
             raise RuntimeError(
                 f"plan asks to forecast block {call.block} {call.branch} at step {call.step}, but it keeps no "
-                "history: the policy declares no forecaster, or its plan never forecasts this branch (a `decide` "
-                "may forecast only where the plan does)"
+                "history: its plan never forecasts this branch (a `decide` may forecast only where the plan does)"
             )
         call.store.age += 1
         return self._predict(call)
@@ -294,7 +293,7 @@ class BranchHook(ModelHook):
     # -- the history forecasts read -----------------------------------------------------------------------------------
     def _remember(self, call: BranchCall, output: torch.Tensor) -> None:
         """Keep a whole-batch computation in the history, on branches whose plan forecasts (K from the forecaster)."""
-        plan, forecaster = self.runtime.plan, self.runtime.policy.forecaster
+        plan, forecaster = self.runtime.plan, or_default(self.runtime.policy.forecaster)
         if self._kept is None or self._kept[0] is not plan:
             self._kept = (plan, kept_history(plan, forecaster, self.branch.block, self.branch_index))
         keep = self._kept[1]
@@ -313,7 +312,7 @@ class BranchHook(ModelHook):
             tuple(c.step for c in history),
             tuple(c.timestep for c in history),
         )
-        return forecast(history, self.runtime.policy.forecaster.weights(request))
+        return forecast(history, or_default(self.runtime.policy.forecaster).weights(request))
 
     # -- variants of COMPUTE ----------------------------------------------------------------------------------------
     def _rows(self, original, store: BranchStore, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

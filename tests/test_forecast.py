@@ -225,9 +225,27 @@ def test_per_sample_decisions_keep_working_beside_forecasting_branches():
     recorder.remove()
 
 
+@dataclass
+class ForecastsByDecision(FixedPlanPolicy):
+    def decide(self, step, block, branch_index, state):
+        return (Action.FORECAST, 1.0) if step == 1 and branch_index == 0 else None
+
+
+def test_a_plan_forecasts_without_a_declared_forecaster_by_the_default_rule():
+    model = tiny_dit(num_layers=1)
+    recorder = BranchRecorder(model)
+    with FixedPlanPolicy(plan_maker({3: Action.FORECAST})).apply(model, ddim_timesteps(4)) as runtime:
+        ddim_sample(model, *dit_inputs(), 4)
+        (state,) = states(runtime)
+        assert [c.step for c in state.stores[(0, "ff")].history] == [2, 1, 0]  # K = DEFAULT_HISTORY = 3
+    outputs = [call["output"] for call in recorder.calls[(0, "ff")]]
+    torch.testing.assert_close(outputs[3], 2.5 * outputs[2] - 2 * outputs[1] + 0.5 * outputs[0], rtol=0, atol=1e-6)
+    recorder.remove()
+
+
 def test_forecasting_without_a_history_or_with_a_bad_forecaster_is_refused():
     model = tiny_dit(num_layers=1)
-    runtime = FixedPlanPolicy(plan_maker({1: Action.FORECAST})).apply(model, ddim_timesteps(3))
+    runtime = ForecastsByDecision(plan_maker({})).apply(model, ddim_timesteps(3))
     with pytest.raises(RuntimeError, match="forecast block 0 attn1 at step 1, but it keeps no history"):
         ddim_sample(model, *dit_inputs(), 3)
     runtime.remove()
