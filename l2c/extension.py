@@ -1,7 +1,8 @@
 """The runtime's extension surface: what a policy sees at each extension point, and the check made at apply.
 
 A policy extends the runtime by overriding the no-op methods `CachePolicy` declares (`decide`, `observe`,
-`observe_output`, `token_pruning`, `before_blocks`, `prepare`, `token_selector`) and the `partial_keys` setting.
+`observe_output`, `token_pruning`, `before_blocks`, `prepare`, `token_selector`) and the `partial_keys` and
+`forecaster` settings (a `Forecaster`: how FORECAST slots predict a branch from its history).
 `check_extensions` runs when a policy is applied, so a misspelt or mis-signed override fails loudly instead of
 silently turning its behaviour off. Everything a point receives is a frozen record of the trajectory's own state.
 """
@@ -12,7 +13,7 @@ import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 from diffusers.hooks.hooks import BaseState
@@ -27,6 +28,15 @@ PartialKeys = Literal["fresh", "cached"]
 PARTIAL_KEYS: tuple[str, ...] = get_args(PartialKeys)
 
 
+@dataclass(frozen=True)
+class Computed:
+    """One computed output of a branch, with the step index and timestep at which it was computed."""
+
+    step: int
+    timestep: float
+    output: torch.Tensor  # [batch, tokens, channels]
+
+
 @dataclass
 class BranchStore:
     """A branch's cached output for one trajectory, and each token's age in steps since computed."""
@@ -36,6 +46,14 @@ class BranchStore:
     # Self-attention under `partial_keys="cached"`: each token's key and value projections ("to_k", "to_v",
     # [batch, tokens, inner]) as of the step the token was last computed.
     keys_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Branches whose plan forecasts: the last K full-batch computations, newest first (empty on the others, which
+    # keep only `output`). `history[0].output` is `output` itself until a partial step replaces `output`.
+    history: list[Computed] = field(default_factory=list)
+
+    def remember(self, computed: Computed, keep: int) -> None:
+        """Put a computation at the front of the history and drop what is older than the last `keep`."""
+        if keep > 0:
+            self.history = [computed, *self.history[: keep - 1]]
 
 
 @dataclass
@@ -117,6 +135,37 @@ class BlockInput:
     kwargs: dict
 
 
+@dataclass(frozen=True)
+class ForecastRequest:
+    """What a forecaster sees for one FORECAST (or forecast-filled PARTIAL) execution: where, when, and the history.
+
+    `steps` / `timesteps` are those of the branch's kept computations, newest first (`BranchStore.history`).
+    """
+
+    step: int
+    timestep: float
+    block: int
+    branch: str
+    branch_index: int
+    steps: tuple[int, ...]
+    timesteps: tuple[float, ...]
+
+
+class Forecaster(Protocol):
+    """How FORECAST predicts a branch output: `Σ_k w_k · history[k].output`, with `weights(request)` = w.
+
+    Reuse is w = (1, 0, …); TaylorSeer's finite differences and exact polynomial extrapolation are rules of the
+    history's step gaps (`l2c.forecast`); a learned policy looks w up per (step, block, branch) (`WeightTable`).
+    """
+
+    history: int  # K: the computed outputs kept on each branch whose plan forecasts
+    fill_partial: bool  # a PARTIAL step fills the tokens it does not recompute from the forecast (not the cache)
+
+    def weights(self, request: ForecastRequest) -> torch.Tensor:
+        """w: weights on the newest len(w) ≤ len(request.steps) kept computations; may carry gradients (a table)."""
+        ...
+
+
 TokenSelector = Callable[[SelectionRequest], torch.Tensor]  # -> indices [batch, num_selected]
 # `decide`'s answer: (action, token ratio); the action may be a tensor of per-row codes (COMPUTE or REUSE).
 Decision = tuple[Action | torch.Tensor, float]
@@ -139,6 +188,7 @@ EXTENSION_POINTS: dict[str, tuple[str, ...] | None] = {
     "prepare": ("model",),
     "token_selector": (),
     "partial_keys": None,
+    "forecaster": None,
 }
 
 
@@ -146,7 +196,8 @@ def check_extensions(policy: object, base: type) -> None:
     """Refuse, when a policy is applied, what would silently turn an extension off.
 
     TypeError for an override the runtime cannot call with its extension point's arguments, and for a public name
-    close to one (a misspelling such as `observe_ouput`); ValueError for a `partial_keys` outside `PartialKeys`.
+    close to one (a misspelling such as `observe_ouput`); ValueError for a `partial_keys` outside `PartialKeys` and
+    for a `forecaster` that is not a `Forecaster` keeping at least one computation.
     `base` is the class declaring the points (`CachePolicy`); only names the policy's own classes define are checked.
     """
     cls = type(policy)
@@ -167,12 +218,21 @@ def check_extensions(policy: object, base: type) -> None:
             f"policy {policy.describe()!r}: field 'partial_keys' is {policy.partial_keys!r}, expected one of "
             f"{list(PARTIAL_KEYS)}"
         )
+    forecaster = policy.forecaster
+    if forecaster is not None:
+        keep = getattr(forecaster, "history", None)
+        counted = isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1
+        if not counted or not callable(getattr(forecaster, "weights", None)):
+            raise ValueError(
+                f"policy {policy.describe()!r}: field 'forecaster' is {forecaster!r}, expected a Forecaster "
+                "(an integer `history` ≥ 1 and a `weights(request)` method) or None"
+            )
 
 
 def _check_signature(policy: object, cls: type, name: str, known: str) -> None:
     expected = EXTENSION_POINTS[name]
     if expected is None:
-        return  # a value (`partial_keys`), checked after the methods
+        return  # a value (`partial_keys`, `forecaster`), checked after the methods
     member = getattr(policy, name)
     try:
         inspect.signature(member).bind(*expected)

@@ -1,4 +1,4 @@
-"""What a policy decides: for every sampling step, block and branch, compute, reuse or partial."""
+"""What a policy decides: for every sampling step, block and branch, compute, reuse, partial or forecast."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ class Action(IntEnum):
     COMPUTE = 0  # run the branch, store its output
     REUSE = 1  # return the output stored at the last step that computed this branch
     PARTIAL = 2  # recompute a share of the tokens, reuse the rest
+    FORECAST = 3  # predict the output from the branch's last computed outputs (the policy's `forecaster`)
 
 
 @dataclass
@@ -58,6 +59,6 @@ class Plan:
             raise ValueError(f"{source}: field 'token_ratio' must be finite and in (0, 1] on partial slots")
 
     def compute_fraction(self) -> float:
-        """Share of branch slots whose work is done (partial counts its token ratio)."""
+        """Share of branch slots whose work is done (partial counts its token ratio; reuse and forecast none)."""
         work = (self.actions == Action.COMPUTE).float() + (self.actions == Action.PARTIAL).float() * self.token_ratio
         return float(work.mean()) if work.numel() else 1.0

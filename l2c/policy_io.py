@@ -24,6 +24,9 @@ from .adapters import ModelSpec
 from .plan import Plan
 from .policies import POLICY_KINDS, CachePolicy, PolicyTarget
 
+# Format 1 holds every action code of `Action` (FORECAST = 3 included) and any tensors a policy saves (e.g. learned
+# forecast weights, `forecast.weights`): adding them changed no existing field, so every older file reads as before
+# (an older l2c refuses a forecasting file at its unknown action code 3, naming the field).
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "policy.safetensors"

@@ -33,12 +33,15 @@ from .extension import (
     BlockInput,
     BranchCall,
     BranchStore,
+    Computed,
+    ForecastRequest,
     SelectionRequest,
     StepOutput,
     TokenPruning,
     TokenSelector,
     TrajectoryState,
 )
+from .forecast import forecast, kept_history, or_default
 from .hooks import forward_hooks
 from .plan import Action, Plan
 
@@ -193,6 +196,7 @@ class BranchHook(ModelHook):
         self.branch_index = branch_index
         self.states = states
         self.partial_ok = token_partial_supported(branch)
+        self._kept: tuple[Plan | None, int] | None = None  # (plan, computations kept): see `_remember`
 
     def new_forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
         original = self.fn_ref.original_forward
@@ -226,11 +230,13 @@ class BranchHook(ModelHook):
             return self._rows(original, store, run.rows, args, kwargs)
         pruning = self.runtime.policy.token_pruning(call)
         if pruning is not None:
-            return self._pruned(original, store, pruning, args, kwargs)
-        with self._keys_values(call.module, store):
-            output = original(*args, **kwargs)
-        store.output = output
-        store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
+            output = self._pruned(original, store, pruning, args, kwargs)
+        else:
+            with self._keys_values(call.module, store):
+                output = original(*args, **kwargs)
+            store.output = output
+            store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
+        self._remember(call, output)
         return output
 
     def _reuse(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
@@ -242,6 +248,9 @@ class BranchHook(ModelHook):
         if not self.partial_ok:
             raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot be recomputed token by token")
         store, state = call.store, call.state
+        # With the forecaster's `fill_partial`, the tokens not recomputed take the forecast, not the stale output.
+        fill = or_default(self.runtime.policy.forecaster).fill_partial and store.history
+        base = self._predict(call) if fill else None
         args, kwargs = list(call.args), dict(call.kwargs)
         hidden = args.pop(0) if args else kwargs.pop("hidden_states")
         num_tokens = hidden.shape[1]
@@ -258,16 +267,60 @@ class BranchHook(ModelHook):
         # Selected tokens are the queries; under "cached" keys, `_keys_values` completes their keys and values.
         with self._keys_values(self.branch.module, store, index=index) if cached_keys else nullcontext():
             fresh = original(selected, *args, **kwargs)
-        output = store.output.scatter(1, index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]), fresh)
-        store.output = output
+        base = store.output if base is None else base
+        output = base.scatter(1, index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]), fresh)
+        store.output = output  # a mix of steps: never a history entry (the history holds whole computations)
         store.age = (store.age + 1).scatter(1, index, 0)
         return output
 
-    RUNNERS: dict[Action, Runner] = {Action.COMPUTE: _compute, Action.REUSE: _reuse, Action.PARTIAL: _partial}
+    def _forecast(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
+        """Predict the output from the branch's history (the stored output and history are left as they are)."""
+        if not call.store.history:
+            raise RuntimeError(
+                f"plan asks to forecast block {call.block} {call.branch} at step {call.step}, but it keeps no "
+                "history: its plan never forecasts this branch (a `decide` may forecast only where the plan does)"
+            )
+        call.store.age += 1
+        return self._predict(call)
+
+    RUNNERS: dict[Action, Runner] = {
+        Action.COMPUTE: _compute,
+        Action.REUSE: _reuse,
+        Action.PARTIAL: _partial,
+        Action.FORECAST: _forecast,
+    }
+
+    # -- the history forecasts read -----------------------------------------------------------------------------------
+    def _remember(self, call: BranchCall, output: torch.Tensor) -> None:
+        """Keep a whole-batch computation in the history, on branches whose plan forecasts (K from the forecaster)."""
+        plan, forecaster = self.runtime.plan, or_default(self.runtime.policy.forecaster)
+        if self._kept is None or self._kept[0] is not plan:
+            self._kept = (plan, kept_history(plan, forecaster, self.branch.block, self.branch_index))
+        keep = self._kept[1]
+        if keep:
+            timestep = float(self.runtime.timesteps[call.step])
+            call.store.remember(Computed(call.step, timestep, output), keep)
+
+    def _predict(self, call: BranchCall) -> torch.Tensor:
+        history, timesteps = call.store.history, self.runtime.timesteps
+        request = ForecastRequest(
+            call.step,
+            float(timesteps[call.step]),
+            call.block,
+            call.branch,
+            self.branch_index,
+            tuple(c.step for c in history),
+            tuple(c.timestep for c in history),
+        )
+        return forecast(history, or_default(self.runtime.policy.forecaster).weights(request))
 
     # -- variants of COMPUTE ----------------------------------------------------------------------------------------
     def _rows(self, original, store: BranchStore, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Compute only the batch rows in `rows` (every batch-sized tensor argument is sliced); the rest reuse."""
+        """Compute only the batch rows in `rows` (every batch-sized tensor argument is sliced); the rest reuse.
+
+        Not a history entry: the rows would then hold computations of different steps under one step index, so a
+        forecast reads only whole-batch computations (per-sample decisions themselves only compute or reuse).
+        """
         batch = store.output.shape[0]
 
         def take(value):

@@ -8,6 +8,7 @@ from .duca import DuCaPolicy
 from .full import FullPolicy
 from .learned import LayerRouterPolicy
 from .static import StaticPolicy
+from .taylorseer import TaylorSeerPolicy
 from .toca import ToCaPolicy
 from .tokencache import TokenCachePolicy
 
@@ -23,6 +24,7 @@ POLICY_KINDS: dict[str, type[CachePolicy]] = {
         AdaCachePolicy,
         DaToPolicy,
         TokenCachePolicy,
+        TaylorSeerPolicy,
     )
 }
 

@@ -57,6 +57,11 @@ class CachePolicy:
     # A `PartialKeys`: what partial self-attention's queries attend to; a subclass may make it a field (it is left
     # unannotated here so that such a field keeps its place among the subclass's own, in `params()` and `describe()`).
     partial_keys = "fresh"
+    # A `Forecaster` (`l2c.extension`): how the plan's FORECAST slots predict a branch from its last `history`
+    # computed outputs (only branches whose plan forecasts keep them); None: `l2c.forecast.DEFAULT_FORECASTER`
+    # (TaylorSeer's rule of order 2, K = 3). Unannotated like `partial_keys`, so a subclass may make it a field or
+    # set it from its own knobs.
+    forecaster = None
     target: PolicyTarget | None = field(default=None, kw_only=True, repr=False)
     provenance: dict = field(default_factory=dict, kw_only=True, repr=False)
 

@@ -1,0 +1,166 @@
+"""Forecasting a branch output from its history: `Σ_k w_k · h_k` over its last computed outputs, newest first.
+
+One mechanism for every forecaster; only the weights w differ. Reuse is w = (1, 0, …). The rules read the step
+indices at which the kept outputs were computed (`ForecastRequest.steps`), so unequal gaps are handled:
+
+- `taylor`: TaylorSeer (Liu et al. 2025) as its code and diffusers' `TaylorSeerState` (0.42.1) compute it. Each
+  computation updates order-j factors by backward differences, F_j(n) = (F_{j-1}(n) − F_{j-1}(n−1)) / (s_n − s_{n−1}),
+  always divided by the newest gap, and the forecast is Σ_j F_j · (t − s_n)^j / j!. Exact for a linear history;
+  at order ≥ 2 it is not the polynomial through the points (F_1 is the slope between the last two, not at s_n).
+- `lagrange`: the polynomial of degree m through the last m+1 computed outputs, evaluated at the current step
+  (exact continuation of any polynomial of degree ≤ m, whatever the gaps).
+
+`WeightTable` is the learned case: weights looked up per (step, block, branch), saved as a tensor beside the plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .extension import Computed, Forecaster, ForecastRequest
+from .plan import Action, Plan
+
+StepRule = Literal["taylor", "lagrange"]
+WeightRule = Callable[[int, Sequence[int], int], torch.Tensor]  # (step, history steps, order) -> w [float64]
+
+
+def taylor_weights(step: int, steps: Sequence[int], order: int) -> torch.Tensor:
+    """TaylorSeer's order-`order` expansion from the computations at `steps` (newest first), as weights on them."""
+    count = min(order + 1, len(steps))
+    # level[i]: the current order's factor of the computation at steps[i], as coefficients on the kept outputs.
+    level = list(torch.eye(count, dtype=torch.float64))
+    weights, offset = level[0].clone(), step - steps[0]
+    for j in range(1, count):
+        level = [(level[i] - level[i + 1]) / (steps[i] - steps[i + 1]) for i in range(count - j)]
+        weights += level[0] * (offset**j / math.factorial(j))
+    return weights
+
+
+def lagrange_weights(step: int, steps: Sequence[int], order: int) -> torch.Tensor:
+    """The degree-`order` polynomial through the newest `order`+1 computations, at `step`, as weights on them."""
+    points = steps[: order + 1]
+    weights = torch.ones(len(points), dtype=torch.float64)
+    for i, s_i in enumerate(points):
+        for j, s_j in enumerate(points):
+            if i != j:
+                weights[i] *= (step - s_j) / (s_i - s_j)
+    return weights
+
+
+RULES: dict[str, WeightRule] = {"taylor": taylor_weights, "lagrange": lagrange_weights}
+
+
+@dataclass(frozen=True)
+class PolynomialForecaster:
+    """A rule of the step gaps (`RULES`) of order `order`; keeps `order`+1 computations per forecasting branch."""
+
+    rule: StepRule = "taylor"
+    order: int = 1
+    fill_partial: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"forecaster: field 'rule' must be one of {sorted(RULES)}, got {self.rule!r}")
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 0:
+            raise ValueError(f"forecaster: field 'order' must be an integer ≥ 0, got {self.order!r}")
+
+    @property
+    def history(self) -> int:
+        return self.order + 1
+
+    def weights(self, request: ForecastRequest) -> torch.Tensor:
+        return RULES[self.rule](request.step, request.steps, self.order)
+
+
+@dataclass(frozen=True, eq=False)
+class WeightTable:
+    """Learned weights: `table[step, block, branch, k]` multiplies the k-th newest kept computation.
+
+    K = `table.shape[-1]`. Where fewer than K computations exist yet, the first ones are used (as in training,
+    which runs the same runtime). The table may require grad: the forecast is differentiable in it.
+    """
+
+    table: torch.Tensor  # [steps, blocks, branches, K]
+    fill_partial: bool = False
+
+    @property
+    def history(self) -> int:
+        return int(self.table.shape[-1])
+
+    def weights(self, request: ForecastRequest) -> torch.Tensor:
+        return self.table[request.step, request.block, request.branch_index, : len(request.steps)]
+
+    def validate(self, plan: Plan, source: str = "forecast weights") -> None:
+        """Raise ValueError unless the table is a finite float [steps, blocks, branches, K ≥ 1] fitting `plan`."""
+        shape, expected = tuple(self.table.shape), tuple(plan.actions.shape)
+        if len(shape) != 4 or shape[:3] != expected or shape[3] < 1:
+            raise ValueError(f"{source}: shape {shape}, expected (steps, blocks, branches, K ≥ 1) = {expected} + (K,)")
+        if not self.table.is_floating_point() or not bool(torch.isfinite(self.table).all()):
+            raise ValueError(f"{source}: must hold finite floats, got {self.table.dtype}")
+
+
+DEFAULT_HISTORY = 3  # K, when a policy does not say
+# What a plan's FORECAST slots use when the policy declares no forecaster: TaylorSeer's rule of order K − 1.
+DEFAULT_FORECASTER = PolynomialForecaster("taylor", order=DEFAULT_HISTORY - 1)
+
+
+def or_default(forecaster: Forecaster | None) -> Forecaster:
+    """The policy's forecaster, or `DEFAULT_FORECASTER`: any plan the validator accepts can forecast."""
+    return DEFAULT_FORECASTER if forecaster is None else forecaster
+
+
+def forecast(history: Sequence[Computed], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k · history[k].output, in the outputs' dtype and device (fewer weights: the newest computations)."""
+    if not 1 <= len(weights) <= len(history):
+        raise ValueError(f"forecast: {len(weights)} weights for a history of {len(history)} computations")
+    weights = weights.to(history[0].output)
+    output = weights[0] * history[0].output
+    for weight, computed in zip(weights[1:], history[1 : len(weights)], strict=True):
+        output = output + weight * computed.output
+    return output
+
+
+def kept_history(plan: Plan | None, forecaster: Forecaster, block: int, branch_index: int) -> int:
+    """How many computations a branch keeps: the forecaster's K where the plan forecasts it (or fills its partial
+    steps from a forecast), else none (the branch keeps only its last output, as a reusing branch does)."""
+    if plan is None:
+        return 0
+    column = plan.actions[:, block, branch_index]
+    uses = bool((column == Action.FORECAST).any())
+    if forecaster.fill_partial:
+        uses = uses or bool((column == Action.PARTIAL).any())
+    return forecaster.history if uses else 0
+
+
+def rule_table(
+    forecaster: Forecaster,
+    plan: Plan,
+    timesteps: Sequence[float],
+    branch_names: Sequence[str],
+    history: int | None = None,
+) -> torch.Tensor:
+    """The weights `forecaster` gives at every slot of `plan` (for the history its COMPUTE slots leave), as a
+    [steps, blocks, branches, K] table (zeros where nothing is computed yet): how a learned `WeightTable` starts
+    from a rule (e.g. Taylor). `branch_names` are the model's (`ModelSpec.branches`); K defaults to the rule's."""
+    keep = forecaster.history if history is None else history
+    steps, blocks, branches = plan.actions.shape
+    table = torch.zeros(steps, blocks, branches, keep)
+    for block in range(blocks):
+        for index in range(branches):
+            computed: list[int] = []
+            for step in range(steps):
+                if computed:
+                    kept = tuple(float(timesteps[s]) for s in computed)
+                    request = ForecastRequest(
+                        step, float(timesteps[step]), block, branch_names[index], index, tuple(computed), kept
+                    )
+                    weights = forecaster.weights(request).detach()
+                    table[step, block, index, : len(weights)] = weights
+                if plan.actions[step, block, index] == Action.COMPUTE:
+                    computed = [step, *computed[: keep - 1]]
+    return table
