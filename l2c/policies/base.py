@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..extension import (
 )
 from ..plan import Plan
 from ..runtime import CacheRuntime
+from .knobs import Range, check_knobs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -54,11 +56,16 @@ class CachePolicy:
     """
 
     kind: ClassVar[str]
+    knob_ranges: ClassVar[Mapping[str, Range]] = {}  # field → what it accepts, checked at construction
     # A `PartialKeys`: what partial self-attention's queries attend to; a subclass may make it a field (it is left
     # unannotated here so that such a field keeps its place among the subclass's own, in `params()` and `describe()`).
     partial_keys = "fresh"
     target: PolicyTarget | None = field(default=None, kw_only=True, repr=False)
     provenance: dict = field(default_factory=dict, kw_only=True, repr=False)
+
+    def __post_init__(self) -> None:
+        """Refuse a knob outside its declared range (subclasses that check more call this first)."""
+        check_knobs(self)
 
     # -- what subclasses provide ----------------------------------------------------------------
     def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
