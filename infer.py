@@ -66,6 +66,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, required=True, help="directory for report.json and the PNGs")
     run.add_argument("--flops-samples", type=int, default=0, help="count FLOPs over the first N samples (0: all)")
     run.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda when available)")
+    run.add_argument(
+        "--save-policy", type=Path, default=None, help="save the policy as run (calibrated) with the measured numbers"
+    )
     imp = commands.add_parser("import-l2c", help="convert the routers released with Learning-to-Cache to a policy")
     imp.add_argument("checkpoint", type=Path, help="the released router .pt (read with weights_only=True)")
     imp.add_argument("--threshold", type=float, default=0.1, help="compute a branch when sigmoid(logit) > this")
@@ -170,6 +173,8 @@ def ready_policy(
 
 def cmd_sample(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
+    if args.save_policy is not None:
+        check_out_dir(args.save_policy)
     from l2c.policy_io import load_policy
 
     policy = load_policy(args.policy)  # a bad --policy stops here, before any model loads
@@ -185,7 +190,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     setup = sampling_setup(args)
     policy, calibration = ready_policy(args, policy, bundle, setup)
     quality = quality_for(bundle)
-    run = SideBySide(bundle, setup, progress=not args.no_progress).run(policy, label=args.policy)
+    bench = SideBySide(bundle, setup, progress=not args.no_progress)
+    run = bench.run(policy, label=args.policy)
     result = {**report(run, setup, quality), **calibration}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -195,7 +201,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_plan(run.plan, branch_names(bundle.transformer), args.out / "plan.png", args.policy)
     print(format_table([result], REPORT_COLUMNS + (DIGITS_COLUMNS if quality is not None else ()), transpose=True))
     print(f"  wrote {args.out / 'report.json'}, samples.png, comparison.png, plan.png")
+    if args.save_policy is not None:
+        bound = policy.bind(bundle.transformer, bench.timesteps, SCHEDULERS[args.scheduler])
+        print(f"  wrote {bound.save_pretrained(args.save_policy, metrics=measured(result))} (with its model card)")
     return 0
+
+
+def measured(result: dict) -> dict:
+    """What a saved policy's card shows: the numbers measured against the uncached model, and on what run."""
+    keys = ("flops_ratio", "psnr_db", "ssim", "speedup_wall", "digit_accuracy", "digit_accuracy_uncached")
+    run = ("model", "steps", "scheduler", "num_samples", "seed", "guidance_scale", "classes")
+    return {key: result[key] for key in keys + run if key in result}
 
 
 def cmd_fid(args: argparse.Namespace) -> int:

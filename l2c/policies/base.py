@@ -177,10 +177,17 @@ class CachePolicy:
         """Hook a pipeline (or its denoiser); returns the runtime, whose `remove()` undoes everything."""
         return CacheRuntime(target, self, timesteps=timesteps)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, metrics: dict | None = None, model_card: bool = True) -> Path:
+        """Write the policy and its model card; `metrics`: numbers measured against the uncached model."""
         from ..policy_io import save_policy
 
-        return save_policy(self, directory)
+        return save_policy(self, directory, metrics=metrics, model_card=model_card)
+
+    def push_to_hub(self, repo_id: str, **options) -> str:
+        """Upload the policy with its model card to the hub (`l2c.policy_io.push_policy`'s options)."""
+        from ..policy_io import push_policy
+
+        return push_policy(self, repo_id, **options)
 
 
 def type_name(spec: ModelSpec) -> str:
