@@ -11,35 +11,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from l2c.adapters import branch_names
-from l2c.compare import add_arguments as add_compare_arguments
-from l2c.compare import run_from_args as cmd_compare
-from l2c.evaluate import SamplingSetup, SideBySide, quality_for, report
-from l2c.models import SCHEDULERS, load_model
-from l2c.plots import save_comparison, save_grid, save_plan
-from l2c.policy_io import load_policy
+# Only light modules here: `--help` and a bad flag answer without torch; each command imports what it runs.
+from l2c.options import DTYPE_NAMES, SCHEDULERS, class_spec, device_count, non_negative_int, positive_int
 from l2c.results import Column, format_table
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+    from l2c.evaluate import SamplingSetup
+    from l2c.models import ModelBundle
+    from l2c.policies import CachePolicy
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text}")
-    return value
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
 
-
-def device_count(text: str) -> int | str:
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1 or 'auto', got {text!r}")
-    return int(text)
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int, batch_help: str | None) -> None:
@@ -52,18 +43,32 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int, ba
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=1.5)
     parser.add_argument("--batch-size", type=positive_int, default=64, help=batch_help)
+    parser.add_argument(
+        "--classes", type=class_spec, default=None, help="class labels to sample, e.g. 0-9 or 1,3,5 (default: all)"
+    )
+    parser.add_argument(
+        "--calibration-samples",
+        type=non_negative_int,
+        default=0,
+        help="calibrate a policy that needs it (blockcache) on N uncached samples of another noise seed",
+    )
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
+    parser.add_argument("--no-progress", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """infer.py's parser; `compare`'s options (from `l2c.compare`, which imports torch) only when `argv` names
+    `compare` or is None."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("sample", help="sample with a policy beside the uncached model and write a report")
     add_sampling_arguments(run, num_samples=64, batch_help=None)
     run.add_argument("--out", type=Path, required=True, help="directory for report.json and the PNGs")
     run.add_argument("--flops-samples", type=int, default=0, help="count FLOPs over the first N samples (0: all)")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda when available)")
+    run.add_argument(
+        "--save-policy", type=Path, default=None, help="save the policy as run (calibrated) with the measured numbers"
+    )
     imp = commands.add_parser("import-l2c", help="convert the routers released with Learning-to-Cache to a policy")
     imp.add_argument("checkpoint", type=Path, help="the released router .pt (read with weights_only=True)")
     imp.add_argument("--threshold", type=float, default=0.1, help="compute a branch when sigmoid(logit) > this")
@@ -77,15 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--accelerator", default="auto", help="cpu | gpu | auto (Lightning's names)")
     fid.add_argument("--devices", type=device_count, default=1, help="processes per node: an integer, or auto")
     fid.add_argument("--num-nodes", type=positive_int, default=1)
-    fid.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    fid.add_argument("--no-progress", action="store_true")
-    add_compare_arguments(commands.add_parser("compare", help="every policy and peer side by side (bench/compare.py)"))
+    compare = commands.add_parser("compare", help="every policy and peer side by side (bench/compare.py)")
+    if argv is None or "compare" in argv:
+        from l2c.compare import add_arguments
+
+        add_arguments(compare)
     return parser
 
 
 def cmd_import_l2c(args: argparse.Namespace) -> int:
     from l2c.adapters import model_spec
     from l2c.import_l2c import DIT_XL_2_256, import_official_router
+    from l2c.models import load_model
+
+    check_out_dir(args.out)
 
     spec = DIT_XL_2_256 if args.model is None else model_spec(load_model(args.model).transformer)
     policy = import_official_router(args.checkpoint, args.threshold, spec, args.timestep_spacing)
@@ -114,8 +124,16 @@ REPORT_COLUMNS = (
 DIGITS_COLUMNS = (beside_uncached("digit_accuracy", ".3f"), beside_uncached("fd_digits", ".2f"))
 
 
+def check_out_dir(out: Path) -> None:
+    """`--out` names a directory to write into: refuse an existing file before any work."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is an existing file, expected a directory (new or existing)")
+
+
 def sampling_setup(args: argparse.Namespace) -> SamplingSetup:
     """What `sample` and `fid` sample, from their shared options."""
+    from l2c.evaluate import SamplingSetup
+
     return SamplingSetup(
         model=args.model,
         steps=args.steps,
@@ -125,16 +143,56 @@ def sampling_setup(args: argparse.Namespace) -> SamplingSetup:
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
         flops_samples=getattr(args, "flops_samples", 0),
+        classes=args.classes,
     )
 
 
+def ready_policy(
+    args: argparse.Namespace, policy: CachePolicy, bundle: ModelBundle, setup: SamplingSetup
+) -> tuple[CachePolicy, dict]:
+    """`policy` calibrated first if it needs it, on `--calibration-samples` samples; the errors that need no sampling
+    are raised here, before any work (`SideBySide.check` for the rest). Returns the policy and what calibration cost
+    (the report's `calibration` key)."""
+    from l2c.evaluate import calibrate, needs_calibration
+
+    setup.labels(bundle.num_classes)  # a --classes the model does not have stops here
+    if not needs_calibration(policy):
+        if args.calibration_samples:
+            raise ValueError(f"--calibration-samples {args.calibration_samples}: --policy {args.policy} needs none")
+    elif not args.calibration_samples:
+        raise ValueError(
+            f"--policy {args.policy}: not calibrated; pass --calibration-samples N (e.g. 8: uncached sampling runs "
+            "on N noises apart from the evaluation's) or a calibrated policy directory"
+        )
+    else:
+        policy, cost = calibrate(policy, bundle, setup, args.calibration_samples)
+        print(f"  {args.policy}: {cost.describe()}")
+        return policy, {"calibration": {"samples": cost.samples, "seed": cost.seed, "wall_s": cost.wall_s}}
+    return policy, {}
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    bundle = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
-    policy = load_policy(args.policy)
+    check_out_dir(args.out)
+    if args.save_policy is not None:
+        check_out_dir(args.save_policy)
+    from l2c.policy_io import load_policy
+
+    policy = load_policy(args.policy)  # a bad --policy stops here, before any model loads
+    import torch
+
+    from l2c.adapters import branch_names
+    from l2c.evaluate import SideBySide, quality_for, report
+    from l2c.models import load_model
+    from l2c.plots import save_comparison, save_grid, save_plan
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    bundle = load_model(args.model, device=device, dtype=torch_dtype(args.dtype))
     setup = sampling_setup(args)
+    policy, calibration = ready_policy(args, policy, bundle, setup)
     quality = quality_for(bundle)
-    run = SideBySide(bundle, setup, progress=not args.no_progress).run(policy, label=args.policy)
-    result = report(run, setup, quality)
+    bench = SideBySide(bundle, setup, progress=not args.no_progress)
+    run = bench.run(policy, label=args.policy)
+    result = {**report(run, setup, quality), **calibration}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     save_grid(run.images, args.out / "samples.png")
@@ -143,15 +201,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_plan(run.plan, branch_names(bundle.transformer), args.out / "plan.png", args.policy)
     print(format_table([result], REPORT_COLUMNS + (DIGITS_COLUMNS if quality is not None else ()), transpose=True))
     print(f"  wrote {args.out / 'report.json'}, samples.png, comparison.png, plan.png")
+    if args.save_policy is not None:
+        bound = policy.bind(bundle.transformer, bench.timesteps, SCHEDULERS[args.scheduler])
+        print(f"  wrote {bound.save_pretrained(args.save_policy, metrics=measured(result))} (with its model card)")
     return 0
 
 
+def measured(result: dict) -> dict:
+    """What a saved policy's card shows: the numbers measured against the uncached model, and on what run."""
+    keys = ("flops_ratio", "psnr_db", "ssim", "speedup_wall", "digit_accuracy", "digit_accuracy_uncached")
+    run = ("model", "steps", "scheduler", "num_samples", "seed", "guidance_scale", "classes")
+    return {key: result[key] for key in keys + run if key in result}
+
+
 def cmd_fid(args: argparse.Namespace) -> int:
-    from l2c.distributed_eval import FIDUnavailable, fid_metric, quality_report, sample_sharded, sharded_trainer
+    check_out_dir(args.out)
+    from l2c.policy_io import load_policy
+
+    policy = load_policy(args.policy)  # a bad --policy stops here, before any model loads or Lightning imports
+    from l2c.evaluate import SideBySide
+    from l2c.models import load_model
 
     setup = sampling_setup(args)
-    bundle = load_model(args.model, dtype=DTYPES[args.dtype])
-    policy = load_policy(args.policy)
+    bundle = load_model(args.model, dtype=torch_dtype(args.dtype))
+    policy, _ = ready_policy(args, policy, bundle, setup)
+    SideBySide(bundle, setup, progress=False).check(policy)
+    from l2c.distributed_eval import FIDUnavailable, fid_metric, quality_report, sample_sharded, sharded_trainer
+
     if args.reference is not None or not bundle.is_digits:
         if args.reference is None:
             raise ValueError(f"--model {args.model}: --reference (a folder of real images) is required for FID")
@@ -170,11 +246,26 @@ def cmd_fid(args: argparse.Namespace) -> int:
     return 0
 
 
+def command(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function that runs subcommand `name`; `compare`'s is `l2c.compare.run_from_args`, imported only here."""
+    if name == "compare":
+        from l2c.compare import run_from_args
+
+        return run_from_args
+    return {"sample": cmd_sample, "import-l2c": cmd_import_l2c, "fid": cmd_fid}[name]
+
+
+def __getattr__(name: str) -> object:
+    if name == "cmd_compare":  # `infer.cmd_compare`, without importing l2c.compare with infer
+        return command("compare")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    commands = {"sample": cmd_sample, "import-l2c": cmd_import_l2c, "fid": cmd_fid, "compare": cmd_compare}
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
-        return commands[args.command](args)
+        return command(args.command)(args)
     except (ValueError, FileNotFoundError, TypeError, argparse.ArgumentTypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

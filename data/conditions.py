@@ -6,20 +6,25 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from l2c.options import ClassSpec, parse_classes
+from l2c.sampling import balanced_labels
+
 
 class ClassConditions(Dataset):
-    """Item i is (label i mod C, seed base + i): balanced classes, noise fixed by index."""
+    """Item i is (the i-th of `balanced_labels(size, classes)`, seed base + i): balanced classes, noise fixed by
+    index; the labels `infer.py --classes` samples with the same spec."""
 
-    def __init__(self, num_classes: int, size: int, base_seed: int = 0) -> None:
-        if num_classes < 1 or size < 1:
-            raise ValueError(f"class conditions: num_classes and size must be ≥ 1, got {num_classes}, {size}")
-        self.num_classes, self.size, self.base_seed = num_classes, size, base_seed
+    def __init__(self, classes: ClassSpec, size: int, base_seed: int = 0) -> None:
+        if size < 1:
+            raise ValueError(f"class conditions: size must be ≥ 1, got {size}")
+        self.classes, self.size, self.base_seed = parse_classes(classes), size, base_seed
+        self.labels = balanced_labels(size, self.classes)
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor(index % self.num_classes), torch.tensor(self.base_seed + index)
+        return self.labels[index], torch.tensor(self.base_seed + index)
 
 
 class ResumableSampler(DistributedSampler):
@@ -57,6 +62,7 @@ class ClassConditionDataModule(L.LightningDataModule):
         shuffle: bool = True,
         val_samples: int = 0,
         val_seed: int = 200_000,
+        classes: str | None = None,
     ):
         """
         Args:
@@ -67,6 +73,8 @@ class ClassConditionDataModule(L.LightningDataModule):
             shuffle: Shuffle the conditions every epoch; false: index order (the DDP equivalence test's).
             val_samples: Held-out validation conditions (0: no validation), the same at every validation.
             val_seed: The first noise seed of the validation conditions (apart from the training seeds).
+            classes: The class labels instead of 0 … num_classes−1, as `infer.py --classes` takes them: ranges and
+                lists such as "0-4" or "1,3,5" (sample the trained policy with the same `--classes`).
         """
         super().__init__()
         if val_samples < 0:
@@ -77,6 +85,7 @@ class ClassConditionDataModule(L.LightningDataModule):
             batch_size,
             seed,
         )
+        self.classes = parse_classes(num_classes if classes is None else classes)
         self.shuffle = shuffle
         self.val_samples, self.val_seed = val_samples, val_seed
         self.resume: dict[str, int] = {}
@@ -89,8 +98,8 @@ class ClassConditionDataModule(L.LightningDataModule):
         self.resume = dict(state)
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = ClassConditions(self.num_classes, self.samples_per_epoch, self.seed)
-        self.val_set = ClassConditions(self.num_classes, self.val_samples, self.val_seed) if self.val_samples else None
+        self.train_set = ClassConditions(self.classes, self.samples_per_epoch, self.seed)
+        self.val_set = ClassConditions(self.classes, self.val_samples, self.val_seed) if self.val_samples else None
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)

@@ -19,7 +19,8 @@ from functools import partial
 from pathlib import Path
 
 from .evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_for
-from .models import SCHEDULERS, ModelBundle, load_model
+from .models import ModelBundle, load_model
+from .options import SCHEDULERS, class_spec
 from .peers import DBCache, FBCache, Peer, TaylorSeer, taylorseer_compute_steps
 from .policies import FullPolicy
 from .policy_io import load_policy, parse_preset
@@ -230,6 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument(
+        "--classes", type=class_spec, default=None, help="class labels, e.g. 0-9 or 1,3,5 (default: all)"
+    )
     parser.add_argument("--flops-samples", type=int, default=None, help=f"default {defaults.flops_samples}")
     parser.add_argument("--targets", type=float, nargs="+", default=list(defaults.targets), help="compute points")
     parser.add_argument("--l2c", action="append", default=[], help="L2C policy DIR or BUDGET=DIR (repeatable)")
@@ -248,6 +252,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         seed=args.seed,
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
+        classes=args.classes,
         flops_samples=args.flops_samples if args.flops_samples is not None else (2 if quick else 32),
         targets=tuple(args.targets),
         l2c=list(args.l2c),

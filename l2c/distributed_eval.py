@@ -1,6 +1,6 @@
 """Sampling for quality metrics, sharded across ranks by Lightning, so a 50k-sample FID on a cluster is one command.
 
-Sample i has label `balanced_labels(N)[i]` and the noise of `initial_noise(N, …, seed)[i]` whatever rank draws it
+Sample i has label `setup.labels(C)[i]` and the noise of `initial_noise(N, …, seed)[i]` whatever rank draws it
 and whatever its batch, so any number of processes produces the same samples as one. `trainer.predict` gives every
 rank its own slice of the indices (Lightning's distributed sampler, no home-made launcher); each rank writes its
 batches as uint8 shards, and rank 0 merges them in index order and computes the metrics: the digits classifier's
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .evaluate import SamplingSetup
 from .models import ModelBundle
 from .policies import CachePolicy
-from .sampling import GuidedDenoiser, balanced_labels, noise_from_seeds, sample, sample_seeds
+from .sampling import GuidedDenoiser, noise_from_seeds, sample, sample_seeds
 
 SHARDS = "shards"
 
@@ -64,7 +64,7 @@ class ShardedSampling(L.LightningModule):
         setup = self.eval_setup
         indices = indices.cpu()
         noise = noise_from_seeds(sample_seeds(indices, setup.seed), self.shape)
-        labels = balanced_labels(setup.num_samples, self.bundle.num_classes)[indices]
+        labels = setup.labels(self.bundle.num_classes)[indices]
         denoiser = GuidedDenoiser(self.transformer, setup.guidance_scale)
         with self.policy.apply(self.transformer, timesteps=self.timesteps):
             latents = sample(denoiser, setup.new_scheduler(self.bundle.scheduler_config), noise, labels, setup.steps)

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -20,8 +22,9 @@ from tqdm.auto import tqdm
 
 from .metrics import DigitsQuality, count_flops, psnr_db, ssim
 from .models import ModelBundle, make_scheduler
+from .options import parse_classes
 from .plan import Action, Plan
-from .policies import CachePolicy
+from .policies import BlockCachePolicy, CachePolicy
 from .sampling import GuidedDenoiser, balanced_labels, initial_noise, sample
 from .timing import Interleaved
 
@@ -40,11 +43,25 @@ class SamplingSetup:
     guidance_scale: float = 1.5
     batch_size: int = 64
     flops_samples: int = 0  # count FLOPs over the first N samples' whole trajectories (0: all samples)
+    classes: tuple[int, ...] | None = None  # the class labels to spread samples over (None: all the model's)
 
     def __post_init__(self) -> None:
         for name in ("steps", "num_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"evaluation: field '{name}' must be ≥ 1, got {getattr(self, name)}")
+        if self.classes is not None:
+            self.classes = parse_classes(self.classes)
+
+    def labels(self, num_classes: int) -> torch.Tensor:
+        """Sample i's class label: `classes` (or 0 … num_classes−1), each equally often; refuses a class the model
+        (its `num_classes` labels) does not have."""
+        classes = tuple(range(num_classes)) if self.classes is None else self.classes
+        outside = [c for c in classes if c >= num_classes]
+        if outside:
+            raise ValueError(
+                f"evaluation: field 'classes' names {outside}, but the model has classes 0–{num_classes - 1} only"
+            )
+        return balanced_labels(self.num_samples, classes)
 
     @classmethod
     def trained_like(cls, policy: CachePolicy, **knobs) -> SamplingSetup:
@@ -67,6 +84,7 @@ class SamplingSetup:
             "num_samples": self.num_samples,
             "seed": self.seed,
             "guidance_scale": self.guidance_scale,
+            **({} if self.classes is None else {"classes": list(self.classes)}),
         }
 
 
@@ -109,7 +127,7 @@ class SideBySide:
         config = bundle.transformer.config
         channels, size = config.in_channels, config.sample_size
         self.noise = initial_noise(setup.num_samples, (channels, size, size), setup.seed)
-        self.labels = balanced_labels(setup.num_samples, bundle.num_classes)
+        self.labels = setup.labels(bundle.num_classes)
         self.denoiser = GuidedDenoiser(bundle.transformer, setup.guidance_scale)
         self.timesteps = self._scheduler().timesteps.clone()
         self._flops_uncached: int | None = None  # the same for every policy: counted once
@@ -157,6 +175,16 @@ class SideBySide:
             total += flops
         return total
 
+    def uncached(self) -> torch.Tensor:
+        """Every sample, uncached (e.g. the run a policy calibrates on)."""
+        return torch.cat([self._sample(batch, None) for batch in self._batches()])
+
+    def check(self, policy: CacheMethod) -> None:
+        """Apply `policy` and remove it at once: errors that need no sampling (a model or run it does not fit, a
+        policy not calibrated) are raised before any work."""
+        with policy.apply(self.bundle.transformer, timesteps=self.timesteps):
+            pass
+
     def flops_ratio(self, policy: CacheMethod) -> float:
         """FLOPs with `policy` ÷ uncached over the FLOPs samples, without timing or images: for tuning a knob."""
         if self._flops_uncached is None:
@@ -167,6 +195,8 @@ class SideBySide:
         """`policy` beside the uncached run; `policy=None, steps=k`: the uncached model with k steps instead."""
         if (policy is None) != (steps is not None) or (policy is None and label is None):
             raise ValueError("SideBySide.run: pass a policy, or policy=None with `steps` and a `label` (fewer steps)")
+        if policy is not None:
+            self.check(policy)
         self._executed, self._plan = {}, None
         label = label or policy.describe()
         latents, reference = [], []
@@ -258,6 +288,35 @@ def measure_rows(
         if on_row is not None:
             on_row(result)
     return results
+
+
+@dataclass
+class Calibration:
+    """What calibrating a policy for a run cost: uncached samples from their own noise seed, and the seconds."""
+
+    samples: int
+    seed: int
+    wall_s: float
+
+    def describe(self) -> str:
+        return f"calibrated on {self.samples} uncached samples (seed {self.seed}) in {self.wall_s:.1f}s"
+
+
+def needs_calibration(policy: CacheMethod) -> bool:
+    """Whether `policy` must measure the model before it can run (Block Caching without its measured changes)."""
+    return isinstance(policy, BlockCachePolicy) and policy.change is None
+
+
+def calibrate(
+    policy: BlockCachePolicy, bundle: ModelBundle, setup: SamplingSetup, num_samples: int
+) -> tuple[BlockCachePolicy, Calibration]:
+    """`policy` calibrated on `num_samples` uncached samples of `setup`'s run drawn from noise apart from the
+    evaluation's (seed + 1, as `l2c.compare` tunes peers), with what that cost."""
+    calibration = dataclasses.replace(setup, num_samples=num_samples, seed=setup.seed + 1, flops_samples=0)
+    bench = SideBySide(bundle, calibration, progress=False)
+    start = time.perf_counter()
+    calibrated = policy.calibrate(bundle.transformer, bench.uncached)
+    return calibrated, Calibration(num_samples, calibration.seed, time.perf_counter() - start)
 
 
 def quality_for(bundle: ModelBundle) -> DigitsQuality | None:

@@ -10,6 +10,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, PixAr
 from diffusers.configuration_utils import ConfigMixin
 from torch import nn
 
+from .options import SCHEDULERS
+
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED = {"embedded:digits": EMBEDDED_DIR / "digits"}
 TRANSFORMERS = {cls.__name__: cls for cls in (DiTTransformer2DModel, PixArtTransformer2DModel)}
@@ -87,14 +89,6 @@ def _transformer_class(directory: Path) -> type[nn.Module]:
             f"{directory / 'config.json'}: field '_class_name' is {name!r}, expected one of {sorted(TRANSFORMERS)}"
         )
     return TRANSFORMERS[name]
-
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-}
 
 
 def make_scheduler(name: str, config: dict) -> SchedulerMixin:

@@ -7,6 +7,7 @@ it into place, so a crash never leaves a half-written policy that loads.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -21,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .adapters import ModelSpec
+from .model_card import METRICS, write_model_card
 from .plan import Plan
 from .policies import POLICY_KINDS, CachePolicy, PolicyTarget
 
@@ -39,7 +41,22 @@ class PolicyFormatError(ValueError):
     """A policy file that is not what l2c writes: the message names file, field, value and expectation."""
 
 
-def save_policy(policy: CachePolicy, directory: str | Path) -> Path:
+def save_policy(
+    policy: CachePolicy,
+    directory: str | Path,
+    metrics: dict | None = None,
+    name: str | None = None,
+    model_card: bool = True,
+) -> Path:
+    """Write `policy` (bound to its model) with its model card (`README.md`, `plan.png`; `l2c.model_card`).
+
+    `metrics`: numbers measured against the uncached model (e.g. `infer.py sample`'s flops_ratio and psnr_db), kept
+    in the provenance and shown on the card; `name`: how the card tells users to load it (a hub id);
+    `model_card=False`: the two files loading reads, nothing else.
+    """
+    if metrics:
+        policy = copy.copy(policy)
+        policy.provenance = {**policy.provenance, METRICS: dict(metrics)}
     if policy.target is None:
         raise ValueError(
             f"policy {policy.describe()!r} is not bound to a model: call policy.bind(model, timesteps, "
@@ -61,6 +78,8 @@ def save_policy(policy: CachePolicy, directory: str | Path) -> Path:
     try:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(staging / WEIGHTS_NAME))
+        if model_card:
+            write_model_card(staging, policy, plan, name)
         # Renames only: the old policy is whole until the new one is in place (never half-deleted), and a crash
         # between the two renames leaves it whole in the hidden sibling `retired`.
         retired = staging.with_name(staging.name + ".old")
@@ -238,3 +257,38 @@ def _check_plan(path: Path, policy: CachePolicy, tensors: dict[str, torch.Tensor
         plan.token_ratio, saved.token_ratio.float()
     ):
         raise PolicyFormatError(f"{file}: field 'plan.actions' disagrees with the plan its config.json describes")
+
+
+class HubClient(typing.Protocol):
+    """What `push_policy` calls on `huggingface_hub.HfApi` (a test passes a local stand-in)."""
+
+    def create_repo(self, repo_id: str, *, private: bool | None = None, exist_ok: bool = False) -> object: ...
+
+    def upload_folder(self, *, repo_id: str, folder_path: str | Path, commit_message: str | None = None) -> object: ...
+
+
+def push_policy(
+    policy: CachePolicy,
+    repo_id: str,
+    *,
+    metrics: dict | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    api: HubClient | None = None,
+) -> str:
+    """Save `policy` with its model card into a temporary directory and upload it as hub repository `repo_id`
+    (created if missing); `l2c.load_policy(repo_id)` loads it back. Returns the repository id."""
+    if repo_id.count("/") != 1:
+        raise ValueError(f"push_to_hub: repo_id {repo_id!r} is not a hub repository id (expected owner/name)")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="l2c-push-") as scratch:
+        directory = save_policy(policy, Path(scratch) / "policy", metrics=metrics, name=repo_id)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id, folder_path=directory, commit_message=commit_message or f"l2c policy {policy.describe()}"
+        )
+    return repo_id

@@ -9,7 +9,7 @@ in the pipeline. Conditions are class labels (DiT) or cached text embeddings (`T
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -171,6 +171,10 @@ def denoise(
     return x
 
 
-def balanced_labels(num: int, num_classes: int) -> torch.Tensor:
-    """0, 1, …, C−1, 0, 1, …: every class equally often (50 per class for 500 samples of 10 classes)."""
-    return torch.arange(num) % num_classes
+def balanced_labels(num: int, classes: int | Sequence[int]) -> torch.Tensor:
+    """c₀, c₁, …, c_{K−1}, c₀, …: every class equally often (50 per class for 500 samples of 10 classes).
+
+    `classes`: the labels in order (`l2c.options.parse_classes` of a spec such as "0-9"), or a count C for 0 … C−1.
+    """
+    table = torch.arange(classes) if isinstance(classes, int) else torch.tensor(list(classes), dtype=torch.long)
+    return table[torch.arange(num) % len(table)]

@@ -7,6 +7,7 @@ Each error names the file or flag, the field and the value, and nothing is writt
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -157,6 +158,78 @@ def test_invalid_training_config_values_stop_before_anything_is_written(tmp_path
         train.main()
     assert words in str(error.value) or words in str(error.value.__context__), error.value
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("policy", "words"),
+    [
+        ("toca:ratio=2", "field 'ratio' must be a number in (0, 1], got 2.0"),
+        ("toca:ratio=0", "field 'ratio' must be a number in (0, 1], got 0.0"),
+        ("duca:ratio=1.5", "field 'ratio' must be a number in (0, 1], got 1.5"),
+        ("toca:interval_weight=1", "field 'interval_weight' must be a number in [0, 1), got 1.0"),
+        ("toca:ff_factor=inf", "field 'ff_factor' must be a finite number ≥ 0, got inf"),
+        ("toca:grid=0", "field 'grid' must be an integer ≥ 1, got 0"),
+        ("dato:prune=1", "field 'prune' must be a number in [0, 1), got 1.0"),
+        ("dato:cell=1", "field 'cell' must be an integer ≥ 2, got 1"),
+        ("static:first_full=-1", "field 'first_full' must be an integer ≥ 0, got -1"),
+        ("adacache:probe_block=-2", "field 'probe_block' must be an integer ≥ -1, got -2"),
+        ("blockcache:threshold=nan", "field 'threshold' must be a finite number ≥ 0, got nan"),
+    ],
+)
+def test_out_of_range_preset_knobs_exit_2_in_one_line(tmp_path, capsys, policy, words):
+    assert sample_cli(tmp_path, "--policy", policy) == 2
+    message = capsys.readouterr().err
+    assert words in message and message.count("\n") == 1, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_declared_knob_range_names_a_field_of_its_policy():
+    import dataclasses
+
+    for kind, cls in l2c.POLICY_KINDS.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(cls.knob_ranges) <= fields, (kind, set(cls.knob_ranges) - fields)
+        cls()  # the defaults are in range (blockcache's uncalibrated default included)
+
+
+def test_an_existing_file_as_out_exits_2_in_one_line(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a directory")
+    assert sample_cli(tmp_path) == 2
+    message = capsys.readouterr().err
+    assert message == f"error: --out {tmp_path / 'out'}: is an existing file, expected a directory (new or existing)\n"
+
+
+def train_cli(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    argv = ["fit", "--config", "configs/l2c/digits-ddim20.yaml", "--model.init_args.export_dir", str(tmp_path / "p"),
+            "--trainer.default_root_dir", str(tmp_path / "root"), "--trainer.logger", "false", *extra]  # fmt: skip
+    root = Path(train.__file__).parent
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=root, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (["--model.export_budget", "1.5"], "error: l2c trainer: field 'export_budget' must be in [0, 1], got 1.5"),
+        (["--model.teacher", "/nonexistent/teacher/dir"], "error: model '/nonexistent/teacher/dir': not an embedded"),
+    ],
+)
+def test_train_py_refuses_bad_input_in_one_line_without_a_traceback(tmp_path, extra, line):
+    done = train_cli(tmp_path, *extra)
+    assert done.returncode == 2, done.stderr
+    errors = [text for text in done.stderr.splitlines() if "rror" in text]
+    assert len(errors) == 1 and errors[0].startswith(line), done.stderr
+    assert "Traceback" not in done.stderr and "Namespace(" not in done.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_train_py_reports_the_trainer_message_not_the_wrapping_union_error():
+    try:
+        try:
+            raise ValueError("l2c trainer: field 'steps' must be ≥ 2, got 0")
+        except ValueError as inner:
+            raise ValueError("Does not validate against any of the Union subtypes") from inner
+    except ValueError as outer:
+        assert train.refusal(outer) == "l2c trainer: field 'steps' must be ≥ 2, got 0"
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_save_load_round_trip(tmp_path, preset):
     timesteps = ddim_timesteps(10)
     bound = l2c.load_policy(preset).bind(model, timesteps, "DDIMScheduler")
     bound.provenance = {"made_by": "test_policy_io", "seed": 0}
-    path = bound.save_pretrained(tmp_path / "policy")
+    path = bound.save_pretrained(tmp_path / "policy", model_card=False)
     assert sorted(os.listdir(path)) == [CONFIG, WEIGHTS]
     assert sorted(os.listdir(tmp_path)) == ["policy"]  # no staging directory left behind
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,7 @@ from ..adapters import ModelSpec
 from ..extension import BranchCall, TrajectoryState
 from ..plan import Action, Plan
 from .base import CachePolicy
+from .knobs import Range, at_least
 
 SIGNAL = "adacache"
 
@@ -81,16 +83,14 @@ class AdaState:
 @dataclass
 class AdaCachePolicy(CachePolicy):
     kind = "adacache"
+    knob_ranges: ClassVar[dict[str, Range]] = {"probe_block": at_least(-1)}  # -1: the middle block
     codebook: str = "0.12:4+0.18:3+0.3:2"  # threshold:steps-to-next-compute, '+'-separated ('/' reads as a hub id)
     probe_block: int = -1  # -1: the middle block (num_blocks // 2)
     probe_branch: str = "attn1"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         parse_codebook(self.codebook)
-        if isinstance(self.probe_block, bool) or not isinstance(self.probe_block, int) or self.probe_block < -1:
-            raise ValueError(
-                f"adacache policy: field 'probe_block' must be -1 (middle) or a block index, got {self.probe_block!r}"
-            )
 
     def check_model(self, spec: ModelSpec, pipeline: object | None = None) -> None:
         if self.probe_branch not in spec.branches:

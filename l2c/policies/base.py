@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..extension import (
 )
 from ..plan import Plan
 from ..runtime import CacheRuntime
+from .knobs import Range, check_knobs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -54,6 +56,7 @@ class CachePolicy:
     """
 
     kind: ClassVar[str]
+    knob_ranges: ClassVar[Mapping[str, Range]] = {}  # field → what it accepts, checked at construction
     # A `PartialKeys`: what partial self-attention's queries attend to; a subclass may make it a field (it is left
     # unannotated here so that such a field keeps its place among the subclass's own, in `params()` and `describe()`).
     partial_keys = "fresh"
@@ -64,6 +67,10 @@ class CachePolicy:
     forecaster = None
     target: PolicyTarget | None = field(default=None, kw_only=True, repr=False)
     provenance: dict = field(default_factory=dict, kw_only=True, repr=False)
+
+    def __post_init__(self) -> None:
+        """Refuse a knob outside its declared range (subclasses that check more call this first)."""
+        check_knobs(self)
 
     # -- what subclasses provide ----------------------------------------------------------------
     def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
@@ -175,10 +182,17 @@ class CachePolicy:
         """Hook a pipeline (or its denoiser); returns the runtime, whose `remove()` undoes everything."""
         return CacheRuntime(target, self, timesteps=timesteps)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, metrics: dict | None = None, model_card: bool = True) -> Path:
+        """Write the policy and its model card; `metrics`: numbers measured against the uncached model."""
         from ..policy_io import save_policy
 
-        return save_policy(self, directory)
+        return save_policy(self, directory, metrics=metrics, model_card=model_card)
+
+    def push_to_hub(self, repo_id: str, **options) -> str:
+        """Upload the policy with its model card to the hub (`l2c.policy_io.push_policy`'s options)."""
+        from ..policy_io import push_policy
+
+        return push_policy(self, repo_id, **options)
 
 
 def type_name(spec: ModelSpec) -> str:

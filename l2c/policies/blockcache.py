@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from ..plan import Action, Plan
 from ..runtime import BRANCH_HOOK, RECORD_TIMESTEPS, STEP_HOOK, CacheRuntime
 from .base import CachePolicy, PolicyTarget
 from .full import FullPolicy
+from .knobs import NON_NEGATIVE, Range
 
 CHANGE_TENSOR = "blockcache.change"
 
@@ -53,12 +54,9 @@ def schedule_from_change(change: torch.Tensor, threshold: float) -> torch.Tensor
 @dataclass
 class BlockCachePolicy(CachePolicy):
     kind = "blockcache"
+    knob_ranges: ClassVar[dict[str, Range]] = {"threshold": NON_NEGATIVE}
     threshold: float = 0.1  # recompute once the accumulated relative change passes this
     change: torch.Tensor | None = field(default=None, repr=False, kw_only=True)  # [steps, blocks, branches]
-
-    def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or self.threshold < 0:
-            raise ValueError(f"blockcache policy: field 'threshold' must be a number ≥ 0, got {self.threshold!r}")
 
     def _uncalibrated(self) -> ValueError:
         return ValueError(

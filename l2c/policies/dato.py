@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import nn
 
 from ..adapters import ModelSpec
 from ..extension import BranchCall, StepOutput, TokenPruning
+from .knobs import Range, at_least
 from .scores import cell_best, top_tokens
 from .static import StaticPolicy
 
@@ -105,16 +107,17 @@ def prune_tokens(features: torch.Tensor, bases: torch.Tensor, count: int) -> Tok
 @dataclass
 class DaToPolicy(StaticPolicy):
     kind = "dato"
+    knob_ranges: ClassVar[dict[str, Range]] = {
+        **StaticPolicy.knob_ranges,
+        "prune": Range(0, 1, high_open=True),  # 0: the schedule alone; 1 would prune every token
+        "cell": at_least(2),
+    }
     prune: float = 0.4  # share of a block's tokens pruned whenever a pruned branch computes
     cell: int = 2  # one base token per cell×cell cell of the token grid
     branches: str = "attn1"  # '+'-separated branches that run pruned (attn1, attn2, ff)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (isinstance(self.prune, (int, float)) and not isinstance(self.prune, bool) and 0 <= self.prune < 1):
-            raise ValueError(f"dato policy: field 'prune' must be a number in [0, 1), got {self.prune!r}")
-        if isinstance(self.cell, bool) or not isinstance(self.cell, int) or self.cell < 2:
-            raise ValueError(f"dato policy: field 'cell' must be an integer ≥ 2, got {self.cell!r}")
         names = self.pruned_branches
         if not names or any(name not in PRUNABLE for name in names):
             raise ValueError(

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..adapters import ModelSpec
 from ..plan import Action, Plan
 from .base import CachePolicy
+from .knobs import Range, at_least
 
 
 @dataclass
 class StaticPolicy(CachePolicy):
     kind = "static"
+    knob_ranges: ClassVar[dict[str, Range]] = {
+        "interval": at_least(1),
+        "first_full": at_least(0),
+        "last_full": at_least(0),
+    }
     interval: int = 2
     first_full: int = 0  # the first k steps are always full
     last_full: int = 0  # the last k steps are always full
-
-    def __post_init__(self) -> None:
-        for name, low in (("interval", 1), ("first_full", 0), ("last_full", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{self.kind} policy: field '{name}' must be an integer ≥ {low}, got {value!r}")
 
     def full_steps(self, num_steps: int) -> list[int]:
         return [

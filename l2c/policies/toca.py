@@ -19,7 +19,6 @@ Fields left `None` take the published settings of the model family the policy is
 from __future__ import annotations
 
 import dataclasses
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -30,6 +29,7 @@ from ..adapters import ModelSpec, model_spec
 from ..extension import BranchCall, SelectionRequest, TokenSelector
 from ..plan import Action, Plan
 from .base import CachePolicy
+from .knobs import FINITE, FRACTION, NON_NEGATIVE, Range, at_least
 from .scores import (
     attention_bias,
     attention_received,
@@ -92,6 +92,20 @@ PIXART_ALPHA = dict(
 class ToCaPolicy(CachePolicy):
     kind = "toca"
     presets: ClassVar[dict[str, dict]] = {"dit": DIT_DDIM50, "pixart": PIXART_ALPHA}
+    knob_ranges: ClassVar[dict[str, Range]] = {
+        "interval": at_least(1),
+        "ratio": FRACTION,
+        "freq_weight": NON_NEGATIVE,
+        "bonus": NON_NEGATIVE,
+        "grid": at_least(1),
+        "step_weight": FINITE,  # the DiT setting (2.0) clamps the early steps' ratio to 0 on purpose
+        "layer_weight": FINITE,
+        "attn1_factor": NON_NEGATIVE,
+        "attn2_factor": NON_NEGATIVE,
+        "ff_factor": NON_NEGATIVE,
+        "interval_weight": Range(0, 1, high_open=True),
+        "sensitive_gap": at_least(0),
+    }
 
     interval: int = 3  # N: a full step every N steps (step 0 first)
     ratio: float | None = None  # base fresh ratio
@@ -108,27 +122,9 @@ class ToCaPolicy(CachePolicy):
     sensitive_gap: int = 0  # > 0: a full step at 60–80% of the steps is followed by this gap (DiT reference: 2)
 
     def __post_init__(self) -> None:
-        name = self.kind
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"{name} policy: field 'interval' must be an integer ≥ 1, got {self.interval!r}")
-        if not (isinstance(self.interval_weight, (int, float)) and 0 <= self.interval_weight < 1):
-            raise ValueError(
-                f"{name} policy: field 'interval_weight' must be a number in [0, 1), got {self.interval_weight!r}"
-            )
-        if isinstance(self.sensitive_gap, bool) or not isinstance(self.sensitive_gap, int) or self.sensitive_gap < 0:
-            raise ValueError(f"{name} policy: field 'sensitive_gap' must be an integer ≥ 0, got {self.sensitive_gap!r}")
+        super().__post_init__()
         if self.score is not None and self.score not in SCORES:
-            raise ValueError(f"{name} policy: field 'score' must be one of {list(SCORES)}, got {self.score!r}")
-        if self.grid is not None and (isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1):
-            raise ValueError(f"{name} policy: field 'grid' must be an integer ≥ 1, got {self.grid!r}")
-        for key in ("ratio", "bonus", "freq_weight", "attn1_factor", "attn2_factor", "ff_factor"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} policy: field '{key}' must be a finite number ≥ 0, got {value!r}")
-        for key in ("step_weight", "layer_weight"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise ValueError(f"{name} policy: field '{key}' must be a finite number, got {value!r}")
+            raise ValueError(f"{self.kind} policy: field 'score' must be one of {list(SCORES)}, got {self.score!r}")
 
     # -- settings --------------------------------------------------------------------------------------------------
     def resolved(self, spec: ModelSpec) -> ToCaPolicy:
