@@ -19,11 +19,13 @@ shifted by one step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..adapters import ModelSpec
 from ..forecast import RULES, PolynomialForecaster
 from ..plan import Action, Plan
 from .base import CachePolicy
+from .knobs import Range, at_least
 
 
 def compute_steps(num_steps: int, interval: int, warmup: int) -> list[int]:
@@ -35,16 +37,14 @@ def compute_steps(num_steps: int, interval: int, warmup: int) -> list[int]:
 @dataclass
 class TaylorSeerPolicy(CachePolicy):
     kind = "taylorseer"
+    knob_ranges: ClassVar[dict[str, Range]] = {"interval": at_least(1), "order": at_least(0), "warmup": at_least(1)}
     interval: int = 5  # N: diffusers' `cache_interval`
     order: int = 1  # m: diffusers' `max_order`
     warmup: int = 3  # diffusers' `disable_cache_before_step`: steps before it always compute (≥ 1)
     rule: str = "taylor"  # a `StepRule`: "taylor" (TaylorSeer) or "lagrange" (exact polynomial extrapolation)
 
     def __post_init__(self) -> None:
-        for name, low in (("interval", 1), ("order", 0), ("warmup", 1)):  # step 0 must compute
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{self.kind} policy: field '{name}' must be an integer ≥ {low}, got {value!r}")
+        super().__post_init__()  # the knob ranges; warmup ≥ 1: step 0 must compute
         if self.rule not in RULES:
             raise ValueError(f"{self.kind} policy: field 'rule' must be one of {sorted(RULES)}, got {self.rule!r}")
         self.forecaster = PolynomialForecaster(self.rule, self.order)
