@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -123,6 +123,7 @@ class StepTrackerHook(ModelHook):
         self.states = StateManager(TrajectoryState)
         self.read_timestep = _timestep_argument(runtime.model)
 
+    @torch.compiler.disable
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
         if self.runtime.paused:
             state = running_state(self.states)
@@ -143,6 +144,7 @@ class StepTrackerHook(ModelHook):
         state.step, state.batch_size, state.running = step, batch_size, True
         return args, kwargs
 
+    @torch.compiler.disable
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         state = running_state(self.states)
         if state is not None:
@@ -163,6 +165,7 @@ class BlocksHook(ModelHook):
         self.runtime = runtime
         self.states = states
 
+    @torch.compiler.disable
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
         state = running_state(self.states)
         if state is not None:
@@ -175,6 +178,12 @@ class BlocksHook(ModelHook):
 def _batch_size(args: tuple, kwargs: dict) -> int:
     hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))  # UNets call it `sample`
     return int(hidden.shape[0])
+
+
+@torch.compiler.disable
+def _eager(function: Callable, *args) -> Any:
+    """Call `function` with nothing under it compiled (for code whose forward hooks must fire)."""
+    return function(*args)
 
 
 Runner = Callable[["BranchHook", Callable, BranchCall, Execution], torch.Tensor]
@@ -193,12 +202,35 @@ class BranchHook(ModelHook):
         self.branch_index = branch_index
         self.states = states
         self.partial_ok = token_partial_supported(branch)
+        # `partial_keys="cached"` reads attn1's key/value projections through temporary forward hooks.
+        self.hooks_projections = branch.name == "attn1" and runtime.partial_keys == "cached"
 
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
+        """The branch's action at this call; under `torch.compile` this frame is skipped, not traced.
+
+        The decision (step, plan entry, policy, bookkeeping) is Python the compiler must not specialise on (it would
+        recompile at every step), so `recursive=False` keeps it out of the graph while the frames it calls (the
+        branch's own forward, the runner's tensor work) are still compiled: one graph per branch action and shape,
+        shared by every block. A branch whose execution a probe or temporary forward hooks observe (`observe`,
+        cached keys/values) runs eagerly: compiled code does not fire forward hooks added after it was compiled.
+        """
         original = self.fn_ref.original_forward
         state = running_state(self.states)
         if state is None:  # branch called outside the denoiser's forward (or while paused): leave it alone
             return original(*args, **kwargs)
+        call, run = self._prepare(module, state, args, kwargs)
+        runner = self.RUNNERS[run.action]
+        probe = self.runtime.policy.observe(call)
+        if probe is None and not self.hooks_projections:
+            return runner(self, original, call, run)
+        with probe if probe is not None else nullcontext():
+            return _eager(runner, self, original, call, run)
+
+    def _prepare(
+        self, module: nn.Module, state: TrajectoryState, args: tuple, kwargs: dict
+    ) -> tuple[BranchCall, Execution]:
+        """This call's execution and what the policy's extension points see of it (refusing a reuse of nothing)."""
         branch = self.branch
         store = state.stores.setdefault((branch.block, branch.name), BranchStore())
         run = self.runtime.execution(state, branch, self.branch_index, store)
@@ -213,8 +245,7 @@ class BranchHook(ModelHook):
         call = BranchCall(
             state.step, branch.block, branch.name, run.action, run.rows, module, store, state, plan, args, kwargs
         )
-        with self.runtime.observe(call):
-            return self.RUNNERS[run.action](self, original, call, run)
+        return call, run
 
     # -- one method per action ------------------------------------------------------------------------------------
     def _compute(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
@@ -513,10 +544,6 @@ class CacheRuntime:
         sample = output if isinstance(output, torch.Tensor) else output[0]  # a tensor, tuple or BaseOutput
         self.policy.observe_output(StepOutput(state.step, state, model, sample))
 
-    def observe(self, call: BranchCall) -> AbstractContextManager:
-        probe = self.policy.observe(call)
-        return probe if probe is not None else nullcontext()
-
     # -- hooks ------------------------------------------------------------------------------------
     def _attach(self) -> None:
         first_block = find_blocks(self.model)[0]
@@ -526,14 +553,18 @@ class CacheRuntime:
             if registry is not None and any(registry.get_hook(name) for name in HOOK_NAMES):
                 raise RuntimeError("this model already has an l2c policy applied; call remove() first")
         self._saved = [_Restore(m) for m in modules]
-        step_hook = StepTrackerHook(self)
-        HookRegistry.check_if_exists_or_initialize(self.model).register_hook(step_hook, STEP_HOOK)
-        blocks_hook = BlocksHook(self, step_hook.states)
-        HookRegistry.check_if_exists_or_initialize(first_block).register_hook(blocks_hook, BLOCKS_HOOK)
-        index = {name: i for i, name in enumerate(self.branch_names)}
-        for branch in self.branches:
-            registry = HookRegistry.check_if_exists_or_initialize(branch.module)
-            registry.register_hook(BranchHook(self, branch, index[branch.name], step_hook.states), BRANCH_HOOK)
+        try:
+            step_hook = StepTrackerHook(self)
+            HookRegistry.check_if_exists_or_initialize(self.model).register_hook(step_hook, STEP_HOOK)
+            blocks_hook = BlocksHook(self, step_hook.states)
+            HookRegistry.check_if_exists_or_initialize(first_block).register_hook(blocks_hook, BLOCKS_HOOK)
+            index = {name: i for i, name in enumerate(self.branch_names)}
+            for branch in self.branches:
+                registry = HookRegistry.check_if_exists_or_initialize(branch.module)
+                registry.register_hook(BranchHook(self, branch, index[branch.name], step_hook.states), BRANCH_HOOK)
+        except BaseException:  # atomic: a failed apply leaves every module exactly as it found it
+            self.remove()
+            raise
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
 
     def remove(self) -> None:
@@ -541,6 +572,9 @@ class CacheRuntime:
         for saved in self._saved:
             saved.restore()
         self._saved = []
+        registry = getattr(self.model, "_diffusers_hook", None)
+        if registry is not None:  # foreign hooks stay: their cached list of child registries must forget ours
+            registry.invalidate_child_registries_cache()
 
     def reset(self) -> None:
         """Forget every cached output (all cache contexts); the next call starts a new trajectory."""
@@ -587,7 +621,9 @@ class _Restore:
         self.had_registry = "_diffusers_hook" in module.__dict__
 
     def restore(self) -> None:
-        registry = HookRegistry.check_if_exists_or_initialize(self.module)
+        if not hasattr(self.module, "_diffusers_hook"):  # a failed apply stopped before reaching this module
+            return
+        registry = self.module._diffusers_hook
         for name in HOOK_NAMES:
             registry.remove_hook(name, recurse=False)
         if not registry.hooks:
