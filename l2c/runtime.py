@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -204,6 +204,7 @@ class BranchHook(ModelHook):
         self.partial_ok = token_partial_supported(branch)
         # `partial_keys="cached"` reads attn1's key/value projections through temporary forward hooks.
         self.hooks_projections = branch.name == "attn1" and runtime.partial_keys == "cached"
+        self.key = (branch.block, branch.name)  # of its store in `TrajectoryState.stores`
 
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
@@ -216,23 +217,32 @@ class BranchHook(ModelHook):
         cached keys/values) runs eagerly: compiled code does not fire forward hooks added after it was compiled.
         """
         original = self.fn_ref.original_forward
-        state = running_state(self.states)
-        if state is None:  # branch called outside the denoiser's forward (or while paused): leave it alone
+        prepared = self._prepare(module, args, kwargs)
+        if prepared is None:  # branch called outside the denoiser's forward (or while paused): leave it alone
             return original(*args, **kwargs)
-        call, run = self._prepare(module, state, args, kwargs)
+        call, run, probe = prepared
         runner = self.RUNNERS[run.action]
-        probe = self.runtime.policy.observe(call)
         if probe is None and not self.hooks_projections:
             return runner(self, original, call, run)
         with probe if probe is not None else nullcontext():
             return _eager(runner, self, original, call, run)
 
+    @torch.compiler.disable
     def _prepare(
-        self, module: nn.Module, state: TrajectoryState, args: tuple, kwargs: dict
-    ) -> tuple[BranchCall, Execution]:
-        """This call's execution and what the policy's extension points see of it (refusing a reuse of nothing)."""
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[BranchCall, Execution, AbstractContextManager | None] | None:
+        """This call's execution, what the extension points see of it, and the policy's probe (None: unhooked).
+
+        One eager frame, so a compiled caller leaves the compiler once per branch call; no host-device sync unless
+        the policy decides per sample (`_split_rows` then reads the decision's codes).
+        """
+        state = running_state(self.states)
+        if state is None:
+            return None
         branch = self.branch
-        store = state.stores.setdefault((branch.block, branch.name), BranchStore())
+        store = state.stores.get(self.key)
+        if store is None:
+            store = state.stores[self.key] = BranchStore()
         run = self.runtime.execution(state, branch, self.branch_index, store)
         if (run.action != Action.COMPUTE or run.rows is not None) and store.output is None:
             verb = "reuse rows of" if run.rows is not None else run.action.name.lower()
@@ -245,7 +255,7 @@ class BranchHook(ModelHook):
         call = BranchCall(
             state.step, branch.block, branch.name, run.action, run.rows, module, store, state, plan, args, kwargs
         )
-        return call, run
+        return call, run, self.runtime.probe(call)
 
     # -- one method per action ------------------------------------------------------------------------------------
     def _compute(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
@@ -434,6 +444,8 @@ class CacheRuntime:
         self.selector: TokenSelector = policy.token_selector()
         self.partial_keys = policy.partial_keys
         self.executed: Counter[Action] = Counter()
+        # Per branch call, only the extension points the policy overrides are called (the base ones are no-ops).
+        self._decides, self._observes = (_overrides(policy, name) for name in ("decide", "observe"))
         self._paused = False
         self._blend: Blend | None = None
         self._timesteps: torch.Tensor | None = None
@@ -451,7 +463,7 @@ class CacheRuntime:
     def _bind(self, timesteps: torch.Tensor) -> None:
         self._timesteps = timesteps.detach().to("cpu", torch.float64).flatten()
         self._plan = self.policy.plan_for(self.spec, self._timesteps)
-        self._actions = self._plan.actions.tolist()
+        self._actions = [[[Action(a) for a in branches] for branches in step] for step in self._plan.actions.tolist()]
         self._ratios = self._plan.token_ratio.tolist()
 
     @property
@@ -518,11 +530,11 @@ class CacheRuntime:
         self, step: int, block: int, branch_index: int, state: TrajectoryState | None = None
     ) -> tuple[Action | torch.Tensor, float]:
         """The policy's `decide` where it answers, else the plan's entry."""
-        if state is not None:
+        if state is not None and self._decides:
             dynamic = self.policy.decide(step, block, branch_index, state)
             if dynamic is not None:
                 return dynamic
-        return Action(self._actions[step][block][branch_index]), self._ratios[step][block][branch_index]
+        return self._actions[step][block][branch_index], self._ratios[step][block][branch_index]
 
     def execution(self, state: TrajectoryState, branch: Branch, branch_index: int, store: BranchStore) -> Execution:
         """How a branch runs now: a training blend (once the branch has a cached output), else the decision."""
@@ -534,6 +546,10 @@ class CacheRuntime:
             action, rows = _split_rows(action, state.step, branch)
             return Execution(action, ratio, rows)
         return Execution(action, ratio)
+
+    def probe(self, call: BranchCall) -> AbstractContextManager | None:
+        """The policy's `observe` context for this branch execution (None: nothing observes it)."""
+        return self.policy.observe(call) if self._observes else None
 
     def before_blocks(self, point: BlockInput) -> None:
         self.policy.before_blocks(point)
@@ -610,6 +626,12 @@ class CacheRuntime:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _overrides(policy: CachePolicy, name: str) -> bool:
+    from .policies.base import CachePolicy  # the runtime is imported by the policies' base
+
+    return getattr(type(policy), name) is not getattr(CachePolicy, name)
 
 
 class _Restore:
