@@ -2,6 +2,7 @@
 
     python bench/overhead.py --json out/bench/overhead.json                       # the full run (minutes)
     python bench/overhead.py --layers 4 --steps 4 --repeats 2 --json /tmp/o.json  # a quick look
+    python bench/overhead.py --compile inductor --json out/bench/overhead-compiled.json  # with compiled rows
 
 Rows: no hooks; hooks with the `full` policy (pure runtime overhead); the router released with Learning-to-Cache
 for DiT-XL/2 DDIM-20, imported from `../shared/fixtures/` (threshold 0.1); static every-2. Weights are random
@@ -11,6 +12,13 @@ order (ABBA), so drift in machine load falls on every row alike, and the median 
 hooks ÷ with, `efficiency` = speedup / ideal_speedup. Memory: bytes the cache holds per sample at the end of a
 run (every stored branch output and token age, plus any signals a policy keeps), beside the model's own
 activation memory per sample (the bytes of every leaf module's output in one forward pass).
+
+With `--compile BACKEND`, every row is repeated on `torch.compile(model, backend=BACKEND)` (the policy applied to
+the compiled model's own modules; its first run, which compiles, is untimed): `speedup` is still against the eager
+model without hooks, `compiled_gain` = the same row's eager wall time ÷ its compiled one (FLOPs are the eager row's).
+The runtime's own cost per branch call (`runtime_cost` in the JSON setup) is measured on a model whose compute is
+negligible (one token of width 8, the same blocks and steps): wall time with `full` minus without hooks, divided by
+the branch calls, the best of `repeats` interleaved runs (the least disturbed by other load).
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ class OverheadSetup(SamplingSetup):
     repeats: int = 3
     router: Path = ROUTER
     threshold: float = 0.1
+    compile_backend: str | None = None  # also time every row compiled with this torch.compile backend
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,18 +161,51 @@ class Bench:
         size = setup.latent_size
         self.noise = initial_noise(setup.batch_size, (4, size, size), setup.seed)
         self.labels = torch.arange(setup.batch_size) % 1000
-        self.denoiser = GuidedDenoiser(model, setup.guidance_scale)
+        self.denoisers = {False: GuidedDenoiser(model, setup.guidance_scale)}
+        if setup.compile_backend is not None:  # the policy hooks `model`, which the compiled wrapper calls
+            compiled = torch.compile(model, backend=setup.compile_backend)
+            self.denoisers[True] = GuidedDenoiser(compiled, setup.guidance_scale)
         self.timesteps = setup.new_scheduler(SCHEDULER_CONFIG).timesteps.clone()
         self.cache_bytes: dict[str, int] = {}
 
-    def run(self, name: str, policy: CachePolicy | None) -> torch.Tensor:
+    def run(self, name: str, policy: CachePolicy | None, compiled: bool = False) -> torch.Tensor:
         scheduler = self.setup.new_scheduler(SCHEDULER_CONFIG)
+        denoiser = self.denoisers[compiled]
         if policy is None:
-            return sample(self.denoiser, scheduler, self.noise, self.labels, self.setup.steps)
+            return sample(denoiser, scheduler, self.noise, self.labels, self.setup.steps)
         with policy.apply(self.model, timesteps=self.timesteps) as runtime:
-            out = sample(self.denoiser, scheduler, self.noise, self.labels, self.setup.steps)
+            out = sample(denoiser, scheduler, self.noise, self.labels, self.setup.steps)
             self.cache_bytes[name] = cache_bytes(runtime)
         return out
+
+
+def compiled_name(name: str, backend: str) -> str:
+    return f"{name}, compiled ({backend})"
+
+
+@dataclass(frozen=True)
+class RuntimeCost:
+    """The runtime's own wall time per branch call, on a model whose compute is negligible."""
+
+    us_per_branch_call: float
+    branch_calls_per_run: int
+    no_hooks_s: float
+    full_s: float
+
+
+def runtime_cost(setup: OverheadSetup) -> RuntimeCost:
+    """`full` minus no hooks, per branch call: a DiT with the setup's blocks and steps, one token of width 8."""
+    tiny = dataclasses.replace(setup, heads=1, head_dim=8, latent_size=2, batch_size=1, num_samples=1)
+    model = build_model(tiny)
+    bench = Bench(model, dataclasses.replace(tiny, compile_backend=None))
+    runs = {"no hooks": partial(bench.run, "no hooks", None), "full": partial(bench.run, "full", FullPolicy())}
+    timer = Interleaved("abba", warmup=2)
+    for _ in range(2 + max(5, setup.repeats)):
+        timer.round(runs)
+    calls = setup.steps * setup.layers * len(model_spec(model).branches)
+    best = {name: min(timer.seconds[name]) for name in runs}
+    extra = (best["full"] - best["no hooks"]) / calls
+    return RuntimeCost(extra * 1e6, calls, best["no hooks"], best["full"])
 
 
 def measure(model: DiTTransformer2DModel, setup: OverheadSetup, progress: bool = True) -> tuple[list[dict], list[str]]:
@@ -171,17 +213,24 @@ def measure(model: DiTTransformer2DModel, setup: OverheadSetup, progress: bool =
     rows = policies(model, setup, notes)
     bench = Bench(model, setup)
     flops = {name: count_flops(lambda p=policy, n=name: bench.run(n, p))[1] for name, policy in rows.items()}
-    timer = Interleaved("abba")  # whole runs, forward then backward order
-    with tqdm(total=setup.repeats * len(rows), desc="sampling runs", unit="run", disable=not progress) as bar:
-        runs = {name: partial(bench.run, name, policy) for name, policy in rows.items()}
-        for _ in range(setup.repeats):
+    runs = {name: partial(bench.run, name, policy) for name, policy in rows.items()}
+    backend = setup.compile_backend
+    if backend is not None:
+        eager_names = list(rows)
+        for name in eager_names:
+            runs[compiled_name(name, backend)] = partial(bench.run, name, rows[name], compiled=True)
+            flops[compiled_name(name, backend)] = flops[name]
+    timer = Interleaved("abba", warmup=0 if backend is None else 1)  # whole runs; a compiled row compiles first
+    rounds = setup.repeats + timer.warmup
+    with tqdm(total=rounds * len(runs), desc="sampling runs", unit="run", disable=not progress) as bar:
+        for _ in range(rounds):
             timer.round(runs, after=lambda _: bar.update())
     size = setup.latent_size
     latents = torch.randn(setup.batch_size, 4, size, size, generator=torch.Generator().manual_seed(setup.seed))
     activations = activation_bytes(model, latents, bench.labels, bench.timesteps[0]) / setup.batch_size
     base_wall = timer.median("no hooks")
     results = []
-    for name in rows:
+    for name in runs:
         wall = timer.median(name)
         ratio = flops[name] / flops["no hooks"]
         speedup = base_wall / wall
@@ -198,6 +247,9 @@ def measure(model: DiTTransformer2DModel, setup: OverheadSetup, progress: bool =
                 "activation_bytes_per_sample": activations,
             }
         )
+    if backend is not None:
+        for row, eager in zip(results[len(rows) :], results[: len(rows)], strict=True):
+            row["compiled_gain"] = eager["wall_s"] / row["wall_s"]
     return results, notes
 
 
@@ -214,17 +266,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent-size", type=int, default=defaults.latent_size)
     parser.add_argument("--router", type=Path, default=defaults.router)
     parser.add_argument("--threshold", type=float, default=defaults.threshold)
+    parser.add_argument("--compile", dest="compile_backend", metavar="BACKEND", help="also compiled rows (inductor)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     knobs = ("layers", "heads", "head_dim", "latent_size", "batch_size", "steps", "repeats", "router", "threshold")
+    knobs += ("compile_backend",)
     try:  # one run is one batch
         setup = OverheadSetup(num_samples=args.batch_size, **{name: getattr(args, name) for name in knobs})
     except ValueError as error:
         parser.error(str(error))
     model = build_model(setup)
     results, notes = measure(model, setup, progress=not args.no_progress)
-    write_results(args.json, setup, results)
-    print(format_table(results, TABLE))
+    cost = runtime_cost(setup)
+    write_results(args.json, {**dataclasses.asdict(setup), "runtime_cost": dataclasses.asdict(cost)}, results)
+    columns = TABLE if setup.compile_backend is None else (*TABLE, Column("compiled_gain", ".2f"))
+    print(format_table(results, columns))
+    print(
+        f"runtime cost: {cost.us_per_branch_call:.1f} µs per branch call ({cost.branch_calls_per_run} branch calls "
+        f"per run on one token of width 8: {cost.no_hooks_s:.3f} s without hooks, {cost.full_s:.3f} s with full)"
+    )
     for note in notes:
         print(f"note: {note}")
     print(f"torch threads: {torch.get_num_threads()}; wrote {args.json}")

@@ -69,17 +69,27 @@ class Branch:
 
 
 def resolve_denoiser(target: nn.Module | object) -> nn.Module:
-    """The denoiser of a pipeline (`pipe.transformer`, else `pipe.unet`), or the module itself."""
+    """The denoiser of a pipeline (`pipe.transformer`, else `pipe.unet`), or the module itself.
+
+    A `torch.compile(model)` wrapper (`OptimizedModule`) resolves to the model it wraps: the hooks go on the model's
+    own modules, which the wrapper calls, so compiled calls run them (traced, or behind `torch.compiler.disable`).
+    """
     if isinstance(target, nn.Module):
-        return target
+        return _uncompiled(target)
     for attr in ("transformer", "unet"):
         module = getattr(target, attr, None)
         if isinstance(module, nn.Module):
-            return module
+            return _uncompiled(module)
     raise TypeError(
         f"cannot find a denoiser in {type(target).__name__}: expected an nn.Module or a pipeline "
         "with a `transformer` or `unet` attribute"
     )
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    while isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        module = module._orig_mod
+    return module
 
 
 def _family(model: nn.Module) -> str:

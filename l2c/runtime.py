@@ -126,6 +126,7 @@ class StepTrackerHook(ModelHook):
         self.states = StateManager(TrajectoryState)
         self.read_timestep = _timestep_argument(runtime.model)
 
+    @torch.compiler.disable
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
         if self.runtime.paused:
             state = running_state(self.states)
@@ -146,6 +147,7 @@ class StepTrackerHook(ModelHook):
         state.step, state.batch_size, state.running = step, batch_size, True
         return args, kwargs
 
+    @torch.compiler.disable
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         state = running_state(self.states)
         if state is not None:
@@ -166,6 +168,7 @@ class BlocksHook(ModelHook):
         self.runtime = runtime
         self.states = states
 
+    @torch.compiler.disable
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
         state = running_state(self.states)
         if state is not None:
@@ -178,6 +181,12 @@ class BlocksHook(ModelHook):
 def _batch_size(args: tuple, kwargs: dict) -> int:
     hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))  # UNets call it `sample`
     return int(hidden.shape[0])
+
+
+@torch.compiler.disable
+def _eager(function: Callable, *args) -> Any:
+    """Call `function` with nothing under it compiled (for code whose forward hooks must fire)."""
+    return function(*args)
 
 
 Runner = Callable[["BranchHook", Callable, BranchCall, Execution], torch.Tensor]
@@ -197,14 +206,47 @@ class BranchHook(ModelHook):
         self.states = states
         self.partial_ok = token_partial_supported(branch)
         self._kept: tuple[Plan | None, int] | None = None  # (plan, computations kept): see `_remember`
+        # `partial_keys="cached"` reads attn1's key/value projections through temporary forward hooks.
+        self.hooks_projections = branch.name == "attn1" and runtime.partial_keys == "cached"
+        self.key = (branch.block, branch.name)  # of its store in `TrajectoryState.stores`
 
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
+        """The branch's action at this call; under `torch.compile` this frame is skipped, not traced.
+
+        The decision (step, plan entry, policy, bookkeeping) is Python the compiler must not specialise on (it would
+        recompile at every step), so `recursive=False` keeps it out of the graph while the frames it calls (the
+        branch's own forward, the runner's tensor work) are still compiled: one graph per branch action and shape,
+        shared by every block. A branch whose execution a probe or temporary forward hooks observe (`observe`,
+        cached keys/values) runs eagerly: compiled code does not fire forward hooks added after it was compiled.
+        """
         original = self.fn_ref.original_forward
-        state = running_state(self.states)
-        if state is None:  # branch called outside the denoiser's forward (or while paused): leave it alone
+        prepared = self._prepare(module, args, kwargs)
+        if prepared is None:  # branch called outside the denoiser's forward (or while paused): leave it alone
             return original(*args, **kwargs)
+        call, run, probe = prepared
+        runner = self.RUNNERS[run.action]
+        if probe is None and not self.hooks_projections:
+            return runner(self, original, call, run)
+        with probe if probe is not None else nullcontext():
+            return _eager(runner, self, original, call, run)
+
+    @torch.compiler.disable
+    def _prepare(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[BranchCall, Execution, AbstractContextManager | None] | None:
+        """This call's execution, what the extension points see of it, and the policy's probe (None: unhooked).
+
+        One eager frame, so a compiled caller leaves the compiler once per branch call; no host-device sync unless
+        the policy decides per sample (`_split_rows` then reads the decision's codes).
+        """
+        state = running_state(self.states)
+        if state is None:
+            return None
         branch = self.branch
-        store = state.stores.setdefault((branch.block, branch.name), BranchStore())
+        store = state.stores.get(self.key)
+        if store is None:
+            store = state.stores[self.key] = BranchStore()
         run = self.runtime.execution(state, branch, self.branch_index, store)
         if (run.action != Action.COMPUTE or run.rows is not None) and store.output is None:
             verb = "reuse rows of" if run.rows is not None else run.action.name.lower()
@@ -217,8 +259,7 @@ class BranchHook(ModelHook):
         call = BranchCall(
             state.step, branch.block, branch.name, run.action, run.rows, module, store, state, plan, args, kwargs
         )
-        with self.runtime.observe(call):
-            return self.RUNNERS[run.action](self, original, call, run)
+        return call, run, self.runtime.probe(call)
 
     # -- one method per action ------------------------------------------------------------------------------------
     def _compute(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
@@ -456,6 +497,8 @@ class CacheRuntime:
         self.selector: TokenSelector = policy.token_selector()
         self.partial_keys = policy.partial_keys
         self.executed: Counter[Action] = Counter()
+        # Per branch call, only the extension points the policy overrides are called (the base ones are no-ops).
+        self._decides, self._observes = (_overrides(policy, name) for name in ("decide", "observe"))
         self._paused = False
         self._blend: Blend | None = None
         self._timesteps: torch.Tensor | None = None
@@ -473,7 +516,7 @@ class CacheRuntime:
     def _bind(self, timesteps: torch.Tensor) -> None:
         self._timesteps = timesteps.detach().to("cpu", torch.float64).flatten()
         self._plan = self.policy.plan_for(self.spec, self._timesteps)
-        self._actions = self._plan.actions.tolist()
+        self._actions = [[[Action(a) for a in branches] for branches in step] for step in self._plan.actions.tolist()]
         self._ratios = self._plan.token_ratio.tolist()
 
     @property
@@ -540,11 +583,11 @@ class CacheRuntime:
         self, step: int, block: int, branch_index: int, state: TrajectoryState | None = None
     ) -> tuple[Action | torch.Tensor, float]:
         """The policy's `decide` where it answers, else the plan's entry."""
-        if state is not None:
+        if state is not None and self._decides:
             dynamic = self.policy.decide(step, block, branch_index, state)
             if dynamic is not None:
                 return dynamic
-        return Action(self._actions[step][block][branch_index]), self._ratios[step][block][branch_index]
+        return self._actions[step][block][branch_index], self._ratios[step][block][branch_index]
 
     def execution(self, state: TrajectoryState, branch: Branch, branch_index: int, store: BranchStore) -> Execution:
         """How a branch runs now: a training blend (once the branch has a cached output), else the decision."""
@@ -557,6 +600,10 @@ class CacheRuntime:
             return Execution(action, ratio, rows)
         return Execution(action, ratio)
 
+    def probe(self, call: BranchCall) -> AbstractContextManager | None:
+        """The policy's `observe` context for this branch execution (None: nothing observes it)."""
+        return self.policy.observe(call) if self._observes else None
+
     def before_blocks(self, point: BlockInput) -> None:
         self.policy.before_blocks(point)
         if self._blend is not None:
@@ -565,10 +612,6 @@ class CacheRuntime:
     def observe_output(self, state: TrajectoryState, model: nn.Module, output: Any) -> None:
         sample = output if isinstance(output, torch.Tensor) else output[0]  # a tensor, tuple or BaseOutput
         self.policy.observe_output(StepOutput(state.step, state, model, sample))
-
-    def observe(self, call: BranchCall) -> AbstractContextManager:
-        probe = self.policy.observe(call)
-        return probe if probe is not None else nullcontext()
 
     # -- hooks ------------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -579,14 +622,18 @@ class CacheRuntime:
             if registry is not None and any(registry.get_hook(name) for name in HOOK_NAMES):
                 raise RuntimeError("this model already has an l2c policy applied; call remove() first")
         self._saved = [_Restore(m) for m in modules]
-        step_hook = StepTrackerHook(self)
-        HookRegistry.check_if_exists_or_initialize(self.model).register_hook(step_hook, STEP_HOOK)
-        blocks_hook = BlocksHook(self, step_hook.states)
-        HookRegistry.check_if_exists_or_initialize(first_block).register_hook(blocks_hook, BLOCKS_HOOK)
-        index = {name: i for i, name in enumerate(self.branch_names)}
-        for branch in self.branches:
-            registry = HookRegistry.check_if_exists_or_initialize(branch.module)
-            registry.register_hook(BranchHook(self, branch, index[branch.name], step_hook.states), BRANCH_HOOK)
+        try:
+            step_hook = StepTrackerHook(self)
+            HookRegistry.check_if_exists_or_initialize(self.model).register_hook(step_hook, STEP_HOOK)
+            blocks_hook = BlocksHook(self, step_hook.states)
+            HookRegistry.check_if_exists_or_initialize(first_block).register_hook(blocks_hook, BLOCKS_HOOK)
+            index = {name: i for i, name in enumerate(self.branch_names)}
+            for branch in self.branches:
+                registry = HookRegistry.check_if_exists_or_initialize(branch.module)
+                registry.register_hook(BranchHook(self, branch, index[branch.name], step_hook.states), BRANCH_HOOK)
+        except BaseException:  # atomic: a failed apply leaves every module exactly as it found it
+            self.remove()
+            raise
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
 
     def remove(self) -> None:
@@ -594,6 +641,9 @@ class CacheRuntime:
         for saved in self._saved:
             saved.restore()
         self._saved = []
+        registry = getattr(self.model, "_diffusers_hook", None)
+        if registry is not None:  # foreign hooks stay: their cached list of child registries must forget ours
+            registry.invalidate_child_registries_cache()
 
     def reset(self) -> None:
         """Forget every cached output (all cache contexts); the next call starts a new trajectory."""
@@ -631,6 +681,12 @@ class CacheRuntime:
         self.remove()
 
 
+def _overrides(policy: CachePolicy, name: str) -> bool:
+    from .policies.base import CachePolicy  # the runtime is imported by the policies' base
+
+    return getattr(type(policy), name) is not getattr(CachePolicy, name)
+
+
 class _Restore:
     """What `remove()` needs to put one module back exactly as `apply` found it."""
 
@@ -640,7 +696,9 @@ class _Restore:
         self.had_registry = "_diffusers_hook" in module.__dict__
 
     def restore(self) -> None:
-        registry = HookRegistry.check_if_exists_or_initialize(self.module)
+        if not hasattr(self.module, "_diffusers_hook"):  # a failed apply stopped before reaching this module
+            return
+        registry = self.module._diffusers_hook
         for name in HOOK_NAMES:
             registry.remove_hook(name, recurse=False)
         if not registry.hooks:

@@ -39,3 +39,21 @@ def test_the_released_router_fits_a_28_block_dit_at_ddim_20():
     assert notes == []
     router = rows["l2c router (official DDIM-20, threshold 0.1)"]
     assert router.reuse_summary(20) == "computed 312 of 560 branch slots in reuse steps"  # the fixture's statistic
+
+
+def test_compiled_rows_and_the_runtime_cost_per_branch_call(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    argv = ["--layers", "2", "--heads", "2", "--head-dim", "8", "--latent-size", "8", "--steps", "4", "--repeats", "1"]
+    assert overhead.main([*argv, "--compile", "eager", "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    eager = ("no hooks", "full", "static every-2")
+    assert set(rows) == {*eager, *(overhead.compiled_name(name, "eager") for name in eager)}
+    for name in eager:
+        compiled = rows[overhead.compiled_name(name, "eager")]
+        assert compiled["flops_ratio"] == rows[name]["flops_ratio"]  # the same work, compiled
+        assert compiled["compiled_gain"] == pytest.approx(rows[name]["wall_s"] / compiled["wall_s"])
+    cost = result["setup"]["runtime_cost"]
+    assert cost["branch_calls_per_run"] == 4 * 2 * 2  # steps × blocks × (attn1, ff)
+    assert cost["us_per_branch_call"] == pytest.approx(1e6 * (cost["full_s"] - cost["no_hooks_s"]) / 16)
+    assert "µs per branch call" in capsys.readouterr().out

@@ -471,3 +471,72 @@ def test_blending_gates_may_come_from_the_first_blocks_input():
         assert runtime.executed == Counter({Action.COMPUTE: 3 * 2 * 2})  # the blend computes: no plan REUSE ran
     assert steps == [0, 1, 2]
     torch.testing.assert_close(blended, reference, atol=1e-6, rtol=0)
+
+
+# -- an apply that fails leaves nothing behind ----------------------------------------------------------------------
+class Injected(Exception):
+    """The failure a test forces into one stage of `apply`."""
+
+
+def _raise(*args, **kwargs):
+    raise Injected
+
+
+def _registration_failing_at(number: int):
+    """`HookRegistry.register_hook` that fails at its `number`-th call (counting from 1) of this apply."""
+    register = HookRegistry.register_hook
+    calls = []
+
+    def failing(self, hook, name):
+        calls.append(name)
+        if len(calls) == number:
+            raise Injected
+        return register(self, hook, name)
+
+    return failing
+
+
+STAGES = {  # (object, attribute) the stage calls, replaced to raise
+    "policy check": lambda policy: (policy, "check_extensions"),
+    "prepare": lambda policy: (policy, "prepare"),
+    "model check": lambda policy: (policy, "check_model"),
+    "timestep check": lambda policy: (policy, "check_timesteps"),
+    "plan building": lambda policy: (policy, "build_plan"),
+    "token selector": lambda policy: (policy, "token_selector"),
+    "step hook": lambda policy: (l2c.runtime.StepTrackerHook, "__init__"),
+}
+NUM_REGISTRATIONS = 2 + 2 * len(BRANCHES)  # step hook, blocks hook, one per branch of the 2 blocks
+
+
+@pytest.mark.parametrize("stage", [*STAGES, *(f"registration {i}" for i in range(1, NUM_REGISTRATIONS + 1))])
+def test_a_failed_apply_leaves_the_model_exactly_as_it_was(stage, monkeypatch):
+    model = tiny_dit()
+    x, labels = dit_inputs(batch=2)
+    before = module_snapshot(model)
+    reference = ddim_sample(model, x, labels, 4)[0]
+    policy = l2c.load_policy("static:interval=2")
+    with monkeypatch.context() as patch:
+        if stage.startswith("registration"):
+            patch.setattr(HookRegistry, "register_hook", _registration_failing_at(int(stage.split()[1])))
+        else:
+            patch.setattr(*STAGES[stage](policy), _raise)
+        with pytest.raises(Injected):
+            policy.apply(model, timesteps=ddim_timesteps(4))
+    assert module_snapshot(model) == before
+    assert not any("_diffusers_hook" in module.__dict__ for module in model.modules())
+    assert torch.equal(ddim_sample(model, x, labels, 4)[0], reference)
+    with policy.apply(model, timesteps=ddim_timesteps(4)) as runtime:  # a later apply works and caches
+        cached = ddim_sample(model, x, labels, 4)[0]
+    assert runtime.executed[Action.REUSE] > 0 and not torch.equal(cached, reference)
+
+
+def test_a_failed_apply_keeps_foreign_hooks_and_their_registry(monkeypatch):
+    model = tiny_dit()
+    foreign = ModelHook()
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(foreign, "user")
+    before = module_snapshot(model)
+    monkeypatch.setattr(HookRegistry, "register_hook", _registration_failing_at(3))
+    with pytest.raises(Injected):
+        l2c.load_policy("full").apply(model, timesteps=ddim_timesteps(2))
+    assert module_snapshot(model) == before
+    assert model._diffusers_hook.hooks == {"user": foreign}
