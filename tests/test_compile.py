@@ -51,6 +51,7 @@ POLICIES = {
     "l2c plan": lambda model, steps: router_policy(steps),
     "toca": lambda model, steps: l2c.load_policy("toca"),
     "tokencache": lambda model, steps: tiny_tokencache(model, steps),
+    "taylorseer": lambda model, steps: l2c.load_policy("taylorseer:interval=3,order=2,warmup=1"),
 }
 
 
@@ -129,7 +130,7 @@ def test_regional_compilation_of_a_unet_that_declares_its_repeated_blocks():
     torch.testing.assert_close(run(True), run(False), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy_name", ["static", "l2c plan", "toca"])
+@pytest.mark.parametrize("policy_name", ["static", "l2c plan", "toca", "taylorseer"])
 def test_the_number_of_compiled_graphs_does_not_grow_with_the_step_count(policy_name):
     counts = {}
     for steps in (20, 50):
