@@ -115,23 +115,29 @@ def policies(model: DiTTransformer2DModel, setup: OverheadSetup, notes: list[str
     return rows
 
 
-def tensor_bytes(value: object) -> int:
-    """Bytes of every tensor reachable through dataclasses, dicts, lists and tuples."""
+def tensor_bytes(value: object, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable through dataclasses, dicts, lists and tuples, each tensor counted once (a
+    forecasting branch's newest history entry is the very tensor of its stored output)."""
+    seen = set() if seen is None else seen
     if isinstance(value, torch.Tensor):
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
         return value.numel() * value.element_size()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return sum(tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+        return sum(tensor_bytes(getattr(value, f.name), seen) for f in dataclasses.fields(value))
     if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
+        return sum(tensor_bytes(v, seen) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
+        return sum(tensor_bytes(v, seen) for v in value)
     return 0
 
 
 def cache_bytes(runtime: CacheRuntime) -> int:
     """What the runtime holds now: the trajectory states of every cache context (stores and signals)."""
     hook = runtime.model._diffusers_hook.get_hook(STEP_HOOK)
-    return sum(tensor_bytes(state) for state in hook.states._state_cache.values())
+    seen: set[int] = set()
+    return sum(tensor_bytes(state, seen) for state in hook.states._state_cache.values())
 
 
 def activation_bytes(model: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor, t: torch.Tensor) -> int:

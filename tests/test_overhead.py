@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from bench import overhead
 
@@ -57,3 +58,13 @@ def test_compiled_rows_and_the_runtime_cost_per_branch_call(tmp_path, capsys):
     assert cost["branch_calls_per_run"] == 4 * 2 * 2  # steps × blocks × (attn1, ff)
     assert cost["us_per_branch_call"] == pytest.approx(1e6 * (cost["full_s"] - cost["no_hooks_s"]) / 16)
     assert "µs per branch call" in capsys.readouterr().out
+
+
+def test_cache_memory_counts_a_forecasting_branchs_newest_history_entry_once():
+    """The newest history entry is the very tensor of the stored output: the bytes are not doubled."""
+    from l2c.extension import BranchStore, Computed
+
+    output, older = torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)
+    store = BranchStore(output=output, age=torch.zeros(2, 4, dtype=torch.long))
+    store.history = [Computed(1, 1.0, output), Computed(0, 2.0, older)]
+    assert overhead.tensor_bytes(store) == 2 * (2 * 4 * 8 * 4) + 2 * 4 * 8
