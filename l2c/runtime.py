@@ -299,14 +299,13 @@ class BranchHook(ModelHook):
         request = SelectionRequest(state.step, self.branch.block, self.branch.name, hidden, store, count, state)
         index = self.runtime.selector(request)
         selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        cached_keys = self.branch.name == "attn1" and self.runtime.partial_keys == "cached"
         if self.branch.name == "attn1":
             if kwargs.get("attention_mask") is not None:
                 raise RuntimeError("partial self-attention with an attention mask is not supported")
-            if not cached_keys:  # "fresh": keys and values come from every token of this step
+            if not self.hooks_projections:  # "fresh": keys and values come from every token of this step
                 kwargs["encoder_hidden_states"] = hidden
         # Selected tokens are the queries; under "cached" keys, `_keys_values` completes their keys and values.
-        with self._keys_values(self.branch.module, store, index=index) if cached_keys else nullcontext():
+        with self._keys_values(self.branch.module, store, index=index):
             fresh = original(selected, *args, **kwargs)
         base = store.output if base is None else base
         output = base.scatter(1, index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]), fresh)
@@ -419,7 +418,7 @@ class BranchHook(ModelHook):
         only the selected tokens are projected) scatters the fresh projections into the stored ones and hands the
         processor the completed [batch, tokens, inner] keys and values.
         """
-        if self.branch.name != "attn1" or self.runtime.partial_keys != "cached":
+        if not self.hooks_projections:
             yield
             return
         if index is not None and set(store.keys_values) != {"to_k", "to_v"}:
