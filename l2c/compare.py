@@ -11,7 +11,6 @@ faked. `bench/compare.py` and `infer.py compare` are thin command lines over `ru
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,9 +154,7 @@ def _with_threshold(cls: type[Peer], threshold: float) -> Peer:
 
 
 def peer_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> list[Row]:
-    calibration = dataclasses.replace(
-        config, num_samples=config.calibration_samples, seed=config.seed + 1, flops_samples=0
-    )
+    calibration = config.calibration_run(config.calibration_samples)
     bench = SideBySide(bundle, calibration, progress=False)
     rows = []
     for cls in (FBCache, TaylorSeer, DBCache):

@@ -74,6 +74,11 @@ class SamplingSetup:
         scheduler.set_timesteps(self.steps)
         return scheduler
 
+    def calibration_run(self, num_samples: int) -> SamplingSetup:
+        """The same run on `num_samples` samples of noise apart from the evaluation's (seed + 1), uncached: what
+        policies calibrate and peers tune their thresholds on."""
+        return dataclasses.replace(self, num_samples=num_samples, seed=self.seed + 1, flops_samples=0)
+
     def describe(self, policy: str) -> dict[str, Any]:
         """What ran, as `report.json` names it (the README's keys)."""
         return {
@@ -312,7 +317,7 @@ def calibrate(
 ) -> tuple[BlockCachePolicy, Calibration]:
     """`policy` calibrated on `num_samples` uncached samples of `setup`'s run drawn from noise apart from the
     evaluation's (seed + 1, as `l2c.compare` tunes peers), with what that cost."""
-    calibration = dataclasses.replace(setup, num_samples=num_samples, seed=setup.seed + 1, flops_samples=0)
+    calibration = setup.calibration_run(num_samples)
     bench = SideBySide(bundle, calibration, progress=False)
     start = time.perf_counter()
     calibrated = policy.calibrate(bundle.transformer, bench.uncached)
