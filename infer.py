@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 # Only light modules here: `--help` and a bad flag answer without torch; each command imports what it runs.
-from l2c.options import DTYPE_NAMES, SCHEDULERS, class_spec, device_count, non_negative_int, positive_int
+from l2c.options import (
+    DTYPE_NAMES,
+    SCHEDULERS,
+    check_policy_source,
+    class_spec,
+    device_count,
+    non_negative_int,
+    positive_int,
+)
 from l2c.results import Column, format_table
 
 if TYPE_CHECKING:
@@ -265,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:
+        if getattr(args, "policy", None) is not None:
+            check_policy_source(args.policy)  # a misspelt preset is refused before anything heavy imports
         return command(args.command)(args)
     except (ValueError, FileNotFoundError, TypeError, argparse.ArgumentTypeError) as error:
         print(f"error: {error}", file=sys.stderr)

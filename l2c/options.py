@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 SCHEDULERS = {  # --scheduler name → diffusers class name
     "ddim": "DDIMScheduler",
@@ -15,6 +16,11 @@ SCHEDULERS = {  # --scheduler name → diffusers class name
     "euler": "EulerDiscreteScheduler",
 }
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
+# The preset names `l2c.policies.POLICY_KINDS` registers (tests/test_cli.py checks they agree): a misspelt `--policy`
+# is refused from these before torch, diffusers or a model loads.
+PRESET_NAMES = (
+    "adacache", "blockcache", "dato", "duca", "full", "l2c", "static", "taylorseer", "toca", "tokencache",
+)  # fmt: skip
 
 ClassSpec = str | int | Sequence[int]  # "0-9", "1,3,5", "0-3,7"; n: classes 0 … n−1; or the classes themselves
 
@@ -76,3 +82,16 @@ def device_count(text: str) -> int | str:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer ≥ 1 or 'auto', got {text!r}")
     return int(text)
+
+
+def unknown_policy(name: str) -> str:
+    return f"unknown policy {name!r}: expected one of {sorted(PRESET_NAMES)} or a policy directory"
+
+
+def check_policy_source(text: str) -> None:
+    """Refuse a `--policy` that is neither a directory, a hub id (`owner/name`) nor a preset name, importing nothing."""
+    if "/" in text or Path(text).exists():
+        return
+    name = text.partition(":")[0]
+    if name not in PRESET_NAMES:
+        raise ValueError(unknown_policy(name))

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapters import ModelSpec
 from .model_card import METRICS, write_model_card
+from .options import unknown_policy
 from .plan import Plan
 from .policies import POLICY_KINDS, CachePolicy, PolicyTarget
 
@@ -107,7 +108,7 @@ def parse_preset(text: str) -> CachePolicy:
     """`kind[:key=value,...]` → a policy; values are converted to the field's declared type."""
     name, _, rest = text.partition(":")
     if name not in POLICY_KINDS:
-        raise ValueError(f"unknown policy {name!r}: expected one of {sorted(POLICY_KINDS)} or a policy directory")
+        raise ValueError(unknown_policy(name))
     cls = POLICY_KINDS[name]
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init and not f.kw_only}

@@ -53,7 +53,15 @@ def test_a_bad_policy_answers_before_any_model_loads_or_lightning_imports(tmp_pa
         result, message, _ = probe(command, "--policy", "nosuchpolicy", "--out", str(tmp_path / "out"))
         assert result["code"] == 2 and "lightning" not in result["heavy"], result
         assert message.startswith("error: unknown policy 'nosuchpolicy'") and message.count("\n") == 0, message
+        assert result["heavy"] == [], result  # refused from the preset names alone: no torch, no diffusers
     assert not (tmp_path / "out").exists()
+
+
+def test_the_light_preset_names_are_the_registered_policy_kinds():
+    from l2c.options import PRESET_NAMES
+    from l2c.policies import POLICY_KINDS
+
+    assert PRESET_NAMES == tuple(sorted(POLICY_KINDS))
 
 
 def test_the_policy_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
