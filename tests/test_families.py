@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -35,6 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import l2c
 from l2c import Action
 from l2c.adapters import find_blocks, find_branches
+from l2c.policies.duca import DuCaPolicy
+from l2c.policies.toca import DIT_DDIM50, ToCaPolicy
 
 STEPS = 4
 
@@ -462,4 +465,33 @@ def test_a_saved_flux_plan_loads_and_another_resolution_needs_step_match_index(t
     runtime.remove()
     runtime = loaded.apply(pipe, step_match="index")
     _flux_call(pipe, size=48)
+    runtime.remove()
+
+
+@dataclass
+class FluxToCa(ToCaPolicy):
+    """ToCa with factors for Flux's branch names (`toca.py` has factors for attn1/attn2/ff only): image-token
+    partial steps on `ff`, `proj_mlp`, `proj_out`; the attentions and the text MLP reuse between full steps."""
+
+    kind = "toca"
+    presets: ClassVar[dict[str, dict]] = {"flux": {**DIT_DDIM50, "score": "none", "ratio": 0.3, "step_weight": 0.0}}
+    attn_factor: float = 0.0
+    ff_context_factor: float = 0.0
+    proj_mlp_factor: float = 1.0
+    proj_out_factor: float = 1.0
+
+
+class FluxDuCa(FluxToCa):
+    between_kind = DuCaPolicy.between_kind
+
+
+@pytest.mark.parametrize("policy", [FluxToCa, FluxDuCa])
+def test_toca_and_duca_run_token_partial_on_flux_image_tokens(policy):
+    pipe = _pipe(FAMILIES["flux"])
+    reference = _flux_call(pipe, steps=6)
+    runtime = policy(interval=3).apply(pipe)
+    cached = _flux_call(pipe, steps=6)
+    assert runtime.executed[Action.PARTIAL] > 0 and runtime.executed[Action.REUSE] > 0
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+    assert (cached - reference).abs().max() < 1.0
     runtime.remove()
