@@ -302,7 +302,12 @@ class BranchHook(ModelHook):
         base = self._predict(call) if fill else None
         args, kwargs = list(call.args), dict(call.kwargs)
         hidden = args.pop(0) if args else kwargs.pop("hidden_states")
-        index = self._select(hidden, store, state, run.ratio)
+        if self.branch.joint:
+            index = self._joint_selection(hidden, store, state, run.ratio)
+        else:
+            count = max(1, min(hidden.shape[1], round(run.ratio * hidden.shape[1])))
+            request = SelectionRequest(state.step, self.branch.block, self.branch.name, hidden, store, count, state)
+            index = self.runtime.selector(request)
         selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         if self.branch.name == "attn1":
             if kwargs.get("attention_mask") is not None:
@@ -318,22 +323,18 @@ class BranchHook(ModelHook):
         store.age = (store.age + 1).scatter(1, index, 0)
         return output
 
-    def _select(self, hidden: torch.Tensor, store: BranchStore, state: TrajectoryState, ratio: float) -> torch.Tensor:
-        """The token indices a partial step recomputes: `ratio` of the selectable tokens, as the selector ranks them.
-
-        On a joint branch (tokens [text; image], Flux single blocks) only the image tokens are selectable: the
-        selector sees the image part (inputs, ages) and every text token is recomputed too, first.
-        """
-        text = hidden.shape[1] - state.image_tokens if self.branch.joint else 0
-        count = hidden.shape[1] - text
-        count = max(1, min(count, round(ratio * count)))
-        view = store if not text else BranchStore(first_stream(store.output)[:, text:], store.age[:, text:])
+    def _joint_selection(
+        self, hidden: torch.Tensor, store: BranchStore, state: TrajectoryState, ratio: float
+    ) -> torch.Tensor:
+        """A joint branch's tokens are [text; image] (Flux single blocks): `ratio` of the image tokens are selected
+        (the selector sees the image part: inputs and ages), and every text token is recomputed too, first."""
+        text = hidden.shape[1] - state.image_tokens
+        count = max(1, min(state.image_tokens, round(ratio * state.image_tokens)))
+        view = BranchStore(first_stream(store.output)[:, text:], store.age[:, text:])
         request = SelectionRequest(
             state.step, self.branch.block, self.branch.name, hidden[:, text:], view, count, state
         )
         index = self.runtime.selector(request)
-        if not text:
-            return index
         always = torch.arange(text, device=index.device).expand(index.shape[0], -1)
         return torch.cat([always, index + text], dim=1)
 
