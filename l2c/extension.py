@@ -28,21 +28,38 @@ PartialKeys = Literal["fresh", "cached"]
 PARTIAL_KEYS: tuple[str, ...] = get_args(PartialKeys)
 
 
+# What a branch returns: one [batch, tokens, channels] tensor, or one per token stream for joint attention (Flux
+# double blocks, SD3, Qwen-Image: (image, text)). Store, reuse, per-sample rows and forecasts work stream by stream.
+BranchOutput = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def map_streams(function: Callable[..., torch.Tensor], *outputs: BranchOutput) -> BranchOutput:
+    """`function` applied to each stream of the given branch outputs (zipped), keeping their structure."""
+    if isinstance(outputs[0], tuple):
+        return tuple(function(*parts) for parts in zip(*outputs, strict=True))
+    return function(*outputs)
+
+
+def first_stream(output: BranchOutput) -> torch.Tensor:
+    """The image stream: the tensor itself, or the first of a joint attention's (image, text) outputs."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 @dataclass(frozen=True)
 class Computed:
     """One computed output of a branch, with the step index and timestep at which it was computed."""
 
     step: int
     timestep: float
-    output: torch.Tensor  # [batch, tokens, channels]
+    output: BranchOutput  # [batch, tokens, channels] (per stream)
 
 
 @dataclass
 class BranchStore:
     """A branch's cached output for one trajectory, and each token's age in steps since computed."""
 
-    output: torch.Tensor | None = None  # [batch, tokens, channels]
-    age: torch.Tensor | None = None  # [batch, tokens], int64
+    output: BranchOutput | None = None  # [batch, tokens, channels] (per stream)
+    age: torch.Tensor | None = None  # [batch, tokens] of the first (image) stream, int64
     # Self-attention under `partial_keys="cached"`: each token's key and value projections ("to_k", "to_v",
     # [batch, tokens, inner]) as of the step the token was last computed.
     keys_values: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -63,6 +80,7 @@ class TrajectoryState(BaseState):
     step: int = -1
     batch_size: int | None = None
     running: bool = False  # a hooked denoiser call of this trajectory is in progress
+    image_tokens: int | None = None  # of the running call, where the model family says (`ModelFamily.image_tokens`)
     stores: dict[tuple[int, str], BranchStore] = field(default_factory=dict)
     # Signals a dynamic policy measured on this trajectory (scores, changes, per-sample countdowns), keyed by it.
     signals: dict[Any, Any] = field(default_factory=dict)
@@ -71,6 +89,7 @@ class TrajectoryState(BaseState):
         self.step = -1
         self.batch_size = None
         self.running = False
+        self.image_tokens = None
         self.stores.clear()
         self.signals.clear()
 

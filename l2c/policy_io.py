@@ -26,6 +26,7 @@ from .model_card import METRICS, write_model_card
 from .options import unknown_policy
 from .plan import Plan
 from .policies import POLICY_KINDS, CachePolicy, PolicyTarget
+from .policies.base import StepMatch
 
 # Format 1 holds every action code of `Action` (FORECAST = 3 included) and any tensors a policy saves (e.g. learned
 # forecast weights, `forecast.weights`): adding them changed no existing field, so every older file reads as before
@@ -93,8 +94,16 @@ def save_policy(
     return directory
 
 
-def load_policy(source: str | Path) -> CachePolicy:
-    """A policy from a preset name (`static:interval=2`), a local directory, or a hub repository id."""
+def load_policy(source: str | Path, step_match: StepMatch | None = None) -> CachePolicy:
+    """A policy from a preset name (`static:interval=2`), a local directory, or a hub repository id.
+
+    `step_match="index"`: apply it to runs whose timestep table differs from the saved one (e.g. Flux at another
+    resolution), step i of the plan at step i of the run; by default such a run is refused, naming both tables.
+    """
+    return _load(source).matching(step_match)
+
+
+def _load(source: str | Path) -> CachePolicy:
     text = str(source)
     path = Path(text)
     if path.exists():

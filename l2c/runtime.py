@@ -25,6 +25,7 @@ from .adapters import (
     ModelSpec,
     find_blocks,
     find_branches,
+    model_family,
     model_spec,
     resolve_denoiser,
     token_partial_supported,
@@ -40,6 +41,8 @@ from .extension import (
     TokenPruning,
     TokenSelector,
     TrajectoryState,
+    first_stream,
+    map_streams,
 )
 from .forecast import forecast, kept_history, or_default
 from .hooks import forward_hooks
@@ -137,6 +140,7 @@ class StepTrackerHook(ModelHook):
         step = self.runtime.step_of(timestep)
         state = _open_state(self.states)
         batch_size = _batch_size(args, kwargs)
+        state.image_tokens = self.runtime.image_tokens(args, kwargs)
         if step <= state.step:
             state.reset()
         if state.batch_size is not None and state.batch_size != batch_size:
@@ -178,9 +182,12 @@ class BlocksHook(ModelHook):
         return args, kwargs
 
 
+def _hidden_argument(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))  # UNets call it `sample`
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int:
-    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))  # UNets call it `sample`
-    return int(hidden.shape[0])
+    return int(_hidden_argument(args, kwargs).shape[0])
 
 
 @torch.compiler.disable
@@ -276,7 +283,8 @@ class BranchHook(ModelHook):
             with self._keys_values(call.module, store):
                 output = original(*args, **kwargs)
             store.output = output
-            store.age = torch.zeros(output.shape[:2], dtype=torch.long, device=output.device)
+            image = first_stream(output)
+            store.age = torch.zeros(image.shape[:2], dtype=torch.long, device=image.device)
         self._remember(call, output)
         return output
 
@@ -294,10 +302,12 @@ class BranchHook(ModelHook):
         base = self._predict(call) if fill else None
         args, kwargs = list(call.args), dict(call.kwargs)
         hidden = args.pop(0) if args else kwargs.pop("hidden_states")
-        num_tokens = hidden.shape[1]
-        count = max(1, min(num_tokens, round(run.ratio * num_tokens)))
-        request = SelectionRequest(state.step, self.branch.block, self.branch.name, hidden, store, count, state)
-        index = self.runtime.selector(request)
+        if self.branch.joint:
+            index = self._joint_selection(hidden, store, state, run.ratio)
+        else:
+            count = max(1, min(hidden.shape[1], round(run.ratio * hidden.shape[1])))
+            request = SelectionRequest(state.step, self.branch.block, self.branch.name, hidden, store, count, state)
+            index = self.runtime.selector(request)
         selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         if self.branch.name == "attn1":
             if kwargs.get("attention_mask") is not None:
@@ -312,6 +322,21 @@ class BranchHook(ModelHook):
         store.output = output  # a mix of steps: never a history entry (the history holds whole computations)
         store.age = (store.age + 1).scatter(1, index, 0)
         return output
+
+    def _joint_selection(
+        self, hidden: torch.Tensor, store: BranchStore, state: TrajectoryState, ratio: float
+    ) -> torch.Tensor:
+        """A joint branch's tokens are [text; image] (Flux single blocks): `ratio` of the image tokens are selected
+        (the selector sees the image part: inputs and ages), and every text token is recomputed too, first."""
+        text = hidden.shape[1] - state.image_tokens
+        count = max(1, min(state.image_tokens, round(ratio * state.image_tokens)))
+        view = BranchStore(first_stream(store.output)[:, text:], store.age[:, text:])
+        request = SelectionRequest(
+            state.step, self.branch.block, self.branch.name, hidden[:, text:], view, count, state
+        )
+        index = self.runtime.selector(request)
+        always = torch.arange(text, device=index.device).expand(index.shape[0], -1)
+        return torch.cat([always, index + text], dim=1)
 
     def _forecast(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
         """Predict the output from the branch's history (the stored output and history are left as they are)."""
@@ -352,7 +377,12 @@ class BranchHook(ModelHook):
             tuple(c.step for c in history),
             tuple(c.timestep for c in history),
         )
-        return forecast(history, or_default(self.runtime.policy.forecaster).weights(request))
+        weights = or_default(self.runtime.policy.forecaster).weights(request)
+
+        def stream(*outputs: torch.Tensor) -> torch.Tensor:
+            return forecast([Computed(c.step, c.timestep, o) for c, o in zip(history, outputs, strict=True)], weights)
+
+        return map_streams(stream, *(c.output for c in history))
 
     # -- variants of COMPUTE ----------------------------------------------------------------------------------------
     def _rows(self, original, store: BranchStore, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -361,17 +391,17 @@ class BranchHook(ModelHook):
         Not a history entry: the rows would then hold computations of different steps under one step index, so a
         forecast reads only whole-batch computations (per-sample decisions themselves only compute or reuse).
         """
-        batch = store.output.shape[0]
+        batch = first_stream(store.output).shape[0]
 
         def take(value):
             if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
                 return value.index_select(0, rows.to(value.device))
             return value
 
-        index = rows.to(store.output.device)
+        index = rows.to(store.age.device)
         with self._keys_values(self.branch.module, store, rows=index):
             fresh = original(*[take(a) for a in args], **{k: take(v) for k, v in kwargs.items()})
-        store.output = store.output.index_copy(0, index, fresh.to(store.output.dtype))
+        store.output = map_streams(lambda kept, new: kept.index_copy(0, index, new.to(kept.dtype)), store.output, fresh)
         store.age = (store.age + 1).index_fill(0, index, 0)
         return store.output
 
@@ -402,7 +432,7 @@ class BranchHook(ModelHook):
         elif gate.ndim == 1:  # per sample
             gate = gate.view(-1, 1, 1)
         fresh = original(*args, **kwargs)
-        mixed = gate * fresh + (1 - gate) * store.output
+        mixed = map_streams(lambda new, kept: gate * new + (1 - gate) * kept, fresh, store.output)
         if run.refresh:
             store.output = mixed
         return mixed
@@ -491,6 +521,9 @@ class CacheRuntime:
         policy.prepare(self.model)  # first: before the plan is built and any hook is attached
         self.spec: ModelSpec = model_spec(self.model)
         policy.check_model(self.spec, self.pipeline)
+        self.family = model_family(self.model)
+        # Flux-style pipelines call the model at `timestep / 1000`: the step table is in the scheduler's units.
+        self.timestep_scale = 1.0 if self.family is None else self.family.timestep_scale
         self.branches = find_branches(self.model)
         self.branch_names = self.spec.branches
         self.selector: TokenSelector = policy.token_selector()
@@ -537,7 +570,7 @@ class CacheRuntime:
             raise ValueError("empty timestep tensor")
         if not bool((values == values[0]).all()):
             raise ValueError(f"samples in one batch are at different timesteps {values.unique().tolist()}")
-        value = float(values[0])
+        value = float(values[0]) * self.timestep_scale
         self._follow_pipeline()
         index = self._record(value) if self._recording else self._lookup(value)
         if index is None:
@@ -574,8 +607,18 @@ class CacheRuntime:
     def _lookup(self, value: float) -> int | None:
         if self._timesteps is None:
             return None
-        hits = torch.nonzero(torch.isclose(self._timesteps, torch.tensor(value, dtype=torch.float64), atol=1e-4))
+        tolerance = 1e-4 * self.timestep_scale  # the pipeline's float32 `timestep / 1000`, scaled back
+        hits = torch.nonzero(torch.isclose(self._timesteps, torch.tensor(value, dtype=torch.float64), atol=tolerance))
         return int(hits[0, 0]) if len(hits) else None
+
+    def image_tokens(self, args: tuple, kwargs: dict) -> int | None:
+        """The image token count of a denoiser call (None: the model family does not say); checked against the
+        count the policy was made for, which sets Flux-style schedulers' shift (`CachePolicy.check_tokens`)."""
+        if self.family is None:
+            return None
+        tokens = self.family.image_tokens(self.model, _hidden_argument(args, kwargs))
+        self.policy.check_tokens(tokens, self.family.dynamic_shift)
+        return tokens
 
     # -- the extension points, as the hooks reach them ---------------------------------------------------------------
     def decision(

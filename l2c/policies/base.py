@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
 import torch
 
@@ -30,6 +30,13 @@ from .knobs import Range, check_knobs
 
 if TYPE_CHECKING:
     from torch import nn
+
+# How a run's steps are matched to the plan's: "timestep" (default) refuses a run whose timestep table differs from
+# the one the policy was made for (e.g. Flux at another resolution: its dynamic shift moves every timestep);
+# "index": the user asks explicitly to run the plan's step i at the run's step i (the step count must still match).
+StepMatch = Literal["timestep", "index"]
+STEP_MATCHES: tuple[str, ...] = get_args(StepMatch)
+HINT = "sample with the resolution, scheduler and step count the policy was made for, or pass step_match='index'"
 
 
 @dataclass(frozen=True)
@@ -67,10 +74,15 @@ class CachePolicy:
     forecaster = None
     target: PolicyTarget | None = field(default=None, kw_only=True, repr=False)
     provenance: dict = field(default_factory=dict, kw_only=True, repr=False)
+    step_match: StepMatch = field(default="timestep", kw_only=True, repr=False)  # not saved: a choice per use
 
     def __post_init__(self) -> None:
         """Refuse a knob outside its declared range (subclasses that check more call this first)."""
         check_knobs(self)
+        if self.step_match not in STEP_MATCHES:
+            raise ValueError(
+                f"policy {self.kind!r}: field 'step_match' is {self.step_match!r}, expected one of {list(STEP_MATCHES)}"
+            )
 
     # -- what subclasses provide ----------------------------------------------------------------
     def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
@@ -139,6 +151,8 @@ class CachePolicy:
         mine = self.target.model
         for name in ("num_blocks", "branches", "hidden_size", "num_tokens"):
             ours, theirs = getattr(mine, name), getattr(spec, name)
+            if name == "num_tokens" and theirs is None:
+                continue  # the model's config does not fix it: each call's count is checked (`check_tokens`)
             if ours != theirs:
                 raise ValueError(
                     f"policy does not fit this model: field '{name}' is {ours!r} in the policy, "
@@ -163,24 +177,65 @@ class CachePolicy:
                 f"policy does not fit this run: field 'num_steps' is {len(ours)} in the policy, "
                 f"{len(theirs)} in the run (timesteps {_rounded(ours)} in the policy, {_rounded(theirs)} in the run)"
             )
-        if not torch.allclose(ours, theirs, atol=1e-4):
+        if self.step_match == "timestep" and not torch.allclose(ours, theirs, atol=1e-4):
             raise ValueError(
                 f"policy does not fit this run: field 'timesteps' is {_rounded(ours)} in the policy, "
-                f"{_rounded(theirs)} in the run"
+                f"{_rounded(theirs)} in the run; {HINT} to run the plan step by step on this table"
             )
 
-    def bind(self, model: nn.Module | object, timesteps: torch.Tensor | list, scheduler: str | None) -> CachePolicy:
-        """A copy of this policy tied to a model, a scheduler class and exact timesteps (needed to save)."""
+    def check_tokens(self, num_tokens: int, shifts: bool = False) -> None:
+        """Raise ValueError if a call's image token count differs from the one the policy was made for (`shifts`:
+        the model family's scheduler shift depends on it, so the timesteps differ too); not with step_match='index'."""
+        ours = None if self.target is None else self.target.model.num_tokens
+        if ours is None or ours == num_tokens or self.step_match == "index":
+            return
+        why = "; it sets this family's scheduler shift, so every timestep moves" if shifts else ""
+        raise ValueError(
+            f"policy does not fit this run: field 'num_tokens' (image tokens) is {ours} in the policy, {num_tokens} "
+            f"in the run{why}; {HINT}"
+        )
+
+    def bind(
+        self,
+        model: nn.Module | object,
+        timesteps: torch.Tensor | list,
+        scheduler: str | None,
+        num_tokens: int | None = None,
+    ) -> CachePolicy:
+        """A copy of this policy tied to a model, a scheduler class and exact timesteps (needed to save).
+
+        `num_tokens`: the image token count of the run, for models whose config does not fix it (Flux, Flux.2, SD3,
+        Wan, Qwen-Image: `l2c.adapters.MODEL_FAMILIES`); a run at another count is then refused (`check_tokens`).
+        """
         from ..adapters import model_spec
 
         bound = copy.copy(self)
         values = tuple(float(t) for t in torch.as_tensor(timesteps).flatten().tolist())
-        bound.target = PolicyTarget(model_spec(model), scheduler, values)
+        bound.target = PolicyTarget(model_spec(model, num_tokens), scheduler, values)
         return bound
 
-    def apply(self, target: nn.Module | object, timesteps: torch.Tensor | list | None = None) -> CacheRuntime:
-        """Hook a pipeline (or its denoiser); returns the runtime, whose `remove()` undoes everything."""
-        return CacheRuntime(target, self, timesteps=timesteps)
+    def apply(
+        self,
+        target: nn.Module | object,
+        timesteps: torch.Tensor | list | None = None,
+        step_match: StepMatch | None = None,
+    ) -> CacheRuntime:
+        """Hook a pipeline (or its denoiser); returns the runtime, whose `remove()` undoes everything.
+
+        `step_match="index"` runs a plan made for another timestep table (e.g. Flux at another resolution) step by
+        step on this run's table, where the default ("timestep") refuses it naming both tables.
+        """
+        return CacheRuntime(target, self.matching(step_match), timesteps=timesteps)
+
+    def matching(self, step_match: StepMatch | None) -> CachePolicy:
+        """This policy with its steps matched by `step_match` (a copy; None: as it is)."""
+        if step_match is None or step_match == self.step_match:
+            return self
+        if step_match not in STEP_MATCHES:
+            raise ValueError(f"step_match is {step_match!r}, expected one of {list(STEP_MATCHES)}")
+        policy = copy.copy(self)
+        policy.step_match = step_match
+        return policy
 
     def save_pretrained(self, directory: str | Path, metrics: dict | None = None, model_card: bool = True) -> Path:
         """Write the policy and its model card; `metrics`: numbers measured against the uncached model."""

@@ -1,0 +1,494 @@
+"""The MMDiT and video families (Flux.1, Flux.2, SD3.5, Wan 2.x, Qwen-Image) in their unmodified pipelines.
+
+Each pipeline is built from tiny configs with a tiny VAE of its own class and no text encoder (the prompt embeddings
+are passed to `pipe(...)` directly, as a user with precomputed embeddings calls it), fully offline.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from l2c_testing import FixedPlanPolicy, partial_policy, plan_maker
+from torch.utils.flop_counter import FlopCounterMode
+
+import l2c
+from l2c import Action
+from l2c.adapters import find_blocks, find_branches
+from l2c.policies.duca import DuCaPolicy
+from l2c.policies.toca import DIT_DDIM50, ToCaPolicy
+
+STEPS = 4
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build().eval()
+
+
+def _kl_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[8, 8],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        shift_factor=0.0,
+    )
+
+
+def flux_pipeline() -> FluxPipeline:
+    """Guidance-distilled Flux.1 (guidance embedded): one double and one single block, hidden 16."""
+    transformer = _seeded(
+        lambda: FluxTransformer2DModel(
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            pooled_projection_dim=8,
+            guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
+        )
+    )
+    return FluxPipeline(
+        FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        _seeded(_kl_vae),
+        None,
+        None,
+        None,
+        None,
+        transformer,
+    )
+
+
+def flux2_pipeline() -> Flux2Pipeline:
+    transformer = _seeded(
+        lambda: Flux2Transformer2DModel(
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            timestep_guidance_channels=256,
+            axes_dims_rope=(4, 4, 4, 4),
+        )
+    )
+    vae = _seeded(
+        lambda: AutoencoderKLFlux2(
+            sample_size=32,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=[4, 4],
+            layers_per_block=1,
+            latent_channels=1,
+            norm_num_groups=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    )
+    return Flux2Pipeline(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae, None, None, transformer)
+
+
+def sd3_pipeline() -> StableDiffusion3Pipeline:
+    """SD3.5-style: block 0 with dual attention (`attn2`), the last block `context_pre_only` (no `ff_context`)."""
+    transformer = _seeded(
+        lambda: SD3Transformer2DModel(
+            sample_size=8,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            caption_projection_dim=16,
+            pooled_projection_dim=8,
+            out_channels=4,
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,),
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return StableDiffusion3Pipeline(transformer, scheduler, _seeded(_kl_vae), None, None, None, None, None, None)
+
+
+def wan_pipeline() -> WanPipeline:
+    transformer = _seeded(
+        lambda: WanTransformer3DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=2,
+            rope_max_seq_len=32,
+        )
+    )
+    vae = _seeded(
+        lambda: AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+    )
+    return WanPipeline(None, None, vae, FlowMatchEulerDiscreteScheduler(shift=3.0), transformer)
+
+
+def qwen_pipeline() -> QwenImagePipeline:
+    transformer = _seeded(
+        lambda: QwenImageTransformer2DModel(
+            in_channels=16,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            axes_dims_rope=(2, 2, 4),
+        )
+    )
+    vae = _seeded(
+        lambda: AutoencoderKLQwenImage(
+            base_dim=24,
+            z_dim=4,
+            dim_mult=[1, 2, 4],
+            num_res_blocks=1,
+            temperal_downsample=[False, True],
+            latents_mean=[0.0] * 4,
+            latents_std=[1.0] * 4,
+        )
+    )
+    return QwenImagePipeline(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae, None, None, transformer)
+
+
+def _embeds(generator: torch.Generator, batch: int, *shape: int) -> torch.Tensor:
+    """One prompt's embeddings for every row (with one noise generator per row of the same seed: equal samples)."""
+    return torch.randn(1, *shape, generator=generator).expand(batch, *shape)
+
+
+def _noise(batch: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(1) for _ in range(batch)]
+
+
+def _flux_call(pipe, batch=1, size=32, steps=STEPS):
+    g = torch.Generator().manual_seed(0)
+    return pipe(
+        prompt_embeds=_embeds(g, batch, 5, 16),
+        pooled_prompt_embeds=_embeds(g, batch, 8),
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=3.5,
+        generator=_noise(batch),
+        output_type="pt",
+    ).images
+
+
+def _flux2_call(pipe, batch=1, size=32, steps=STEPS):
+    g = torch.Generator().manual_seed(0)
+    return pipe(
+        prompt_embeds=_embeds(g, batch, 5, 16),
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        generator=_noise(batch),
+        output_type="pt",
+    ).images
+
+
+def _sd3_call(pipe, batch=1, size=16, steps=STEPS):
+    """True CFG, batched: the transformer sees [uncond; cond] rows in one call."""
+    g = torch.Generator().manual_seed(0)
+    return pipe(
+        prompt_embeds=_embeds(g, batch, 5, 16),
+        pooled_prompt_embeds=_embeds(g, batch, 8),
+        negative_prompt_embeds=_embeds(g, batch, 5, 16),
+        negative_pooled_prompt_embeds=_embeds(g, batch, 8),
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        generator=_noise(batch),
+        output_type="pt",
+    ).images
+
+
+def _wan_call(pipe, batch=1, size=32, steps=STEPS):
+    """True CFG as two transformer calls per step, in `cache_context("cond")` and `("uncond")`."""
+    g = torch.Generator().manual_seed(0)
+    return pipe(
+        prompt_embeds=_embeds(g, batch, 5, 16),
+        negative_prompt_embeds=_embeds(g, batch, 5, 16),
+        height=size,
+        width=size,
+        num_frames=5,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        generator=_noise(batch),
+        output_type="pt",
+    ).frames
+
+
+def _qwen_call(pipe, batch=1, size=32, steps=STEPS):
+    """True CFG as two transformer calls per step, in `cache_context("cond")` and `("uncond")`."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, 5, dtype=torch.long)
+    return pipe(
+        prompt_embeds=_embeds(g, batch, 5, 16),
+        prompt_embeds_mask=mask,
+        negative_prompt_embeds=_embeds(g, batch, 5, 16),
+        negative_prompt_embeds_mask=mask,
+        true_cfg_scale=4.0,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        generator=_noise(batch),
+        output_type="pt",
+    ).images
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable
+    call: Callable
+    branches: tuple[str, ...]  # the plan's columns
+    hooked: int  # branch modules hooked (absent ones are not)
+    calls_per_step: int  # transformer calls per step (2: cond and uncond contexts)
+
+
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family("flux", flux_pipeline, _flux_call, ("attn", "ff", "ff_context", "proj_mlp", "proj_out"), 6, 1),
+        Family("flux2", flux2_pipeline, _flux2_call, ("attn", "ff", "ff_context"), 4, 1),
+        Family("sd3", sd3_pipeline, _sd3_call, ("attn", "attn2", "ff", "ff_context"), 6, 1),
+        Family("wan", wan_pipeline, _wan_call, ("attn1", "attn2", "ffn"), 6, 2),
+        Family("qwenimage", qwen_pipeline, _qwen_call, ("attn", "img_mlp", "txt_mlp"), 6, 2),
+    )
+}
+
+
+def _pipe(family: Family):
+    pipe = family.build()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _flops(run: Callable[[], object]) -> tuple[object, dict[str, int]]:
+    with FlopCounterMode(display=False) as counter:
+        result = run()
+    return result, {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, set[str]]:
+    """Each module's attributes (the pipelines' own `cache_context` leaves an empty registry on the model)."""
+    return {name: set(module.__dict__) for name, module in model.named_modules()}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_full_identical_static_saves_its_flops_and_remove_restores(name):
+    family = FAMILIES[name]
+    pipe = _pipe(family)
+    model = pipe.transformer
+    reference, full_flops = _flops(lambda: family.call(pipe))
+    before = _snapshot(model)
+    prefix = type(model).__name__
+
+    runtime = l2c.load_policy("full").apply(pipe)
+    assert runtime.spec.family == name and runtime.branch_names == family.branches
+    assert len(runtime.branches) == family.hooked
+    assert torch.equal(family.call(pipe), reference)
+    assert runtime.executed == Counter({Action.COMPUTE: STEPS * family.calls_per_step * family.hooked})
+    runtime.remove()
+
+    runtime = l2c.load_policy("static:interval=2").apply(pipe)
+    cached, static_flops = _flops(lambda: family.call(pipe))
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+    half = STEPS // 2 * family.calls_per_step * family.hooked
+    assert runtime.executed == Counter({Action.COMPUTE: half, Action.REUSE: half})
+    # Exactly the reused half of the branches' work is skipped; everything outside the branches runs as before.
+    branch_flops = sum(full_flops.get(f"{prefix}.{_path(model, b.module)}", 0) for b in find_branches(model))
+    assert branch_flops > 0
+    assert full_flops["Global"] - static_flops["Global"] == branch_flops // 2
+    runtime.remove()
+    assert torch.equal(family.call(pipe), reference)
+    assert _snapshot(model) == before
+
+
+def _path(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_block_whose_branches_all_reuse_skips_at_least_95_percent_of_its_flops(name):
+    family = FAMILIES[name]
+    pipe = _pipe(family)
+    model = pipe.transformer
+    prefix = type(model).__name__
+    _, computed = _flops(lambda: family.call(pipe, steps=2))
+    runtime = FixedPlanPolicy(plan_maker({1: Action.REUSE})).apply(pipe)
+    _, reused = _flops(lambda: family.call(pipe, steps=2))
+    runtime.remove()
+    for block in find_blocks(model):
+        key = f"{prefix}.{_path(model, block)}"
+        per_step = computed[key] / 2
+        reuse_step = reused[key] - per_step  # step 0 computes in both runs
+        assert reuse_step / per_step <= 0.05, (key, reuse_step, per_step)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_taylorseer_forecasts_the_tuple_and_tensor_branches(name):
+    family = FAMILIES[name]
+    pipe = _pipe(family)
+    reference = family.call(pipe, steps=6)
+    runtime = l2c.load_policy("taylorseer:interval=2,order=1,warmup=1").apply(pipe)
+    cached = family.call(pipe, steps=6)
+    assert runtime.executed[Action.FORECAST] > 0
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+    assert (cached - reference).abs().max() < 1.0
+    runtime.remove()
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "qwenimage"])
+def test_batch_independence(name):
+    family = FAMILIES[name]
+    pipe = _pipe(family)
+    runtime = l2c.load_policy("static:interval=2").apply(pipe)
+    alone = family.call(pipe)
+    pair = family.call(pipe, batch=2)  # the same sample twice: each row must come out as it does alone
+    assert pair.shape[0] == 2 and torch.isfinite(pair).all()
+    for row in pair:
+        assert torch.allclose(row, alone[0], atol=1e-5, rtol=0)
+    runtime.remove()
+
+
+@pytest.mark.parametrize("name", ["wan", "qwenimage"])
+def test_cond_and_uncond_contexts_keep_their_own_cache_and_step(name):
+    family = FAMILIES[name]
+    pipe = _pipe(family)
+    runtime = l2c.load_policy("static:interval=2").apply(pipe)
+    states = pipe.transformer._diffusers_hook.get_hook("l2c_step").states
+    seen, first = [], {}
+
+    def after_call(module, args, output):  # the pipeline resets the states at its end: read them per call
+        name, state = states.context.name, states.get_state()
+        seen.append((name, state.step))
+        first.setdefault(name, l2c.extension.first_stream(state.stores[(1, family.branches[-1])].output))
+
+    handle = pipe.transformer.register_forward_hook(after_call)
+    family.call(pipe)
+    handle.remove()
+    assert seen == [(context, step) for step in range(STEPS) for context in ("cond", "uncond")]  # not counted twice
+    assert not torch.equal(first["cond"], first["uncond"])  # each context caches its own outputs
+    half = STEPS // 2 * 2 * family.hooked
+    assert runtime.executed == Counter({Action.COMPUTE: half, Action.REUSE: half})
+    runtime.remove()
+
+
+def test_flux_token_partial_on_image_tokens_ratio_one_equals_full():
+    pipe = _pipe(FAMILIES["flux"])
+    reference = _flux_call(pipe)
+    runtime = partial_policy(1.0, STEPS, branches=("ff", "proj_mlp", "proj_out")).apply(pipe)
+    assert torch.allclose(_flux_call(pipe), reference, atol=1e-5, rtol=0)
+    assert runtime.executed[Action.PARTIAL] == (STEPS - 1) * 3
+    runtime.remove()
+    runtime = partial_policy(0.5, STEPS, branches=("ff", "proj_mlp", "proj_out")).apply(pipe)
+    cached = _flux_call(pipe)
+    assert torch.isfinite(cached).all() and (cached - reference).abs().max() > 1e-6
+    runtime.remove()
+    with pytest.raises(RuntimeError, match="cannot be recomputed token by token"):
+        partial_policy(0.5, STEPS, branches=("attn",)).apply(pipe)
+        _flux_call(pipe)
+
+
+def test_a_saved_flux_plan_loads_and_another_resolution_needs_step_match_index(tmp_path):
+    pipe = _pipe(FAMILIES["flux"])
+    policy = l2c.load_policy("static:interval=2")
+    runtime = policy.apply(pipe)
+    expected = _flux_call(pipe)
+    timesteps = runtime.timesteps.clone()
+    runtime.remove()
+
+    bound = policy.bind(pipe, timesteps, "FlowMatchEulerDiscreteScheduler", num_tokens=64)
+    bound.save_pretrained(tmp_path / "policy", model_card=False)
+    loaded = l2c.load_policy(tmp_path / "policy")
+    assert loaded.target.model.family == "flux" and loaded.target.model.num_tokens == 64
+    runtime = loaded.apply(pipe)
+    assert torch.equal(_flux_call(pipe), expected) and runtime.executed[Action.REUSE] == 2 * 6
+    runtime.remove()
+
+    # 48×48 is 144 image tokens (32×32: 64): the dynamic shift moves every timestep; refused, naming both tables ...
+    runtime = loaded.apply(pipe)
+    table = r"\[1000.0, 827.2286, 614.7919, 347.2584\] in the policy, \[1000.0, 829.1555, 617.9938, 350.3342\] in the"
+    with pytest.raises(ValueError, match=r"field 'timesteps' is " + table):
+        _flux_call(pipe, size=48)
+    runtime.remove()
+    with pytest.raises(ValueError, match=r"'num_tokens' \(image tokens\) is 64 in the policy, 144 in the run"):
+        loaded.check_tokens(144, shifts=True)
+    # ... unless matched by step index, explicitly.
+    runtime = l2c.load_policy(tmp_path / "policy", step_match="index").apply(pipe)
+    assert torch.isfinite(_flux_call(pipe, size=48)).all() and runtime.executed[Action.REUSE] == 2 * 6
+    runtime.remove()
+    runtime = loaded.apply(pipe, step_match="index")
+    _flux_call(pipe, size=48)
+    runtime.remove()
+
+
+@dataclass
+class FluxToCa(ToCaPolicy):
+    """ToCa with factors for Flux's branch names (`toca.py` has factors for attn1/attn2/ff only): image-token
+    partial steps on `ff`, `proj_mlp`, `proj_out`; the attentions and the text MLP reuse between full steps."""
+
+    kind = "toca"
+    presets: ClassVar[dict[str, dict]] = {"flux": {**DIT_DDIM50, "score": "none", "ratio": 0.3, "step_weight": 0.0}}
+    attn_factor: float = 0.0
+    ff_context_factor: float = 0.0
+    proj_mlp_factor: float = 1.0
+    proj_out_factor: float = 1.0
+
+
+class FluxDuCa(FluxToCa):
+    between_kind = DuCaPolicy.between_kind
+
+
+@pytest.mark.parametrize("policy", [FluxToCa, FluxDuCa])
+def test_toca_and_duca_run_token_partial_on_flux_image_tokens(policy):
+    pipe = _pipe(FAMILIES["flux"])
+    reference = _flux_call(pipe, steps=6)
+    runtime = policy(interval=3).apply(pipe)
+    cached = _flux_call(pipe, steps=6)
+    assert runtime.executed[Action.PARTIAL] > 0 and runtime.executed[Action.REUSE] > 0
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+    assert (cached - reference).abs().max() < 1.0
+    runtime.remove()
