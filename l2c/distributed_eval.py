@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .evaluate import SamplingSetup
 from .models import ModelBundle
 from .policies import CachePolicy
-from .sampling import GuidedDenoiser, noise_from_seeds, sample, sample_seeds
+from .sampling import noise_from_seeds, sample, sample_seeds
 
 SHARDS = "shards"
 
@@ -54,10 +54,9 @@ class ShardedSampling(L.LightningModule):
         super().__init__()
         if getattr(bundle, "text_conditioned", False):
             raise ValueError(f"--model {setup.model}: distributed evaluation samples class-conditional models only")
-        self.transformer, self.vae = bundle.transformer, bundle.vae
+        self.transformer, self.vae, self.class_table = bundle.transformer, bundle.vae, bundle.class_table
         self.bundle, self.policy, self.eval_setup = bundle, policy, setup
-        config = bundle.transformer.config
-        self.shape = (config.in_channels, config.sample_size, config.sample_size)
+        self.shape = bundle.sample_shape
         self.timesteps = setup.new_scheduler(bundle.scheduler_config).timesteps.clone()
 
     def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -65,7 +64,7 @@ class ShardedSampling(L.LightningModule):
         indices = indices.cpu()
         noise = noise_from_seeds(sample_seeds(indices, setup.seed), self.shape)
         labels = setup.labels(self.bundle.num_classes)[indices]
-        denoiser = GuidedDenoiser(self.transformer, setup.guidance_scale)
+        denoiser = self.bundle.denoiser(setup.guidance_scale)
         with self.policy.apply(self.transformer, timesteps=self.timesteps):
             latents = sample(denoiser, setup.new_scheduler(self.bundle.scheduler_config), noise, labels, setup.steps)
         if self.vae is not None:

@@ -25,7 +25,7 @@ from .models import ModelBundle, make_scheduler
 from .options import parse_classes
 from .plan import Action, Plan
 from .policies import BlockCachePolicy, CachePolicy
-from .sampling import GuidedDenoiser, balanced_labels, initial_noise, sample
+from .sampling import balanced_labels, initial_noise, sample
 from .timing import Interleaved
 
 
@@ -129,11 +129,9 @@ class SideBySide:
 
     def __init__(self, bundle: ModelBundle, setup: SamplingSetup, progress: bool = True) -> None:
         self.bundle, self.setup, self.progress = bundle, setup, progress
-        config = bundle.transformer.config
-        channels, size = config.in_channels, config.sample_size
-        self.noise = initial_noise(setup.num_samples, (channels, size, size), setup.seed)
+        self.noise = initial_noise(setup.num_samples, bundle.sample_shape, setup.seed)
         self.labels = setup.labels(bundle.num_classes)
-        self.denoiser = GuidedDenoiser(bundle.transformer, setup.guidance_scale)
+        self.denoiser = bundle.denoiser(setup.guidance_scale)
         self.timesteps = self._scheduler().timesteps.clone()
         self._flops_uncached: int | None = None  # the same for every policy: counted once
         self._executed: dict[str, int] = {}

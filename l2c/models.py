@@ -6,25 +6,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel, SchedulerMixin
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SchedulerMixin,
+)
 from diffusers.configuration_utils import ConfigMixin
 from torch import nn
 
+from .flux_digits import CLASS_TABLE_FILE, PACK, ClassTable
 from .options import SCHEDULERS
+from .sampling import GuidedDenoiser
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
-EMBEDDED = {"embedded:digits": EMBEDDED_DIR / "digits"}
-TRANSFORMERS = {cls.__name__: cls for cls in (DiTTransformer2DModel, PixArtTransformer2DModel)}
+EMBEDDED = {"embedded:digits": EMBEDDED_DIR / "digits", "embedded:digits-flux": EMBEDDED_DIR / "digits-flux"}
+TRANSFORMERS = {cls.__name__: cls for cls in (DiTTransformer2DModel, PixArtTransformer2DModel, FluxTransformer2DModel)}
+FLOW_SAMPLERS = ("ddim", "euler")  # --scheduler names that mean FlowMatchEulerDiscreteScheduler on a flow model
 
 
 @dataclass
 class ModelBundle:
-    """What sampling needs: a transformer (class- or text-conditional), its scheduler config, a VAE for latents."""
+    """What sampling needs: a transformer (class- or text-conditional), its scheduler config, a VAE for latents,
+    and for a class-conditional Flux model its learned class table (`l2c.flux_digits`)."""
 
     name: str
     transformer: nn.Module
     scheduler_config: dict
     vae: AutoencoderKL | None = None
+    class_table: ClassTable | None = None
 
     @property
     def text_conditioned(self) -> bool:
@@ -34,15 +47,29 @@ class ModelBundle:
     def num_classes(self) -> int:
         if self.text_conditioned:
             raise ValueError(f"{self.name} is text-conditioned (PixArt): it takes prompts, not class labels")
+        if self.class_table is not None:
+            return self.class_table.num_classes
         return int(self.transformer.config.num_embeds_ada_norm)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what the sampler denoises: pixels, or latents when there is a VAE."""
+        config = self.transformer.config
+        if self.class_table is not None:  # Flux takes packed 2×2 patches; the table records the image side
+            size = self.class_table.sample_size
+            return config.in_channels // (PACK * PACK), size, size
+        return config.in_channels, config.sample_size, config.sample_size
 
     @property
     def is_digits(self) -> bool:
         """A pixel-space 16×16 one-channel 10-class model: the digits metrics apply."""
-        config = self.transformer.config
         if self.text_conditioned or self.vae is not None:
             return False
-        return config.in_channels == 1 and config.sample_size == 16 and self.num_classes == 10
+        return self.sample_shape == (1, 16, 16) and self.num_classes == 10
+
+    def denoiser(self, guidance_scale: float) -> GuidedDenoiser:
+        """The transformer with classifier-free guidance, conditioned as this model is (labels, prompts, table)."""
+        return GuidedDenoiser(self.transformer, guidance_scale, class_table=self.class_table)
 
 
 def resolve_model_path(name: str) -> Path:
@@ -79,7 +106,14 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     vae = None
     if (path / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype).to(device).eval().requires_grad_(False)
-    return ModelBundle(name=name, transformer=transformer, scheduler_config=scheduler_config, vae=vae)
+    class_table = None
+    if isinstance(transformer, FluxTransformer2DModel):
+        if not (path / CLASS_TABLE_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path}: a FluxTransformer2DModel sampled by class needs its class table {CLASS_TABLE_FILE} there"
+            )
+        class_table = ClassTable.load(path / CLASS_TABLE_FILE, transformer).to(device, dtype)
+    return ModelBundle(name, transformer, scheduler_config, vae, class_table)
 
 
 def _transformer_class(directory: Path) -> type[nn.Module]:
@@ -92,10 +126,22 @@ def _transformer_class(directory: Path) -> type[nn.Module]:
 
 
 def make_scheduler(name: str, config: dict) -> SchedulerMixin:
-    """A fresh scheduler of the named kind, built from the model's own scheduler config."""
+    """A fresh scheduler of the named kind, built from the model's own scheduler config.
+
+    A flow-matching model (its config a `FlowMatchEulerDiscreteScheduler`'s) samples with that scheduler for
+    `ddim` and `euler`: on a rectified flow, DDIM's deterministic step from the predicted x₀ and noise is exactly
+    the Euler step of the flow ODE. The other names are refused for it.
+    """
     import diffusers
 
     if name not in SCHEDULERS:
         raise ValueError(f"--scheduler {name!r}: expected one of {sorted(SCHEDULERS)}")
+    if config.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__:
+        if name not in FLOW_SAMPLERS:
+            raise ValueError(
+                f"--scheduler {name!r}: the model is flow-matching (FlowMatchEulerDiscreteScheduler); "
+                f"expected one of {list(FLOW_SAMPLERS)}"
+            )
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     cls: type[ConfigMixin] = getattr(diffusers, SCHEDULERS[name])
     return cls.from_config(config)

@@ -3,7 +3,8 @@
 Used by the trainers (teacher trajectories), by `infer.py` and by the benchmarks. It calls the
 transformer as the diffusers pipelines do (one batched call per step, conditional and null
 halves together), so a policy applied with `policy.apply(transformer)` behaves the same here as
-in the pipeline. Conditions are class labels (DiT) or cached text embeddings (`TextCondition`, PixArt).
+in the pipeline. Conditions are class labels (DiT; a Flux model through its learned class table,
+`l2c.flux_digits`) or cached text embeddings (`TextCondition`, PixArt).
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from diffusers import SchedulerMixin
+from diffusers import FluxTransformer2DModel, SchedulerMixin
 from torch import nn
+
+from .flux_digits import ClassTable, flux_forward
+
+FLUX_TIMESTEP_SCALE = 1000.0  # FluxPipeline passes the transformer t / 1000 (flow time in [0, 1])
 
 
 @dataclass
@@ -46,13 +51,27 @@ Condition = torch.Tensor | TextCondition  # class labels [B], or prompts
 
 @dataclass
 class GuidedDenoiser:
-    """The transformer with classifier-free guidance: batched [cond; null] call, eps = u + g·(c − u)."""
+    """The transformer with classifier-free guidance: batched [cond; null] call, eps = u + g·(c − u).
+
+    A `FluxTransformer2DModel` is conditioned by `class_table` (its null row for guidance) and predicts the flow
+    velocity, guided the same way (true CFG, as the class-conditional model was trained: no guidance embedding).
+    """
 
     transformer: nn.Module
     guidance_scale: float = 1.0
+    class_table: ClassTable | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.transformer, FluxTransformer2DModel) and self.class_table is None:
+            raise ValueError(
+                "a FluxTransformer2DModel is conditioned through its class table: build the denoiser with "
+                "ModelBundle.denoiser(guidance_scale), or pass class_table="
+            )
 
     @property
     def null_class(self) -> int:
+        if self.class_table is not None:
+            return self.class_table.null_class
         return int(self.transformer.config.num_embeds_ada_norm)
 
     def model_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +106,11 @@ class GuidedDenoiser:
 
     def raw(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
         """The transformer's output for the guided batch ([cond; null] rows), before guidance is applied."""
+        if self.class_table is not None:
+            model_x, labels = self.model_inputs(x, condition)
+            text, pooled = self.class_table(labels)
+            timestep = (t / FLUX_TIMESTEP_SCALE).expand(len(model_x))
+            return flux_forward(self.transformer, model_x, timestep, text, pooled)
         model_x, kwargs = self.model_kwargs(x, condition)
         return self.transformer(model_x, timestep=t.expand(len(model_x)), **kwargs).sample
 
@@ -146,20 +170,20 @@ def denoise(
     """`sample` under whatever grad mode the caller set: the trainers' rollouts backpropagate through it.
 
     The trainers' options: steps `start` … `stop` − 1 only (from step 0, `noise` is scaled by the scheduler's
-    `init_noise_sigma`; a later start takes it as the state x_start); `step_context(i)` is entered around step i's
-    model call (the rollout's per-step gates); `on_output(i, model_input, halves)` sees each step's scaled input and
-    raw output split as [G, B, ...] (G = 2: cond, null), before guidance (the teacher's trajectories).
+    `init_noise_sigma` where it has one; a later start takes it as the state x_start); `step_context(i)` is entered
+    around step i's model call (the rollout's per-step gates); `on_output(i, model_input, halves)` sees each step's
+    scaled input and raw output split as [G, B, ...] (G = 2: cond, null), before guidance (the teacher's trajectories).
     """
     scheduler.set_timesteps(num_steps)
     model = denoiser.transformer
     param = next(model.parameters())
     x = noise.to(param.device, param.dtype)
     if start == 0:
-        x = x * scheduler.init_noise_sigma
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at the noise itself
     labels = labels.to(param.device)
     for i in range(start, num_steps if stop is None else stop):
         t = scheduler.timesteps[i]
-        model_input = scheduler.scale_model_input(x, t)
+        model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         with step_context(i) if step_context is not None else nullcontext():
             out = denoiser.raw(model_input, t.to(param.device), labels)
         halves = out.unflatten(0, (len(out) // len(x), len(x)))

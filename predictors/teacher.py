@@ -1,4 +1,4 @@
-"""Trains the embedded teacher: a small class-conditional `DiTTransformer2DModel` on 16×16 digits."""
+"""Trains the embedded teachers: what they share (`EmaTeacher`) and the DiT digits teacher (`DigitsTeacher`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,51 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel
+from torch import nn
 
 
-class DigitsTeacher(L.LightningModule):
-    """DDPM epsilon objective with EMA weights; the EMA copy is what gets exported.
+class EmaTeacher(L.LightningModule):
+    """AdamW with a linear warm-up, EMA weights of the trained module, and export of the EMA copy.
+
+    A subclass builds its trained module, names it in `trained`, calls `start_ema()` and writes the export in
+    `export`. Hyperparameters read here: `lr`, `warmup_steps`, `ema_decay`, `export_dir`, `export_every_n_steps`.
+    """
+
+    @property
+    def trained(self) -> nn.Module:
+        """What the optimizer trains and the EMA tracks."""
+        raise NotImplementedError
+
+    def start_ema(self) -> None:
+        self.ema = copy.deepcopy(self.trained).requires_grad_(False).eval()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        with torch.no_grad():
+            ema_params = list(self.ema.parameters())
+            torch._foreach_lerp_(ema_params, list(self.trained.parameters()), 1 - decay)
+        every = self.hparams.export_every_n_steps
+        if every and self.hparams.export_dir and (self.global_step % every == 0) and self.trainer.is_global_zero:
+            self.export(self.hparams.export_dir)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.trained.parameters(), lr=self.hparams.lr, weight_decay=0.0)
+        warmup = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / max(1, self.hparams.warmup_steps))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    def export(self, directory: str | Path) -> Path:
+        raise NotImplementedError
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            path = self.export(self.hparams.export_dir)
+            print(f"exported teacher to {path}")
+
+
+class DigitsTeacher(EmaTeacher):
+    """A small class-conditional `DiTTransformer2DModel` on 16×16 digits: DDPM epsilon objective, EMA exported.
 
     Label dropout for classifier-free guidance comes from the DiT's own label embedding
     (`class_dropout_prob=0.1` in training mode), so the null class is `num_classes`.
@@ -61,7 +102,7 @@ class DigitsTeacher(L.LightningModule):
             patch_size=patch_size,
             num_embeds_ada_norm=num_classes,
         )
-        self.ema = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        self.start_ema()
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps,
             beta_schedule=beta_schedule,
@@ -69,6 +110,10 @@ class DigitsTeacher(L.LightningModule):
             clip_sample=True,
         )
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.transformer
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -81,30 +126,9 @@ class DigitsTeacher(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
-        with torch.no_grad():
-            ema_params = list(self.ema.parameters())
-            torch._foreach_lerp_(ema_params, list(self.transformer.parameters()), 1 - decay)
-        every = self.hparams.export_every_n_steps
-        if every and self.hparams.export_dir and (self.global_step % every == 0) and self.trainer.is_global_zero:
-            self.export(self.hparams.export_dir)
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.transformer.parameters(), lr=self.hparams.lr, weight_decay=0.0)
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / max(1, self.hparams.warmup_steps))
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
-
     def export(self, directory: str | Path) -> Path:
         """Write the EMA teacher as `<dir>/transformer` + `<dir>/scheduler` in diffusers format."""
         directory = Path(directory)
         self.ema.save_pretrained(directory / "transformer")
         self.scheduler.save_pretrained(directory / "scheduler")
         return directory
-
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            path = self.export(self.hparams.export_dir)
-            print(f"exported teacher to {path}")
