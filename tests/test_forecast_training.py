@@ -98,3 +98,16 @@ def test_a_forecast_plan_saved_and_loaded_samples_in_a_dit_pipeline_as_the_hard_
     with torch.no_grad():
         expected = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     torch.testing.assert_close(images, (expected / 2 + 0.5).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_the_forecast_recipe_builds_the_trainer_and_honours_teacher_budget_and_export_dir(pipeline_dir, tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    recipe = Path(__file__).resolve().parents[1] / "configs/l2c/digits-ddim20-forecast.yaml"
+    args = ["--config", str(recipe), "--model.teacher", str(pipeline_dir), "--model.export_budget", "0.35",
+            "--model.export_dir", str(tmp_path / "policy"), "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args)
+    assert type(cli.model) is ForecastRouterTrainer and cli.model.hparams.history == 3
+    assert (cli.model.hparams.teacher, cli.model.hparams.export_budget) == (str(pipeline_dir), 0.35)
+    assert cli.model.hparams.export_dir == str(tmp_path / "policy")
