@@ -35,15 +35,18 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import HookRegistry
+from torch.utils.checkpoint import checkpoint
 
+from l2c.extension import BranchStore, TrajectoryState
 from l2c.forecast import PolynomialForecaster, rule_table
 from l2c.metrics import branch_flops
 from l2c.plan import Action, Plan
 from l2c.plots import router_figure
 from l2c.policies import LayerRouterPolicy
 from l2c.policies.learned import check_budget, full_step_mask, select_by_budget, soft_select_by_budget
-from l2c.runtime import ActionGates
-from l2c.sampling import denoise
+from l2c.runtime import STEP_HOOK, ActionGates, CacheRuntime
+from l2c.sampling import GuidedDenoiser, denoise
 
 from .frozen_teacher import FrozenTeacherModule, Trajectory, make_scheduler_like, step_generator
 from .layer_router import LayerRouter
@@ -266,11 +269,15 @@ class RolloutRouterTrainer(RouterTrainer):
     objective = "rollout"
     refresh_cache = True  # computed slots refresh the cache, as at inference
 
-    def __init__(self, temperature: tuple[float, float] = (1.0, 0.05), **kwargs) -> None:
+    def __init__(
+        self, temperature: tuple[float, float] = (1.0, 0.05), checkpoint_steps: bool = False, **kwargs
+    ) -> None:
         """
         Args:
             temperature: [start, end] of the gates' temperature T (start ≥ end > 0), decaying geometrically over the
                 fit so that the gates end at the exported 0/1 plan.
+            checkpoint_steps: Activation checkpointing per sampling step: each step's activations are recomputed in
+                the backward pass (one more forward per step), so only the cache between steps is kept.
             **kwargs: The router's settings (`RouterTrainer`; `export_budget` is required) and the frozen teacher's
                 (`FrozenTeacherModule`).
         """
@@ -339,6 +346,9 @@ class RolloutRouterTrainer(RouterTrainer):
         computes every branch and fills the cache."""
         self.runtime.reset()
         scheduler = make_scheduler_like(self.sampler)
+        if self.hparams.checkpoint_steps and torch.is_grad_enabled():
+            denoiser = CheckpointedSteps(self.guidance.transformer, self.guidance.guidance_scale, self, gates)
+            return denoise(denoiser, scheduler, self.noise_for(seeds), labels, len(gates))
         return denoise(self.guidance, scheduler, self.noise_for(seeds), labels, len(gates),
                        step_context=lambda step: self.blending(gates[step] if step > 0 else None))  # fmt: skip
 
@@ -397,6 +407,40 @@ class RolloutRouterTrainer(RouterTrainer):
     def extra_provenance(self) -> dict:
         selected = {"global_step": self.best.global_step, "val_psnr_db": self.best.psnr_db}
         return {**super().extra_provenance(), **({"selected": selected} if self.best.logits is not None else {})}
+
+
+def trajectory_state(runtime: CacheRuntime) -> TrajectoryState:
+    """The cache state of the runtime's current trajectory (after its first denoiser call)."""
+    return HookRegistry.check_if_exists_or_initialize(runtime.model).get_hook(STEP_HOOK).states.get_state()
+
+
+class CheckpointedSteps(GuidedDenoiser):
+    """The rollout's denoiser with activation checkpointing per sampling step (`torch.utils.checkpoint`).
+
+    Step i's model call runs under its gates in a checkpointed region; the cache it starts from (every branch's
+    output and history) is snapshotted before and restored when the backward pass recomputes the region, so the
+    recomputation sees what the forward saw. Step 0 (no gates, nothing to train) runs plainly.
+    """
+
+    def __init__(self, transformer, guidance_scale: float, module: RolloutRouterTrainer, gates) -> None:
+        super().__init__(transformer, guidance_scale)
+        self.module, self.gates, self.calls = module, gates, 0
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        step, self.calls = self.calls, self.calls + 1
+        if step == 0:
+            return super().raw(x, t, condition)
+        state = trajectory_state(self.module.runtime)
+        saved = (state.step, state.batch_size, {k: (s.output, s.age, list(s.history)) for k, s in state.stores.items()})
+
+        def region(x: torch.Tensor) -> torch.Tensor:
+            state.step, state.batch_size = saved[0], saved[1]
+            state.stores.clear()
+            state.stores.update({k: BranchStore(o, a, {}, list(h)) for k, (o, a, h) in saved[2].items()})
+            with self.module.blending(self.gates[step]):
+                return GuidedDenoiser.raw(self, x, t, condition)
+
+        return checkpoint(region, x, use_reentrant=False)
 
 
 class ForecastRouterTrainer(RolloutRouterTrainer):

@@ -32,11 +32,15 @@ def pipeline_dir(tmp_path_factory) -> Path:
 
 
 def direct_step(module: ForecastRouterTrainer, batch) -> torch.Tensor:
+    """A training step and its backward (which recomputes checkpointed steps on the hooked teacher) outside a
+    Trainer, between the fit start/end hooks."""
     module.on_fit_start()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return module.training_step(batch, 0)
+            loss = module.training_step(batch, 0)
+            loss.backward()
+            return loss
     finally:
         module.on_fit_end()
 
@@ -57,8 +61,7 @@ def test_forecast_weights_start_at_the_taylor_rule_and_every_gate_trains(pipelin
     module = ForecastRouterTrainer(teacher=str(pipeline_dir), **KWARGS)
     # Even start at 0.5: steps 0, 2, 4 compute; step 3 forecasts from 2 and 0 (order 2 needs 3 computations).
     assert torch.allclose(module.forecast_weights[3, 0, 0], torch.tensor([1.5, -0.5, 0.0]))
-    loss = direct_step(module, (torch.tensor([3, 7]), torch.tensor([11, 12])))
-    loss.backward()
+    direct_step(module, (torch.tensor([3, 7]), torch.tensor([11, 12])))
     compute, forecast = module.router.logits.grad, module.router.forecast_logits.grad
     assert bool((compute[0] == 0).all()) and bool((forecast[0] == 0).all()), "step 0 computes: no gradient"
     assert bool((compute[1:] != 0).all()), "soft gates: every later compute logit gets a gradient"
@@ -111,3 +114,15 @@ def test_the_forecast_recipe_builds_the_trainer_and_honours_teacher_budget_and_e
     assert type(cli.model) is ForecastRouterTrainer and cli.model.hparams.history == 3
     assert (cli.model.hparams.teacher, cli.model.hparams.export_budget) == (str(pipeline_dir), 0.35)
     assert cli.model.hparams.export_dir == str(tmp_path / "policy")
+
+
+def test_checkpointed_rollout_gradients_equal_the_uncheckpointed_ones(pipeline_dir):
+    grads = []
+    for checkpointed in (False, True):
+        module = ForecastRouterTrainer(teacher=str(pipeline_dir), **KWARGS, checkpoint_steps=checkpointed)
+        direct_step(module, (torch.tensor([3, 7]), torch.tensor([11, 12])))
+        grads.append([p.grad.clone() for p in (module.router.logits, module.router.forecast_logits,
+                                               module.forecast_weights)])  # fmt: skip
+    for plain, checkpointed in zip(*grads, strict=True):
+        assert bool((plain != 0).any())
+        torch.testing.assert_close(checkpointed, plain, atol=1e-7, rtol=1e-5)
