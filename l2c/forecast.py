@@ -164,3 +164,47 @@ def rule_table(
                 if plan.actions[step, block, index] == Action.COMPUTE:
                     computed = [step, *computed[: keep - 1]]
     return table
+
+
+# -- training: a soft history, differentiable in the compute gate ------------------------------------------------------
+@dataclass(frozen=True)
+class SoftComputed(Computed):
+    """Training: one computed output in a soft history, with `share[k]`, its weight in the k-th newest position.
+
+    A slot that computes with gate g pushes: its output enters position 0 with share g, every older entry moves one
+    position back with weight g and stays with weight 1 − g. At g ∈ {0, 1} this is exactly the inference history
+    (the shares are one-hot, or zero once an entry has dropped out of the last K). Each output is kept once, however
+    many positions share it, so a rollout holds one tensor per slot and step.
+    """
+
+    share: torch.Tensor = None  # [K]
+
+
+def soft_history(history: Sequence[Computed], output: torch.Tensor, keep: int) -> list[SoftComputed]:
+    """`history` as a soft one (hard entries get one-hot shares); an empty one starts from the cached `output`."""
+    if history and isinstance(history[0], SoftComputed):
+        return list(history)
+    entries = list(history[:keep]) or [Computed(-1, math.nan, output)]
+    eye = torch.eye(keep, dtype=output.dtype, device=output.device)
+    return [SoftComputed(c.step, c.timestep, c.output, eye[k]) for k, c in enumerate(entries)]
+
+
+def soft_value(history: Sequence[SoftComputed], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k · h_k of a soft history (h_k = Σ_j share_j[k] · output_j), newest output first."""
+    output = None
+    for computed in history:
+        term = (computed.share * weights).sum() * computed.output
+        output = term if output is None else output + term
+    return output
+
+
+def soft_push(history: Sequence[SoftComputed], computed: Computed, gate: torch.Tensor) -> list[SoftComputed]:
+    """The history after a slot computed `computed.output` with gate g (see `SoftComputed`)."""
+    first = history[0].share
+    entry = torch.zeros_like(first)
+    entry[0] = 1
+    pushed = [SoftComputed(computed.step, computed.timestep, computed.output, gate * entry)]
+    for old in history:
+        shifted = torch.cat([old.share.new_zeros(1), old.share[:-1]])
+        pushed.append(SoftComputed(old.step, old.timestep, old.output, gate * shifted + (1 - gate) * old.share))
+    return pushed

@@ -220,8 +220,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise PolicyFormatError(f"{file}: missing; a policy directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     with open(file, "rb") as handle:
-        head = handle.read(4)
-    if head.startswith(PICKLE_MAGIC):
+        head = handle.read(9)
+    # A safetensors file opens with its header's length (8 bytes, whose first may be 0x80) and then "{".
+    if head.startswith(PICKLE_MAGIC) and head[8:9] != b"{":
         raise PolicyFormatError(
             f"{file}: is a pickle / torch.save file; l2c never unpickles a policy (expected safetensors)"
         )

@@ -44,7 +44,7 @@ from .extension import (
     first_stream,
     map_streams,
 )
-from .forecast import forecast, kept_history, or_default
+from .forecast import forecast, kept_history, or_default, soft_history, soft_push, soft_value
 from .hooks import forward_hooks
 from .plan import Action, Plan
 
@@ -59,7 +59,34 @@ DEFAULT_CONTEXT = "default"
 # `timesteps=RECORD_TIMESTEPS`: no table up front; the first run's timesteps become it (Block Caching's calibration).
 RECORD_TIMESTEPS = "record"
 Gates = torch.Tensor  # [blocks, branches(, batch(, tokens))]
-GateSource = Gates | Callable[[BlockInput], Gates | None]
+
+
+@dataclass(frozen=True)
+class SlotGates:
+    """Training, one slot of a three-action blend: g_c·f(x) + g_f·forecast + (1 − g_c − g_f)·cached."""
+
+    compute: torch.Tensor  # scalar g_c
+    forecast: torch.Tensor  # scalar g_f
+    weights: torch.Tensor  # [K]: the forecast's weights on the K newest (soft) computations
+
+
+@dataclass(frozen=True)
+class ActionGates:
+    """Training: one step's gates over compute / reuse / forecast, per (block, branch), and the forecast weights.
+
+    Indexed by (block, branch) like a gate tensor, giving that slot's `SlotGates`; a blend with them keeps each
+    branch's soft history (`l2c.forecast.SoftComputed`), from which the forecast and the cache are read.
+    """
+
+    compute: torch.Tensor  # [blocks, branches]
+    forecast: torch.Tensor  # [blocks, branches]; compute + forecast ≤ 1, the rest reuses
+    weights: torch.Tensor  # [blocks, branches, K]
+
+    def __getitem__(self, slot: tuple[int, int]) -> SlotGates:
+        return SlotGates(self.compute[slot], self.forecast[slot], self.weights[slot])
+
+
+GateSource = Gates | ActionGates | Callable[[BlockInput], Gates | ActionGates | None]
 
 
 @dataclass
@@ -81,7 +108,7 @@ class Execution:
     action: Action
     ratio: float = 1.0
     rows: torch.Tensor | None = None  # per-sample decision: indices of the rows computed (None: every row)
-    gate: torch.Tensor | None = None  # training: COMPUTE, then g·f(x) + (1−g)·cached
+    gate: torch.Tensor | SlotGates | None = None  # training: COMPUTE, then g·f(x) + (1−g)·cached (or 3 actions)
     refresh: bool = False  # with a gate: the blend becomes the cache
 
 
@@ -427,6 +454,8 @@ class BranchHook(ModelHook):
         computed branch refreshes it at inference, and gradients flow through it into later steps' gates.
         """
         gate = run.gate
+        if isinstance(gate, SlotGates):
+            return self._blend_actions(original, store, run, args, kwargs)
         if gate.ndim == 2:  # per (sample, token)
             gate = gate.unsqueeze(-1)
         elif gate.ndim == 1:  # per sample
@@ -435,6 +464,30 @@ class BranchHook(ModelHook):
         mixed = map_streams(lambda new, kept: gate * new + (1 - gate) * kept, fresh, store.output)
         if run.refresh:
             store.output = mixed
+        return mixed
+
+    def _blend_actions(self, original, store: BranchStore, run: Execution, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Training, three actions: g_c·f(x) + g_f·Σ_k w_k·h_k + (1 − g_c − g_f)·h_0 over the soft history h.
+
+        With `refresh` the computation is remembered as at inference (a soft push with weight g_c: the history and
+        the cache `h_0` become what they would be after computing with probability g_c); at 0/1 gates every output
+        equals the inference's for the same plan and weights exactly.
+        """
+        gates: SlotGates = run.gate
+        history = soft_history(store.history, store.output, len(gates.weights))
+        newest = torch.zeros_like(gates.weights)
+        newest[0] = 1
+        cached = soft_value(history, newest)
+        predicted = soft_value(history, gates.weights)
+        fresh = original(*args, **kwargs)
+        mixed = gates.compute * fresh + gates.forecast * predicted + (1 - gates.compute - gates.forecast) * cached
+        if run.refresh:
+            step = running_state(self.states).step
+            computed = Computed(step, float(self.runtime.timesteps[step]), fresh)
+            store.history = soft_push(history, computed, gates.compute)
+            store.output = gates.compute * fresh + (1 - gates.compute) * cached
+        else:
+            store.history = history
         return mixed
 
     @contextmanager

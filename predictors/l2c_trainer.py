@@ -15,6 +15,12 @@ with the cut θ set by the budget), and the loss is the MSE between its sample a
 (the budget fixes the compute); the temperature T decays so that the gates end at the exported 0/1 plan, and
 with validation conditions the best validated router is exported.
 
+`ForecastRouterTrainer` extends the rollout to three actions per slot: the compute gates spend the budget as
+above, the rest of each slot is split between forecasting (`Σ_k w_k·h_k` over the branch's last K computations,
+with weights learned per (step, block, branch), initialised to TaylorSeer's rule) and reusing, by a second logit
+per slot, sigmoid(logit_f / T). The export computes the budget's slots, forecasts the others whose forecast logit
+is positive, and saves the weights beside the plan.
+
 In YAML the objective is the class: `class_path: predictors.l2c_trainer.SegmentRouterTrainer` or
 `...RolloutRouterTrainer`; configs written for the one class before the split (`LayerRouterTrainer` with an
 `objective`) still work through `LayerRouterTrainer`, which builds the class the objective names.
@@ -29,12 +35,18 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import HookRegistry
+from torch.utils.checkpoint import checkpoint
 
+from l2c.extension import BranchStore, TrajectoryState
+from l2c.forecast import PolynomialForecaster, rule_table
 from l2c.metrics import branch_flops
+from l2c.plan import Action, Plan
 from l2c.plots import router_figure
 from l2c.policies import LayerRouterPolicy
 from l2c.policies.learned import check_budget, full_step_mask, select_by_budget, soft_select_by_budget
-from l2c.sampling import denoise
+from l2c.runtime import STEP_HOOK, ActionGates, CacheRuntime
+from l2c.sampling import GuidedDenoiser, denoise
 
 from .frozen_teacher import FrozenTeacherModule, Trajectory, make_scheduler_like, step_generator
 from .layer_router import LayerRouter
@@ -48,6 +60,24 @@ class BestPlan:
     psnr_db: float = -math.inf
     global_step: int = -1
     logits: torch.Tensor | None = None
+    forecast_logits: torch.Tensor | None = None  # the forecast action's (`ForecastRouterTrainer`)
+    forecast_weights: torch.Tensor | None = None
+
+
+@dataclass
+class RolloutGates:
+    """A rollout's gates per step: compute [steps, blocks, branches], and with the forecast action its share and
+    weights [steps, blocks, branches, K]; `gates[step]` is what `runtime.blending` takes at that step."""
+
+    compute: torch.Tensor
+    forecast: torch.Tensor
+    weights: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.compute)
+
+    def __getitem__(self, step: int) -> ActionGates:
+        return ActionGates(self.compute[step], self.forecast[step], self.weights[step])
 
 
 def even_steps(num_steps: int, budget: float) -> torch.Tensor:
@@ -239,11 +269,15 @@ class RolloutRouterTrainer(RouterTrainer):
     objective = "rollout"
     refresh_cache = True  # computed slots refresh the cache, as at inference
 
-    def __init__(self, temperature: tuple[float, float] = (1.0, 0.05), **kwargs) -> None:
+    def __init__(
+        self, temperature: tuple[float, float] = (1.0, 0.05), checkpoint_steps: bool = False, **kwargs
+    ) -> None:
         """
         Args:
             temperature: [start, end] of the gates' temperature T (start ≥ end > 0), decaying geometrically over the
                 fit so that the gates end at the exported 0/1 plan.
+            checkpoint_steps: Activation checkpointing per sampling step: each step's activations are recomputed in
+                the backward pass (one more forward per step), so only the cache between steps is kept.
             **kwargs: The router's settings (`RouterTrainer`; `export_budget` is required) and the frozen teacher's
                 (`FrozenTeacherModule`).
         """
@@ -265,19 +299,17 @@ class RolloutRouterTrainer(RouterTrainer):
         labels, seeds = batch
         trajectory = self._full_trajectory(labels, seeds)
         temperature = self.temperature()
-        gates = soft_select_by_budget(
-            self.router.logits, self.full_steps, self.hparams.export_budget, self.branch_costs, temperature
-        )
+        gates = self.soft_gates(temperature)
         x0 = self.rollout(trajectory.labels, seeds, gates)
         loss = F.mse_loss(x0, trajectory.final)
         self.check_finite({"train/loss": loss})
-        reuse = ~self.full_steps
+        reuse, compute = ~self.full_steps, (gates.compute if isinstance(gates, RolloutGates) else gates).detach()
         self.log_dict(
             {
                 "train/loss": loss,
                 "train/psnr_db": -10 * torch.log10(loss.detach() / 4),  # samples in [-1, 1]: peak-to-peak 2
                 "router/temperature": temperature,
-                "router/undecided": ((gates.detach()[reuse] > 0.1) & (gates.detach()[reuse] < 0.9)).float().mean(),
+                "router/undecided": ((compute[reuse] > 0.1) & (compute[reuse] < 0.9)).float().mean(),
             },
             prog_bar=True,
         )
@@ -294,17 +326,29 @@ class RolloutRouterTrainer(RouterTrainer):
         start, end = self.hparams.temperature
         return start * (end / start) ** min(1.0, self.global_step / self._total_steps())
 
+    def soft_gates(self, temperature: float) -> torch.Tensor | RolloutGates:
+        """The training step's gates: sigmoid((logit − θ)/T) spending exactly the budget."""
+        budget, costs = self.hparams.export_budget, self.branch_costs
+        return soft_select_by_budget(self.router.logits, self.full_steps, budget, costs, temperature)
+
+    def plan_gates(self) -> torch.Tensor | RolloutGates:
+        """The exported plan's gates (validation samples with them)."""
+        return self.hard_gates().float()
+
     def hard_gates(self) -> torch.Tensor:
         """The exported plan's gates: 1 on the budget's computed slots (full steps included), 0 elsewhere."""
         costs = self.branch_costs.cpu()
         logits = self.router.logits.detach().cpu()
         return select_by_budget(logits, self.full_steps.cpu(), self.hparams.export_budget, costs).to(self.device)
 
-    def rollout(self, labels, seeds: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def rollout(self, labels, seeds: torch.Tensor, gates: torch.Tensor | RolloutGates) -> torch.Tensor:
         """x_0 sampled from the seeds' noise with every branch blended by `gates` [steps, blocks, branches]; step 0
         computes every branch and fills the cache."""
         self.runtime.reset()
         scheduler = make_scheduler_like(self.sampler)
+        if self.hparams.checkpoint_steps and torch.is_grad_enabled():
+            denoiser = CheckpointedSteps(self.guidance.transformer, self.guidance.guidance_scale, self, gates)
+            return denoise(denoiser, scheduler, self.noise_for(seeds), labels, len(gates))
         return denoise(self.guidance, scheduler, self.noise_for(seeds), labels, len(gates),
                        step_context=lambda step: self.blending(gates[step] if step > 0 else None))  # fmt: skip
 
@@ -315,7 +359,7 @@ class RolloutRouterTrainer(RouterTrainer):
     def validation_step(self, batch, batch_idx: int) -> None:
         labels, seeds = batch
         trajectory = self._full_trajectory(labels, seeds)
-        x0 = self.rollout(trajectory.labels, seeds, self.hard_gates().float())
+        x0 = self.rollout(trajectory.labels, seeds, self.plan_gates())
         self._val_error += torch.stack([(x0 - trajectory.final).double().pow(2).sum(), torch.tensor(x0.numel())])
 
     def on_validation_epoch_end(self) -> None:
@@ -324,7 +368,11 @@ class RolloutRouterTrainer(RouterTrainer):
         psnr = -10 * math.log10(max(mse, 1e-20) / 4)
         self.log("val/psnr_db", psnr, prog_bar=True, rank_zero_only=True)
         if mse < self.best.mse:  # the same decision on every rank: `total` is all-reduced
-            self.best = BestPlan(mse, psnr, int(self.global_step), self.router.logits.detach().cpu().clone())
+            self.best = BestPlan(mse, psnr, int(self.global_step), *self.trained_tensors())
+
+    def trained_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What `BestPlan` keeps of the current router (on the CPU)."""
+        return (self.router.logits.detach().cpu().clone(),)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.best.logits is not None:
@@ -338,7 +386,9 @@ class RolloutRouterTrainer(RouterTrainer):
         # Gradients are all-reduced by now: every rank scales the same.
         grad = self.router.logits.grad
         grad.div_(self.branch_costs / self.branch_costs.mean())  # benefit per unit of work, as the budget counts
-        grad.div_(grad.pow(2).mean().sqrt().clamp_min(1e-20))
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.div_(parameter.grad.pow(2).mean().sqrt().clamp_min(1e-20))
 
     def _total_steps(self) -> int:
         """Optimizer steps of the whole fit (the gate temperature decays over it); 1 outside a Trainer."""
@@ -357,6 +407,116 @@ class RolloutRouterTrainer(RouterTrainer):
     def extra_provenance(self) -> dict:
         selected = {"global_step": self.best.global_step, "val_psnr_db": self.best.psnr_db}
         return {**super().extra_provenance(), **({"selected": selected} if self.best.logits is not None else {})}
+
+
+def trajectory_state(runtime: CacheRuntime) -> TrajectoryState:
+    """The cache state of the runtime's current trajectory (after its first denoiser call)."""
+    return HookRegistry.check_if_exists_or_initialize(runtime.model).get_hook(STEP_HOOK).states.get_state()
+
+
+class CheckpointedSteps(GuidedDenoiser):
+    """The rollout's denoiser with activation checkpointing per sampling step (`torch.utils.checkpoint`).
+
+    Step i's model call runs under its gates in a checkpointed region; the cache it starts from (every branch's
+    output and history) is snapshotted before and restored when the backward pass recomputes the region, so the
+    recomputation sees what the forward saw. Step 0 (no gates, nothing to train) runs plainly.
+    """
+
+    def __init__(self, transformer, guidance_scale: float, module: RolloutRouterTrainer, gates) -> None:
+        super().__init__(transformer, guidance_scale)
+        self.module, self.gates, self.calls = module, gates, 0
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        step, self.calls = self.calls, self.calls + 1
+        if step == 0:
+            return super().raw(x, t, condition)
+        state = trajectory_state(self.module.runtime)
+        saved = (state.step, state.batch_size, {k: (s.output, s.age, list(s.history)) for k, s in state.stores.items()})
+
+        def region(x: torch.Tensor) -> torch.Tensor:
+            state.step, state.batch_size = saved[0], saved[1]
+            state.stores.clear()
+            state.stores.update({k: BranchStore(o, a, {}, list(h)) for k, (o, a, h) in saved[2].items()})
+            with self.module.blending(self.gates[step]):
+                return GuidedDenoiser.raw(self, x, t, condition)
+
+        return checkpoint(region, x, use_reentrant=False)
+
+
+class ForecastRouterTrainer(RolloutRouterTrainer):
+    """The rollout objective over three actions per slot: compute (spending exactly the budget), forecast, reuse.
+
+    Each slot after step 0 is `g_c·f(x) + g_f·Σ_k w_k·h_k + (1 − g_c − g_f)·h_0` over the branch's soft history
+    (`l2c.forecast.SoftComputed`): g_c the budget's soft gates, g_f = (1 − g_c)·sigmoid(logit_f / T), w learned per
+    (step, block, branch), starting at TaylorSeer's rule of order K − 1 for the starting plan's computations.
+    """
+
+    objective = "rollout-forecast"
+
+    def __init__(
+        self,
+        history: int = 3,
+        forecast_logit: float = 1.0,
+        learn_weights: bool = True,
+        weights_lr: float = 0.002,
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            history: K, the computations each forecast combines (TaylorSeer's order K − 1 is the start), at least 1.
+            forecast_logit: The starting forecast-vs-reuse logit of every slot (> 0: forecast).
+            learn_weights: Train the forecast weights (false: they stay at the Taylor rule, the ablation).
+            weights_lr: Learning rate of the forecast weights (SGD on the gradient scaled to unit RMS).
+            **kwargs: The rollout's settings (`RolloutRouterTrainer`) and the frozen teacher's.
+        """
+        super().__init__(**kwargs)
+        self.router.add_forecast(forecast_logit)
+        weights = self.taylor_weights()
+        if learn_weights:
+            self.forecast_weights = torch.nn.Parameter(weights)
+        else:
+            self.register_buffer("forecast_weights", weights)
+
+    def check_fields(self) -> None:
+        super().check_fields()
+        if self.hparams.history < 1:
+            raise ValueError(f"l2c trainer: field 'history' must be ≥ 1, got {self.hparams.history}")
+
+    def taylor_weights(self) -> torch.Tensor:
+        """TaylorSeer's weights (order K − 1) at every slot, for the history the starting plan's computations leave."""
+        computed = select_by_budget(self.router.logits.detach(), self.full_steps, self.hparams.export_budget)
+        actions = torch.where(computed, Action.COMPUTE, Action.FORECAST).to(torch.int8)
+        plan = Plan(actions, torch.ones(actions.shape))
+        K = self.hparams.history
+        return rule_table(PolynomialForecaster("taylor", K - 1), plan, self.timesteps.tolist(), self.spec.branches, K)
+
+    def soft_gates(self, temperature: float) -> RolloutGates:
+        compute = super().soft_gates(temperature)
+        forecast = (1 - compute) * torch.sigmoid(self.router.forecast_logits / temperature)
+        return RolloutGates(compute, forecast, self.forecast_weights)
+
+    def plan_gates(self) -> RolloutGates:
+        compute = self.hard_gates().float()
+        forecast = (1 - compute) * (self.router.forecast_logits.detach() > 0).float()
+        return RolloutGates(compute, forecast, self.forecast_weights.detach())
+
+    def trained_tensors(self) -> tuple[torch.Tensor, ...]:
+        forecast = (self.router.forecast_logits, self.forecast_weights)
+        return (*super().trained_tensors(), *(t.detach().cpu().clone() for t in forecast))
+
+    def trained_policy(self) -> LayerRouterPolicy:
+        policy = super().trained_policy()
+        best = self.best if self.best.logits is not None else BestPlan(math.inf, -math.inf, -1, *self.trained_tensors())
+        policy.forecast_logits, policy.forecast_weights = best.forecast_logits.float(), best.forecast_weights.float()
+        policy.__post_init__()  # the forecaster of the weights
+        return policy
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": [self.router.logits, self.router.forecast_logits], "lr": hp.lr}]
+        if hp.learn_weights:
+            groups.append({"params": [self.forecast_weights], "lr": hp.weights_lr})
+        return torch.optim.SGD(groups)
 
 
 def LayerRouterTrainer(objective: Literal["segment", "rollout"] = "segment", **kwargs) -> RouterTrainer:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import ModelSpec
+from ..forecast import WeightTable
 from ..plan import Action, Plan
 from .base import CachePolicy, PolicyTarget
 
@@ -88,6 +89,10 @@ class LayerRouterPolicy(CachePolicy):
     budget: float | None = None  # fraction of all branch work (full steps included) to compute
     branch_costs: tuple[float, ...] | None = None  # relative work of each branch kind; None: equal
     logits: torch.Tensor | None = field(default=None, repr=False, kw_only=True)  # [steps, blocks, branches]
+    # The forecast action: a slot left uncomputed forecasts where its logit is > 0 (else reuses), with the weights
+    # [steps, blocks, branches, K] on its K newest computations. Both or neither.
+    forecast_logits: torch.Tensor | None = field(default=None, repr=False, kw_only=True)
+    forecast_weights: torch.Tensor | None = field(default=None, repr=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if isinstance(self.refresh_interval, bool) or not isinstance(self.refresh_interval, int):
@@ -105,6 +110,10 @@ class LayerRouterPolicy(CachePolicy):
             self.branch_costs = tuple(float(c) for c in costs)
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"l2c policy: field 'threshold' must be in [0, 1], got {self.threshold}")
+        if (self.forecast_logits is None) != (self.forecast_weights is None):
+            raise ValueError("l2c policy: set both or neither of 'router.forecast_logits' and 'forecast.weights'")
+        if self.forecast_weights is not None:
+            self.forecaster = WeightTable(self.forecast_weights.float())
 
     def scores(self) -> torch.Tensor:
         if self.logits is None:
@@ -140,14 +149,31 @@ class LayerRouterPolicy(CachePolicy):
                 f"(steps, blocks, branches) = {expected}"
             )
         plan = Plan.full(*expected)
-        plan.actions[~self.computed_mask(num_steps)] = Action.REUSE
+        skipped = ~self.computed_mask(num_steps)
+        plan.actions[skipped] = Action.REUSE
+        if self.forecast_logits is not None:
+            if tuple(self.forecast_logits.shape) != expected:
+                raise ValueError(
+                    f"l2c policy: field 'router.forecast_logits' has shape {tuple(self.forecast_logits.shape)}, "
+                    f"expected (steps, blocks, branches) = {expected}"
+                )
+            plan.actions[skipped & (self.forecast_logits > 0)] = Action.FORECAST
+            self.forecaster.validate(plan, "l2c policy: field 'forecast.weights'")
         return plan
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"router.logits": self.logits.detach().float().cpu()}
+        tensors = {"router.logits": self.logits.detach().float().cpu()}
+        if self.forecast_logits is not None:
+            tensors["router.forecast_logits"] = self.forecast_logits.detach().float().cpu()
+            tensors["forecast.weights"] = self.forecast_weights.detach().float().cpu()
+        return tensors
 
     @classmethod
     def from_artifact(cls, params: dict, tensors: dict[str, torch.Tensor], target: PolicyTarget) -> CachePolicy:
         if "router.logits" not in tensors:
             raise ValueError("missing tensor 'router.logits' in policy.safetensors")
-        return cls(**params, logits=tensors["router.logits"].float(), target=target)
+        forecast = {
+            name: tensors[key].float() if key in tensors else None
+            for name, key in (("forecast_logits", "router.forecast_logits"), ("forecast_weights", "forecast.weights"))
+        }
+        return cls(**params, logits=tensors["router.logits"].float(), **forecast, target=target)
