@@ -35,7 +35,7 @@ TRUE_OUTPUT = "oracle.true_output"  # state.signals[(TRUE_OUTPUT, block, branch)
 
 
 def random_tokens(seed: int) -> TokenSelector:
-    """A selector drawing `num_selected` distinct tokens per sample uniformly, reproducible per (step, block, branch)."""
+    """A selector of `num_selected` distinct tokens per sample, uniform, reproducible per (step, block, branch)."""
 
     def select(request: SelectionRequest) -> torch.Tensor:
         key = zlib.crc32(f"{seed}/{request.step}/{request.block}/{request.branch}".encode())
