@@ -9,7 +9,7 @@ from l2c_testing import ddim_sample, ddim_timesteps, dit_inputs, tiny_dit
 
 from l2c import Action
 from l2c.extension import BranchStore, SelectionRequest, TrajectoryState
-from l2c.policies.selectors import TRUE_OUTPUT, SelectorPolicy, oracle_tokens, random_tokens
+from l2c.policies.selectors import TRUE_OUTPUT, SelectorPolicy, oracle_tokens, random_tokens, spearman
 
 
 def request(age=None, output=None, true_output=None, count=2, step=1, block=0, branch="ff") -> SelectionRequest:
@@ -69,3 +69,10 @@ def test_oracle_runs_on_tocas_plan_and_beats_stalest():
     assert executed["oracle"] == executed["stalest"]
     assert executed["oracle"][Action.PARTIAL] == 6 * 2  # 6 partial steps × 2 blocks' ff
     assert errors["oracle"] < errors["stalest"]
+
+
+def test_spearman_of_known_orders():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    b = torch.tensor([[10.0, 20.0, 30.0, 40.0], [4.0, 3.0, 2.0, 1.0]])
+    assert spearman(a, b).tolist() == pytest.approx([1.0, -1.0])
+    assert float(spearman(a[:1], torch.tensor([[2.0, 1.0, 4.0, 3.0]]))) == pytest.approx(0.6)

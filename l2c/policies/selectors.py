@@ -18,13 +18,14 @@ to the original forward and leaves the store untouched.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 
-from ..extension import BranchCall, SelectionRequest, TokenSelector, stalest_tokens
+from ..extension import BranchCall, PartialKeys, SelectionRequest, TokenSelector, stalest_tokens
 from ..plan import Action
 from .scores import top_tokens
 from .toca import ToCaPolicy
@@ -45,6 +46,30 @@ def random_tokens(seed: int) -> TokenSelector:
         return top_tokens(draw, request.num_selected).to(request.inputs.device)
 
     return select
+
+
+@contextmanager
+def true_output_measured(call: BranchCall) -> Iterator[None]:
+    """Around a branch execution: its true (full) output in `state.signals[(TRUE_OUTPUT, block, branch)]`, measured
+    first by calling the module with the trajectory marked not running (its hook then passes the call through to
+    the original forward, leaving the store as it was), dropped after the execution."""
+    state, key = call.state, (TRUE_OUTPUT, call.block, call.branch)
+    state.running = False
+    try:
+        state.signals[key] = call.module(*call.args, **call.kwargs)
+    finally:
+        state.running = True
+    try:
+        yield
+    finally:
+        state.signals.pop(key, None)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of `a` and `b` [batch, tokens] per row → [batch] (ties ranked by index)."""
+    ranks = [x.argsort(dim=1, stable=True).argsort(dim=1).double() for x in (a, b)]
+    centred = [r - r.mean(dim=1, keepdim=True) for r in ranks]
+    return (centred[0] * centred[1]).sum(1) / (centred[0].norm(dim=1) * centred[1].norm(dim=1))
 
 
 def moved(true_output: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
@@ -73,6 +98,7 @@ class SelectorPolicy(ToCaPolicy):
     selector: SelectorName = "stalest"
     seed: int = 0  # of the `random` selector
     score: str | None = "none"  # no attention score is measured: the selector does not read one
+    partial_keys: PartialKeys = "fresh"  # what partial self-attention's queries see (l2c.extension.PartialKeys)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,17 +119,4 @@ class SelectorPolicy(ToCaPolicy):
         """Under the oracle, measure the branch's true output before each partial execution."""
         if self.selector != "oracle" or call.action != Action.PARTIAL:
             return None
-        return self._true_output(call)
-
-    @contextmanager
-    def _true_output(self, call: BranchCall):
-        state, key = call.state, (TRUE_OUTPUT, call.block, call.branch)
-        state.running = False  # the branch's hook passes an unhooked call through (see l2c.runtime.running_state)
-        try:
-            state.signals[key] = call.module(*call.args, **call.kwargs)
-        finally:
-            state.running = True
-        try:
-            yield
-        finally:
-            state.signals.pop(key, None)
+        return true_output_measured(call)
