@@ -19,6 +19,7 @@ Fields left `None` take the published settings of the model family the policy is
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -213,19 +214,27 @@ class ToCaPolicy(CachePolicy):
 
     # -- scoring ---------------------------------------------------------------------------------------------------
     def token_selector(self) -> TokenSelector:
+        score = self.token_scores()
+
+        def select(request: SelectionRequest) -> torch.Tensor:
+            return top_tokens(score(request), request.num_selected)
+
+        return select
+
+    def token_scores(self) -> Callable[[SelectionRequest], torch.Tensor]:
+        """Each token's selection score [batch, tokens] at a partial step (the selector takes the highest)."""
         self._require_resolved()
         interval, freq_weight, bonus, grid = self.interval, self.freq_weight, self.bonus, self.grid
 
-        def select(request: SelectionRequest) -> torch.Tensor:
-            age = request.store.age
+        def score(request: SelectionRequest) -> torch.Tensor:
             signals = request.state.signals if request.state is not None else {}
-            score = signals.get((SIGNAL, request.block))
-            total = frequency_term(age, interval, freq_weight)
-            if score is not None:
-                total = total + score.to(total.device)
-            return top_tokens(spatial_bonus(total, bonus, grid), request.num_selected)
+            measured = signals.get((SIGNAL, request.block))
+            total = frequency_term(request.store.age, interval, freq_weight)
+            if measured is not None:
+                total = total + measured.to(total.device)
+            return spatial_bonus(total, bonus, grid)
 
-        return select
+        return score
 
     def observe(self, call: BranchCall):
         """On full steps, read the block's score from its attention projections (only where a partial step needs it)."""

@@ -1,0 +1,154 @@
+"""Which tokens a partial step recomputes, at equal FLOPs: reference selectors against the scored ones.
+
+    OMP_NUM_THREADS=1 python bench/token_selectors.py --num-samples 64 --json docs/bench/token_selectors.json
+
+Every token-wise row runs ToCa's plan at `--interval` (the same full steps and the same fresh-ratio table, so the
+same FLOPs); only the selector differs:
+- `oracle`: the tokens whose true branch output moved most since they were last computed (the full branch is run
+  to know it; its FLOPs and wall time are not the method's: the row reports the plan's FLOPs, no speed-up);
+- `random` (seeded), `stalest` (the runtime's default);
+- `toca score`: attention received + cache frequency + spatial bonus (ToCa's published DiT settings);
+- `duca score`: DuCa's value-norm score, on ToCa's schedule (the `duca` row itself alternates reuse steps).
+Beside them: `static every-N` (the same full steps, the steps between reused: ToCa's plan at ratio 0) and the full
+recompute (the uncached run, PSNR ∞ against itself).
+
+`gap_closed` = 1 − MSE_selector / MSE_static: the share of static every-N's error (against the uncached images) the
+selector removes; a full recompute closes 1, static 0. From PSNR: 1 − 10^(−(psnr_sel − psnr_static)/10).
+The attribution (`--rank-samples`; the JSON's setup, key `rank_by_step`) adds, per step, the mean Spearman rank
+correlation between each scored selector's token scores and the oracle's ‖true − cached‖, on that scored
+selector's own trajectory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
+    import _checkout  # noqa: F401
+
+import torch
+
+from l2c.evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_for
+from l2c.extension import BranchCall, SelectionRequest, TokenSelector
+from l2c.models import load_model
+from l2c.plan import Action
+from l2c.policies import StaticPolicy, ToCaPolicy
+from l2c.policies.selectors import TRUE_OUTPUT, SelectorPolicy, moved, spearman, true_output_measured
+from l2c.results import format_table, write_results
+
+RANK_STEPS = "rank_by_step"  # JSON key: {row: {step: mean Spearman}}
+COLUMNS = ("method", "flops_ratio", "speedup_wall", "psnr_db", "gap_closed", "ssim", "digit_accuracy")
+
+
+def gap_closed(psnr: float, psnr_static: float) -> float:
+    """The share of static's squared error a row removes (1: none left, as a full recompute; 0: static's)."""
+    return 1.0 - 10.0 ** (-(psnr - psnr_static) / 10.0)
+
+
+@dataclass
+class RankProbe(ToCaPolicy):
+    """ToCa (its plan, its selection) that also logs, at each partial execution, the Spearman correlation of its
+    token scores with the oracle's ‖true − cached‖ (the true output measured as the oracle does)."""
+
+    kind = "toca-rank-probe"
+    log: list = field(default_factory=list, compare=False, repr=False)  # (step, block, branch, mean Spearman)
+
+    def observe(self, call: BranchCall):
+        return true_output_measured(call) if call.action == Action.PARTIAL else super().observe(call)
+
+    def token_selector(self) -> TokenSelector:
+        score, pick = self.token_scores(), super().token_selector()
+
+        def select(request: SelectionRequest) -> torch.Tensor:
+            true = request.state.signals[(TRUE_OUTPUT, request.block, request.branch)]
+            rho = spearman(score(request), moved(true, request.store.output))
+            self.log.append((request.step, request.block, request.branch, float(rho.mean())))
+            return pick(request)
+
+        return select
+
+
+def rank_by_step(probe: RankProbe) -> dict[int, float]:
+    """Mean Spearman per step (over blocks, branches, batches)."""
+    steps: dict[int, list[float]] = {}
+    for step, _, _, rho in probe.log:
+        steps.setdefault(step, []).append(rho)
+    return {step: sum(values) / len(values) for step, values in sorted(steps.items())}
+
+
+def rows_for(knobs: dict, seed: int) -> list[Row]:
+    """Static every-N, then ToCa's plan with each selector (all with the same fresh-ratio knobs)."""
+    interval = knobs["interval"]
+    rows = [Row(f"static every-{interval}", f"static:interval={interval}", StaticPolicy(interval=interval))]
+    for name in ("oracle", "random", "stalest"):
+        rows.append(Row(name, f"selector={name}", SelectorPolicy(selector=name, seed=seed, **knobs)))
+    if knobs.get("attn1_factor"):  # self-attention is partial: the oracle and stalest with cached keys/values too
+        for name in ("oracle", "stalest"):
+            policy = SelectorPolicy(selector=name, seed=seed, partial_keys="cached", **knobs)
+            rows.append(Row(f"{name}, cached keys", f"selector={name},partial_keys=cached", policy))
+    rows.append(Row("toca score", "score=attention", ToCaPolicy(**{**knobs, "score": "attention"})))
+    rows.append(Row("duca score", "score=value_norm", ToCaPolicy(**{**knobs, "score": "value_norm"})))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded:digits")
+    parser.add_argument("--interval", type=int, default=3)
+    parser.add_argument("--ratio", type=float, default=None, help="ToCa's base fresh ratio (None: the DiT preset)")
+    parser.add_argument("--flat", action="store_true", help="no step/depth weighting; ff and attn1 both partial")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--flops-samples", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rank-samples", type=int, default=16, help="samples of the rank attribution (0: none)")
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    knobs: dict = {"interval": args.interval, "ratio": args.ratio}
+    if args.flat:
+        knobs.update(step_weight=0.0, layer_weight=0.0, attn1_factor=1.0, ff_factor=1.0, bonus=0.0, grid=1)
+    bundle = load_model(args.model)
+    setup = SamplingSetup(
+        model=args.model, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+        flops_samples=args.flops_samples,
+    )  # fmt: skip
+    record = {**dataclasses.asdict(setup), "interval": args.interval, "ratio": args.ratio, "flat": args.flat}
+    results: list[dict] = []
+
+    def done(row: dict) -> None:
+        if row["method"].startswith("oracle"):  # the oracle's own full-branch calls are analysis, not the method's cost
+            row.update(
+                speedup_wall=None, note="flops_ratio: the stalest row's, same keys; true-output calls not counted"
+            )
+        static = next((r for r in results if r["method"].startswith("static every")), None)
+        row["gap_closed"] = gap_closed(row["psnr_db"], static["psnr_db"]) if static else 0.0
+        results.append(row)
+        write_results(args.json, record, results)
+
+    bench = SideBySide(bundle, setup)
+    rows = rows_for(knobs, args.seed)
+    measure_rows(bench, rows, quality_for(bundle), on_row=done)
+    flops = {r["method"].replace("stalest", "oracle"): r["flops_ratio"] for r in results if "stalest" in r["method"]}
+    for row in results:
+        if row["method"].startswith("oracle"):  # the stalest row with the same plan and keys
+            row["flops_ratio"] = flops[row["method"]]
+    if args.rank_samples:
+        rank_setup = dataclasses.replace(setup, num_samples=args.rank_samples, batch_size=args.rank_samples)
+        record[RANK_STEPS] = {}
+        for label, score in (("toca score", "attention"), ("duca score", "value_norm")):
+            probe = RankProbe(**{**knobs, "score": score})
+            SideBySide(bundle, rank_setup, progress=False).run(probe, label=f"rank {label}")
+            record[RANK_STEPS][label] = rank_by_step(probe)
+            print(label, "Spearman by step:", " ".join(f"{s}:{r:+.2f}" for s, r in record[RANK_STEPS][label].items()))
+    write_results(args.json, record, results)
+    print(format_table(results, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

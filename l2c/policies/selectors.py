@@ -1,0 +1,122 @@
+"""Reference token selectors for ToCa-style partial steps: the bounds a learned or scored selection is judged by.
+
+`SelectorPolicy` is ToCa's plan (same full steps, same fresh-ratio schedule, so the same FLOPs) with the tokens a
+partial step recomputes chosen by one of:
+
+- `stalest`: the tokens computed longest ago (the runtime's default selector; ties: lowest index);
+- `random`: uniformly at random, seeded by (seed, step, block, branch), so a run is reproducible and a selection
+  does not depend on the order branches are called in;
+- `oracle`: the tokens whose true branch output moved most since they were last computed, ‖f(x)ᵢ − cachedᵢ‖.
+  The true output is computed with the full branch just before the partial execution (an analysis bound: that
+  extra branch call is real work which FLOP counters see, so a benchmark must report the plan's FLOPs for it).
+
+The oracle reads the full branch through the public surface only: its `observe` probe runs the branch's module
+with the trajectory marked not running (`TrajectoryState.running`), so the branch's hook passes the call through
+to the original forward and leaves the store untouched.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+
+from ..extension import BranchCall, PartialKeys, SelectionRequest, TokenSelector, stalest_tokens
+from ..plan import Action
+from .scores import top_tokens
+from .toca import ToCaPolicy
+
+SelectorName = Literal["oracle", "random", "stalest"]
+SELECTORS: tuple[str, ...] = get_args(SelectorName)
+TRUE_OUTPUT = "oracle.true_output"  # state.signals[(TRUE_OUTPUT, block, branch)] -> [batch, tokens, channels]
+
+
+def random_tokens(seed: int) -> TokenSelector:
+    """A selector of `num_selected` distinct tokens per sample, uniform, reproducible per (step, block, branch)."""
+
+    def select(request: SelectionRequest) -> torch.Tensor:
+        key = zlib.crc32(f"{seed}/{request.step}/{request.block}/{request.branch}".encode())
+        generator = torch.Generator().manual_seed(key)
+        batch, tokens = request.inputs.shape[:2]
+        draw = torch.rand(batch, tokens, generator=generator)
+        return top_tokens(draw, request.num_selected).to(request.inputs.device)
+
+    return select
+
+
+@contextmanager
+def true_output_measured(call: BranchCall) -> Iterator[None]:
+    """Around a branch execution: its true (full) output in `state.signals[(TRUE_OUTPUT, block, branch)]`, measured
+    first by calling the module with the trajectory marked not running (its hook then passes the call through to
+    the original forward, leaving the store as it was), dropped after the execution."""
+    state, key = call.state, (TRUE_OUTPUT, call.block, call.branch)
+    state.running = False
+    try:
+        state.signals[key] = call.module(*call.args, **call.kwargs)
+    finally:
+        state.running = True
+    try:
+        yield
+    finally:
+        state.signals.pop(key, None)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of `a` and `b` [batch, tokens] per row → [batch] (ties ranked by index)."""
+    ranks = [x.argsort(dim=1, stable=True).argsort(dim=1).double() for x in (a, b)]
+    centred = [r - r.mean(dim=1, keepdim=True) for r in ranks]
+    return (centred[0] * centred[1]).sum(1) / (centred[0].norm(dim=1) * centred[1].norm(dim=1))
+
+
+def moved(true_output: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """How far each token's true output is from its cached one: ‖true − cached‖ over channels, [batch, tokens]."""
+    return (true_output.float() - cached.float()).norm(dim=-1)
+
+
+def oracle_tokens(request: SelectionRequest) -> torch.Tensor:
+    """The tokens whose true output (measured by `SelectorPolicy`'s probe) moved most from the stored output."""
+    signals = request.state.signals if request.state is not None else {}
+    true_output = signals.get((TRUE_OUTPUT, request.block, request.branch))
+    if true_output is None:
+        raise RuntimeError(
+            f"oracle selector: no true output of block {request.block} {request.branch} at step {request.step}; "
+            "the oracle runs only under SelectorPolicy(selector='oracle'), whose probe measures it"
+        )
+    return top_tokens(moved(true_output, request.store.output), request.num_selected)
+
+
+@dataclass
+class SelectorPolicy(ToCaPolicy):
+    """ToCa's schedule with a reference selector (for analysis; not a registered policy kind)."""
+
+    kind = "toca-selector"
+
+    selector: SelectorName = "stalest"
+    seed: int = 0  # of the `random` selector
+    score: str | None = "none"  # no attention score is measured: the selector does not read one
+    partial_keys: PartialKeys = "fresh"  # what partial self-attention's queries see (l2c.extension.PartialKeys)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.selector not in SELECTORS:
+            raise ValueError(
+                f"{self.kind} policy: field 'selector' must be one of {list(SELECTORS)}, got {self.selector!r}"
+            )
+
+    def token_selector(self) -> TokenSelector:
+        self._require_resolved()
+        if self.selector == "oracle":
+            return oracle_tokens
+        if self.selector == "random":
+            return random_tokens(self.seed)
+        return stalest_tokens
+
+    def observe(self, call: BranchCall):
+        """Under the oracle, measure the branch's true output before each partial execution."""
+        if self.selector != "oracle" or call.action != Action.PARTIAL:
+            return None
+        return true_output_measured(call)

@@ -1,0 +1,78 @@
+"""Reference token selectors (l2c/policies/selectors.py): stalest, seeded random and the oracle, on hand-made
+requests with known answers, and the oracle on a real tiny DiT under ToCa's plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from l2c_testing import ddim_sample, ddim_timesteps, dit_inputs, tiny_dit
+
+from l2c import Action
+from l2c.extension import BranchStore, SelectionRequest, TrajectoryState
+from l2c.policies.selectors import TRUE_OUTPUT, SelectorPolicy, oracle_tokens, random_tokens, spearman
+
+
+def request(age=None, output=None, true_output=None, count=2, step=1, block=0, branch="ff") -> SelectionRequest:
+    store = BranchStore(output=output, age=age)
+    state = TrajectoryState()
+    if true_output is not None:
+        state.signals[(TRUE_OUTPUT, block, branch)] = true_output
+    reference = age if age is not None else output
+    inputs = torch.zeros(*reference.shape[:2], 3)
+    return SelectionRequest(step, block, branch, inputs, store, count, state)
+
+
+def test_stalest_picks_the_oldest_tokens():
+    age = torch.tensor([[0, 3, 1, 5, 2], [4, 0, 0, 1, 4]])
+    policy = SelectorPolicy(selector="stalest", ratio=0.1, bonus=0.0, grid=1, step_weight=0.0, layer_weight=0.0,
+                            attn1_factor=0.0, attn2_factor=0.0, ff_factor=1.0)  # fmt: skip
+    chosen = policy.token_selector()(request(age=age))
+    assert chosen.tolist() == [[3, 1], [0, 4]]  # ties: the lowest index first
+
+
+def test_random_is_seeded_reproducible_and_distinct():
+    age = torch.zeros(2, 16, dtype=torch.long)
+    first = random_tokens(0)(request(age=age, count=5))
+    assert first.tolist() == random_tokens(0)(request(age=age, count=5)).tolist()
+    assert first.shape == (2, 5) and all(len(set(row)) == 5 for row in first.tolist())
+    assert first.tolist() != random_tokens(1)(request(age=age, count=5)).tolist()
+    assert first.tolist() != random_tokens(0)(request(age=age, count=5, step=2)).tolist()
+
+
+def test_oracle_picks_the_tokens_that_moved_most():
+    cached = torch.zeros(1, 4, 2)
+    true_output = torch.tensor([[[0.1, 0.0], [3.0, 4.0], [0.0, -2.0], [1.0, 1.0]]])  # moved 0.1, 5, 2, 1.41
+    assert oracle_tokens(request(output=cached, true_output=true_output)).tolist() == [[1, 2]]
+    with pytest.raises(RuntimeError, match="no true output of block 0 ff"):
+        oracle_tokens(request(output=cached))
+
+
+def test_bad_selector_is_refused():
+    with pytest.raises(ValueError, match="field 'selector' must be one of"):
+        SelectorPolicy(selector="best")
+
+
+@torch.no_grad()
+def test_oracle_runs_on_tocas_plan_and_beats_stalest():
+    """Same plan (same partial executions), no signal left behind, and the oracle's final latents are closer."""
+    model, steps = tiny_dit(), 8
+    latents, labels = dit_inputs(batch=2)
+    reference, _ = ddim_sample(model, latents, labels, steps)
+    knobs = dict(interval=4, ratio=0.25, bonus=0.0, grid=1, step_weight=0.0, layer_weight=0.0, attn1_factor=0.0,
+                 ff_factor=1.0)  # fmt: skip
+    errors, executed = {}, {}
+    for name in ("oracle", "stalest"):
+        with SelectorPolicy(selector=name, **knobs).apply(model, timesteps=ddim_timesteps(steps)) as runtime:
+            final, _ = ddim_sample(model, latents, labels, steps)
+            executed[name] = dict(runtime.executed)
+        errors[name] = float((final - reference).pow(2).mean())
+    assert executed["oracle"] == executed["stalest"]
+    assert executed["oracle"][Action.PARTIAL] == 6 * 2  # 6 partial steps × 2 blocks' ff
+    assert errors["oracle"] < errors["stalest"]
+
+
+def test_spearman_of_known_orders():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    b = torch.tensor([[10.0, 20.0, 30.0, 40.0], [4.0, 3.0, 2.0, 1.0]])
+    assert spearman(a, b).tolist() == pytest.approx([1.0, -1.0])
+    assert float(spearman(a[:1], torch.tensor([[2.0, 1.0, 4.0, 3.0]]))) == pytest.approx(0.6)
