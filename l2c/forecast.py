@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from .extension import Computed, Forecaster, ForecastRequest
+from .extension import Computed, Forecaster, ForecastRequest, first_stream, map_streams
 from .plan import Action, Plan
 
 StepRule = Literal["taylor", "lagrange"]
@@ -185,7 +185,8 @@ def soft_history(history: Sequence[Computed], output: torch.Tensor, keep: int) -
     if history and isinstance(history[0], SoftComputed):
         return list(history)
     entries = list(history[:keep]) or [Computed(-1, math.nan, output)]
-    eye = torch.eye(keep, dtype=output.dtype, device=output.device)
+    image = first_stream(output)  # a joint attention's output is a tuple (image, text): the shares are shared
+    eye = torch.eye(keep, dtype=image.dtype, device=image.device)
     return [SoftComputed(c.step, c.timestep, c.output, eye[k]) for k, c in enumerate(entries)]
 
 
@@ -193,8 +194,9 @@ def soft_value(history: Sequence[SoftComputed], weights: torch.Tensor) -> torch.
     """Σ_k w_k · h_k of a soft history (h_k = Σ_j share_j[k] · output_j), newest output first."""
     output = None
     for computed in history:
-        term = (computed.share * weights).sum() * computed.output
-        output = term if output is None else output + term
+        weight = (computed.share * weights).sum()
+        term = map_streams(lambda stream, w=weight: w * stream, computed.output)
+        output = term if output is None else map_streams(torch.add, output, term)
     return output
 
 

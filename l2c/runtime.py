@@ -480,12 +480,16 @@ class BranchHook(ModelHook):
         cached = soft_value(history, newest)
         predicted = soft_value(history, gates.weights)
         fresh = original(*args, **kwargs)
-        mixed = gates.compute * fresh + gates.forecast * predicted + (1 - gates.compute - gates.forecast) * cached
+        compute, forecast = gates.compute, gates.forecast
+        mixed = map_streams(
+            lambda new, ahead, kept: compute * new + forecast * ahead + (1 - compute - forecast) * kept,
+            fresh, predicted, cached,
+        )  # fmt: skip
         if run.refresh:
             step = running_state(self.states).step
             computed = Computed(step, float(self.runtime.timesteps[step]), fresh)
-            store.history = soft_push(history, computed, gates.compute)
-            store.output = gates.compute * fresh + (1 - gates.compute) * cached
+            store.history = soft_push(history, computed, compute)
+            store.output = map_streams(lambda new, kept: compute * new + (1 - compute) * kept, fresh, cached)
         else:
             store.history = history
         return mixed

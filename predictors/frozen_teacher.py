@@ -26,7 +26,7 @@ from l2c.adapters import find_blocks, model_spec, read_outside_their_block
 from l2c.models import ModelBundle, load_model, make_scheduler
 from l2c.policies import CachePolicy, FullPolicy
 from l2c.runtime import CacheRuntime, GateSource
-from l2c.sampling import Condition, GuidedDenoiser, denoise, noise_from_seeds
+from l2c.sampling import Condition, denoise, noise_from_seeds
 
 
 @dataclass
@@ -114,7 +114,7 @@ class FrozenTeacherModule(L.LightningModule):
         self.teacher.requires_grad_(False).eval()
         self.sampler = make_scheduler(scheduler, bundle.scheduler_config)
         self.sampler.set_timesteps(steps)
-        self.guidance = GuidedDenoiser(self.teacher, guidance_scale)
+        self.guidance = bundle.denoiser(guidance_scale)  # conditioned as the model is (labels, prompts, class table)
         self.spec = model_spec(self.teacher)
         self.trajectories = TrajectoryCache()
         self.runtime: CacheRuntime | None = None  # the cache runtime on the teacher, while fitting
@@ -178,6 +178,8 @@ class FrozenTeacherModule(L.LightningModule):
             self.teacher.to(self.device)
         if self.bundle.vae is not None:
             self.bundle.vae.to(self.device)
+        if self.bundle.class_table is not None:  # Flux's per-class conditions, read on every teacher call
+            self.bundle.class_table.to(self.device).requires_grad_(False)
         self.runtime = FullPolicy().apply(self.teacher, timesteps=self.timesteps)
 
     def on_fit_end(self) -> None:
@@ -242,9 +244,7 @@ class FrozenTeacherModule(L.LightningModule):
         return Trajectory(start, torch.stack(inputs), torch.stack(outputs), labels, x if until is None else None)
 
     def noise_for(self, seeds: torch.Tensor) -> torch.Tensor:
-        config = self.teacher.config
-        shape = (config.in_channels, config.sample_size, config.sample_size)
-        return noise_from_seeds(seeds, shape).to(self.device)
+        return noise_from_seeds(seeds, self.bundle.sample_shape).to(self.device)
 
     def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         """Stop at the first NaN/Inf loss, naming the step and the terms: one bad step poisons every later checkpoint.

@@ -347,7 +347,7 @@ class RolloutRouterTrainer(RouterTrainer):
         self.runtime.reset()
         scheduler = make_scheduler_like(self.sampler)
         if self.hparams.checkpoint_steps and torch.is_grad_enabled():
-            denoiser = CheckpointedSteps(self.guidance.transformer, self.guidance.guidance_scale, self, gates)
+            denoiser = CheckpointedSteps(self.guidance, self, gates)
             return denoise(denoiser, scheduler, self.noise_for(seeds), labels, len(gates))
         return denoise(self.guidance, scheduler, self.noise_for(seeds), labels, len(gates),
                        step_context=lambda step: self.blending(gates[step] if step > 0 else None))  # fmt: skip
@@ -422,8 +422,8 @@ class CheckpointedSteps(GuidedDenoiser):
     recomputation sees what the forward saw. Step 0 (no gates, nothing to train) runs plainly.
     """
 
-    def __init__(self, transformer, guidance_scale: float, module: RolloutRouterTrainer, gates) -> None:
-        super().__init__(transformer, guidance_scale)
+    def __init__(self, guidance: GuidedDenoiser, module: RolloutRouterTrainer, gates) -> None:
+        super().__init__(guidance.transformer, guidance.guidance_scale, guidance.class_table)
         self.module, self.gates, self.calls = module, gates, 0
 
     def raw(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:

@@ -127,3 +127,36 @@ def test_flux_loss_is_finite_and_decreases_on_a_fixed_batch():
     last = loss()
     assert torch.isfinite(first) and torch.isfinite(last)
     assert last < 0.8 * first
+
+
+def test_the_forecast_trainer_takes_the_flux_teacher_and_its_export_samples_as_its_hard_gate_rollout(tmp_path):
+    """The rollout trainer on the second architecture (tuple branch outputs, flow matching): gradients reach its
+    gates, and the exported plan (compute / reuse / forecast) samples exactly as the trainer's hard-gate rollout."""
+    import warnings
+
+    import l2c
+    from l2c import Action
+    from l2c.sampling import denoise
+    from predictors.frozen_teacher import make_scheduler_like
+    from predictors.l2c_trainer import ForecastRouterTrainer
+
+    steps = 5
+    module = ForecastRouterTrainer(teacher="embedded:digits-flux", steps=steps, refresh_interval=steps,
+                                   export_budget=0.5, lr=0.05, init="even")  # fmt: skip
+    labels, seeds = torch.tensor([2, 8]), torch.tensor([5, 6])
+    module.on_fit_start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module.training_step((labels, seeds), 0).backward()
+        assert bool((module.router.logits.grad[1:] != 0).any())
+        with torch.no_grad():
+            expected = module.rollout(labels, seeds, module.plan_gates())
+    finally:
+        module.on_fit_end()
+    module.export(tmp_path / "policy")
+    policy = l2c.load_policy(tmp_path / "policy")
+    with torch.no_grad(), policy.apply(module.teacher, timesteps=module.timesteps) as runtime:
+        images = denoise(module.guidance, make_scheduler_like(module.sampler), module.noise_for(seeds), labels, steps)
+    assert runtime.executed[Action.REUSE] + runtime.executed[Action.FORECAST] > 0
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)

@@ -492,3 +492,24 @@ def test_toca_and_duca_run_token_partial_on_flux_image_tokens(policy):
     assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
     assert (cached - reference).abs().max() < 1.0
     runtime.remove()
+
+
+@pytest.mark.parametrize("kind", ["toca", "duca"])
+def test_stock_toca_and_duca_run_on_flux_with_the_flux_preset(kind):
+    """The registered presets (not a test subclass) on FluxPipeline: image-token partial steps on the per-token
+    branches, the joint attention reused between full steps."""
+    pipe = _pipe(FAMILIES["flux"])
+    reference = _flux_call(pipe, steps=6)
+    policy = l2c.load_policy(f"{kind}:interval=3")
+    runtime = policy.apply(pipe)
+    cached = _flux_call(pipe, steps=6)
+    runtime.remove()
+    assert runtime.executed[Action.PARTIAL] > 0 and runtime.executed[Action.REUSE] > 0
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+    assert (cached - reference).abs().max() < 1.0
+
+
+def test_toca_refuses_a_family_it_has_no_branch_factors_for():
+    pipe = _pipe(FAMILIES["wan"])
+    with pytest.raises(ValueError, match="no branch factor for"):
+        l2c.load_policy("toca").apply(pipe)

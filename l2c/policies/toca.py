@@ -61,6 +61,10 @@ TUNABLE = (
     "attn1_factor",
     "attn2_factor",
     "ff_factor",
+    "attn_factor",
+    "ff_context_factor",
+    "proj_mlp_factor",
+    "proj_out_factor",
 )
 
 # The reference code's recommended settings (ToCa repository, `ToCa-ddim50` for DiT-XL/2 DDIM-50 with N=3,
@@ -75,6 +79,23 @@ DIT_DDIM50 = dict(
     attn1_factor=0.0,
     attn2_factor=1.0,
     ff_factor=2.5,
+)
+# FLUX.1 (double and single blocks): not the paper's FLUX setting (its code for FLUX is not followed here) but a plain
+# one, untuned: 30% of the image tokens on every partial step of every per-token branch (`ff`, the single blocks'
+# `proj_mlp` and `proj_out`; text tokens are always recomputed, see l2c.runtime), the joint attention and the text
+# MLP reused as DiT's self-attention is; no attention score (Flux's fused attention exposes none): staleness ranks.
+FLUX = dict(
+    ratio=0.30,
+    score="none",
+    bonus=0.0,
+    grid=1,
+    step_weight=0.0,
+    layer_weight=0.0,
+    attn_factor=0.0,
+    ff_factor=1.0,
+    ff_context_factor=0.0,
+    proj_mlp_factor=1.0,
+    proj_out_factor=1.0,
 )
 PIXART_ALPHA = dict(
     ratio=0.30,
@@ -92,7 +113,7 @@ PIXART_ALPHA = dict(
 @dataclass
 class ToCaPolicy(CachePolicy):
     kind = "toca"
-    presets: ClassVar[dict[str, dict]] = {"dit": DIT_DDIM50, "pixart": PIXART_ALPHA}
+    presets: ClassVar[dict[str, dict]] = {"dit": DIT_DDIM50, "pixart": PIXART_ALPHA, "flux": FLUX}
     knob_ranges: ClassVar[dict[str, Range]] = {
         "interval": at_least(1),
         "ratio": FRACTION,
@@ -104,6 +125,10 @@ class ToCaPolicy(CachePolicy):
         "attn1_factor": NON_NEGATIVE,
         "attn2_factor": NON_NEGATIVE,
         "ff_factor": NON_NEGATIVE,
+        "attn_factor": NON_NEGATIVE,
+        "ff_context_factor": NON_NEGATIVE,
+        "proj_mlp_factor": NON_NEGATIVE,
+        "proj_out_factor": NON_NEGATIVE,
         "interval_weight": Range(0, 1, high_open=True),
         "sensitive_gap": at_least(0),
     }
@@ -119,6 +144,10 @@ class ToCaPolicy(CachePolicy):
     attn1_factor: float | None = None  # branch factors
     attn2_factor: float | None = None
     ff_factor: float | None = None
+    attn_factor: float | None = None  # Flux's branches (the `flux` preset)
+    ff_context_factor: float | None = None
+    proj_mlp_factor: float | None = None
+    proj_out_factor: float | None = None
     interval_weight: float = 0.0  # varying N (force scheduler): gap after step s is round(N / (1 − w + 2w·s/S))
     sensitive_gap: int = 0  # > 0: a full step at 60–80% of the steps is followed by this gap (DiT reference: 2)
 
@@ -132,7 +161,13 @@ class ToCaPolicy(CachePolicy):
         """A copy with every `None` field set from the published settings of the model's family."""
         family = spec.family if spec.family in self.presets else ("pixart" if "attn2" in spec.branches else "dit")
         preset = self.presets[family]
-        filled = {key: preset[key] for key in TUNABLE if getattr(self, key) is None}
+        unknown = [name for name in spec.branches if f"{name}_factor" not in TUNABLE]
+        if unknown:
+            raise ValueError(
+                f"{self.kind} policy: no branch factor for {unknown} of this model ({spec.family}); it has presets "
+                f"for {sorted(self.presets)}"
+            )
+        filled = {key: preset.get(key, 0.0) for key in TUNABLE if getattr(self, key) is None}
         policy = dataclasses.replace(self, **filled) if filled else self
         source = SCORE_SOURCE.get(policy.score)
         if source is not None and source not in spec.branches:
@@ -143,18 +178,19 @@ class ToCaPolicy(CachePolicy):
         return policy
 
     def _require_resolved(self) -> None:
-        missing = [key for key in TUNABLE if getattr(self, key) is None]
+        # Branch factors are filled per model by `resolved` (the plan's `ratio_table`); scoring needs the rest.
+        missing = [key for key in TUNABLE if getattr(self, key) is None and not key.endswith("_factor")]
         if missing:
             raise RuntimeError(
                 f"{self.kind} policy: fields {missing} are unset; apply it with policy.apply(model) (which fills them "
                 "from the model family's published settings) or set them explicitly"
             )
 
-    def apply(self, target: nn.Module | object, timesteps=None):
-        return CachePolicy.apply(self.resolved(model_spec(target)), target, timesteps)
+    def apply(self, target: nn.Module | object, timesteps=None, step_match=None):
+        return CachePolicy.apply(self.resolved(model_spec(target)), target, timesteps, step_match)
 
-    def bind(self, model, timesteps, scheduler):
-        bound = super().bind(model, timesteps, scheduler)
+    def bind(self, model, timesteps, scheduler, num_tokens=None):
+        bound = super().bind(model, timesteps, scheduler, num_tokens)
         return bound.resolved(bound.target.model)
 
     def describe(self) -> str:
