@@ -73,7 +73,8 @@ def tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
     return UNet2DConditionModel(**{**UNET_KWARGS, **overrides}).eval()
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
+def tiny_vae(seed: int = 0, **config) -> AutoencoderKL:
+    """A 2-level KL VAE; `config` adds to it (e.g. Flux's and SD3's `shift_factor`)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -85,6 +86,7 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=4,
         sample_size=16,
+        **config,
     ).eval()
 
 

@@ -14,7 +14,6 @@ from typing import ClassVar
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
@@ -30,7 +29,7 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from l2c_testing import FixedPlanPolicy, partial_policy, plan_maker
+from l2c_testing import FixedPlanPolicy, partial_policy, plan_maker, tiny_vae
 from torch.utils.flop_counter import FlopCounterMode
 
 import l2c
@@ -53,21 +52,6 @@ def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     return build().eval()
 
 
-def _kl_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        block_out_channels=[8, 8],
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        shift_factor=0.0,
-    )
-
-
 def flux_pipeline() -> FluxPipeline:
     """Guidance-distilled Flux.1 (guidance embedded): one double and one single block, hidden 16."""
     transformer = _seeded(
@@ -85,7 +69,7 @@ def flux_pipeline() -> FluxPipeline:
     )
     return FluxPipeline(
         FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
-        _seeded(_kl_vae),
+        tiny_vae(shift_factor=0.0),
         None,
         None,
         None,
@@ -141,7 +125,8 @@ def sd3_pipeline() -> StableDiffusion3Pipeline:
         )
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    return StableDiffusion3Pipeline(transformer, scheduler, _seeded(_kl_vae), None, None, None, None, None, None)
+    vae = tiny_vae(shift_factor=0.0)
+    return StableDiffusion3Pipeline(transformer, scheduler, vae, None, None, None, None, None, None)
 
 
 def wan_pipeline() -> WanPipeline:
