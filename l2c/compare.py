@@ -1,30 +1,39 @@
 """Every policy and every peer side by side: one model, one set of noises and conditions, rows at equal compute.
 
 Rows: the uncached model (`full`: hooks on, nothing reused), fewer sampling steps of the same scheduler, static
-every-N, ToCa, DuCa, DaTo, trained L2C and TokenCache policy directories, and the peers users would pick instead
-(`l2c.peers`: diffusers' FBCache and TaylorSeer, cache-dit's DBCache). Methods with a knob are set to the compute
-points in `targets` (FLOPs ratio): peers with a threshold are tuned by bisection on a separate calibration noise
-set, step-count knobs are chosen by rule. A method that cannot run here is left out and said so in a note, never
-faked. `bench/compare.py` and `infer.py compare` are thin command lines over `run_comparison`.
+every-N, ToCa, DuCa, DaTo, trained L2C and TokenCache policy directories, native TaylorSeer, and the peers users
+would pick instead (`l2c.peers`: diffusers' FBCache and TaylorSeer, cache-dit's DBCache). Methods with a knob are set
+to the compute points in `targets` (FLOPs ratio), always on a calibration noise set apart from the evaluation's:
+peers with a threshold by bisection of their FLOPs ratio; TaylorSeer (native and diffusers') by the best calibration
+PSNR over a grid (orders 1, 2 × every interval and warm-up computing the point's share of steps); static every-N by
+rule. `margins` checks the issue's rule at each point (the learned row ≥ 3 dB ahead of the best other). A method
+that cannot run here is left out and said so in a note, never faked. `bench/compare.py` and `infer.py compare` are
+thin command lines over `run_comparison`.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
-from .evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_for
+import torch
+
+from .evaluate import CacheMethod, Row, SamplingSetup, SideBySide, measure_rows, quality_for
+from .metrics import psnr_db
 from .models import ModelBundle, load_model
 from .options import SCHEDULERS, class_spec
-from .peers import DBCache, FBCache, Peer, TaylorSeer, taylorseer_compute_steps
-from .policies import FullPolicy
+from .peers import DBCache, FBCache, Peer, TaylorSeer
+from .policies import FullPolicy, StaticPolicy
+from .policies.taylorseer import compute_steps
 from .policy_io import load_policy, parse_preset
 from .rebudget import load_router, parse_budget_dir
-from .results import format_table, write_results
+from .results import Column, format_table, write_results
 
 COLUMNS = ("method", "setting", "flops_ratio", "speedup_wall", "psnr_db", "ssim", "digit_accuracy", "fd_digits")
 
@@ -37,10 +46,11 @@ class CompareConfig(SamplingSetup):
     num_samples: int = 256
     batch_size: int = 128
     flops_samples: int = 32
-    targets: tuple[float, ...] = (0.75, 0.5, 0.33)  # compute points (FLOPs ratio) for methods with a knob
-    l2c: list[str] = field(default_factory=list)  # "DIR" (as exported) or "BUDGET=DIR" (re-budgeted)
+    targets: tuple[float, ...] = (0.75, 0.5, 0.35, 0.25, 0.2)  # compute points (FLOPs ratio) for methods with a knob
+    l2c: list[str] = field(default_factory=list)  # "DIR" (as exported), "BUDGET=DIR" (re-budgeted), "LABEL=…"
+    l2c_labels: list[str] = field(default_factory=list)  # "LABEL=DIR" or "LABEL=BUDGET=DIR": rows told apart
     tokencache: list[str] = field(default_factory=list)  # trained TokenCache policy directories
-    calibration_samples: int = 8  # noises (another seed) on which peer thresholds are tuned
+    calibration_samples: int = 8  # noises (another seed) on which peer thresholds and TaylorSeer's knobs are tuned
     tune_iters: int = 6  # bisection steps per tuned threshold; 0: thresholds fixed at `fixed_threshold`
     fixed_threshold: float = 0.3
     quick: bool = False  # CI: one compute point, one setting per method
@@ -73,11 +83,33 @@ def fewer_steps_rows(config: CompareConfig) -> list[Row]:
     return [Row("fewer steps", f"{k} of {config.steps} steps", steps=k) for k in counts]
 
 
+def near_point(share: float, point: float, tolerance: float) -> bool:
+    """Whether `share` is within `tolerance` of `point` (with room for float rounding: 0.5 − 0.47 > 0.03)."""
+    return abs(share - point) <= tolerance + 1e-9
+
+
+def _closest(candidates, share: Callable, target: float):
+    """The candidates whose share of computed steps is nearest `target` (rounded so that equal shares tie)."""
+    distance = {c: round(abs(share(c) - target), 9) for c in candidates}
+    best = min(distance.values())
+    return [c for c in candidates if distance[c] == best]
+
+
+def static_preset_at(target: float, steps: int) -> str:
+    """The static every-N (after `first_full` full steps) whose share of computed steps is closest to `target`;
+    ties go to the shorter interval, then to fewer leading full steps (20 steps: 0.75 → every-2 after 10 full
+    steps, 0.5 → every-2, 0.35 → every-3, 0.25 → every-4, 0.2 → every-5)."""
+
+    def share(knobs: tuple[int, int]) -> float:
+        return len(StaticPolicy(interval=knobs[0], first_full=knobs[1]).full_steps(steps)) / steps
+
+    interval, first_full = min(_closest([(n, k) for n in range(2, steps + 1) for k in range(steps)], share, target))
+    return f"static:interval={interval}" + (f",first_full={first_full}" if first_full else "")
+
+
 def static_presets(config: CompareConfig) -> list[str]:
-    """Every-2 after leading full steps for compute points above 1/2, then every-N (`interval_presets`)."""
-    points = config.compute_points
-    presets = [f"static:interval=2,first_full={round(config.steps * (2 * t - 1))}" for t in points if t > 0.5]
-    return presets + interval_presets("static", config)
+    """One static every-N per compute point (`static_preset_at`), each once."""
+    return list(dict.fromkeys(static_preset_at(t, config.steps) for t in config.compute_points))
 
 
 def interval_presets(kind: str, config: CompareConfig) -> list[str]:
@@ -85,17 +117,28 @@ def interval_presets(kind: str, config: CompareConfig) -> list[str]:
     return [f"{kind}:interval={n}" for n in ((2,) if config.quick else (2, 3, 4))]
 
 
+def parse_l2c_label(text: str) -> tuple[str, str]:
+    """`LABEL=DIR` or `LABEL=BUDGET=DIR` → (method, `DIR` or `BUDGET=DIR`); the method is LABEL, with "L2C " in
+    front unless it names L2C already (a learned row's method contains L2C)."""
+    label, sep, spec = text.partition("=")
+    if not sep or not label.strip() or not spec:
+        raise ValueError(f"--l2c-label {text!r}: expected LABEL=DIR or LABEL=BUDGET=DIR")
+    label = label.strip()
+    return (label if "L2C" in label else f"L2C {label}"), spec
+
+
 def l2c_rows(config: CompareConfig, notes: list[str]) -> list[Row]:
-    if not config.l2c:
+    items = [("L2C", item, "--l2c") for item in config.l2c]
+    items += [(*parse_l2c_label(item), "--l2c-label") for item in config.l2c_labels]
+    if not items:
         notes.append("skipped L2C: no --l2c policy directory given (train one: see README)")
     rows = []
-    for item in config.l2c:
+    for method, item, flag in items:
         budget, directory = parse_budget_dir(item)
-        router = load_router(directory, budget, config.steps, flag=f"--l2c {item}")
-        setting = f"{directory} (refresh {router.refresh_interval}, " + (
-            f"budget {router.budget})" if router.budget is not None else f"threshold {router.threshold})"
-        )
-        rows.append(Row("L2C", setting, router))
+        router = load_router(directory, budget, config.steps, flag=f"{flag} {item}")
+        knob = f"budget {router.budget}" if router.budget is not None else f"threshold {router.threshold}"
+        forecast = ", forecast" if router.forecast_logits is not None else ""
+        rows.append(Row(method, f"{directory} (refresh {router.refresh_interval}, {knob}{forecast})", router))
     return rows
 
 
@@ -111,20 +154,83 @@ def tokencache_rows(config: CompareConfig, notes: list[str]) -> list[Row]:
     return rows
 
 
-def taylorseer_at(target: float, steps: int, default_warmup: int = 3) -> TaylorSeer:
-    """The TaylorSeer interval and warm-up whose share of computed steps is closest to `target`.
+@dataclass(frozen=True)
+class SeerSetting:
+    """One TaylorSeer setting, the same knobs for the native policy and diffusers' hook."""
 
-    Ties go to the warm-up closest to diffusers' default (3), then to the shorter interval.
-    """
-    best = min(
-        ((w, n) for w in range(1, steps + 1) for n in range(2, steps + 1)),
-        key=lambda wn: (
-            round(abs(len(taylorseer_compute_steps(steps, wn[1], wn[0])) / steps - target), 9),
-            abs(wn[0] - default_warmup),
-            wn[1],
-        ),
-    )
-    return TaylorSeer(interval=best[1], warmup=best[0])
+    interval: int
+    order: int
+    warmup: int
+
+    def computed_steps(self, steps: int) -> list[int]:
+        return compute_steps(steps, self.interval, self.warmup)
+
+    def share(self, steps: int) -> float:
+        return len(self.computed_steps(steps)) / steps
+
+    def native(self) -> CacheMethod:
+        return parse_preset(f"taylorseer:interval={self.interval},order={self.order},warmup={self.warmup}")
+
+    def peer(self) -> TaylorSeer:
+        return TaylorSeer(interval=self.interval, warmup=self.warmup, order=self.order)
+
+
+SEER_ORDERS = (1, 2)
+SEER_TOLERANCE = 0.03  # a grid setting computes a share of steps this close to the compute point
+
+
+def taylorseer_grid(target: float, steps: int, orders: tuple[int, ...] = SEER_ORDERS) -> list[SeerSetting]:
+    """Every distinct TaylorSeer schedule (interval ≥ 2, warm-up ≥ 1) whose share of computed steps is within
+    `SEER_TOLERANCE` of `target` (none: the closest share), at each order. Settings that compute the same steps
+    are one schedule (the shortest interval is kept): they give the same samples."""
+    schedules: dict[tuple[int, ...], tuple[int, int]] = {}
+    for warmup in range(1, steps + 1):
+        for interval in range(2, steps + 1):
+            schedules.setdefault(tuple(compute_steps(steps, interval, warmup)), (interval, warmup))
+
+    def share(schedule: tuple[int, ...]) -> float:
+        return len(schedule) / steps
+
+    near = [s for s in schedules if near_point(share(s), target, SEER_TOLERANCE)]
+    near = near or _closest(schedules, share, target)
+    return [SeerSetting(schedules[s][0], order, schedules[s][1]) for s in near for order in orders]
+
+
+def taylorseer_at(target: float, steps: int, order: int = 1, warmup: int = 3) -> TaylorSeer:
+    """diffusers' TaylorSeer at the closest share of computed steps to `target` without tuning: of the closest
+    schedules, the one whose warm-up is nearest `warmup` (default: diffusers' 3), then the shortest interval, at
+    `order`."""
+    closest = _closest(taylorseer_grid(target, steps, (order,)), lambda s: s.share(steps), target)
+    best = min(closest, key=lambda s: (abs(s.warmup - warmup), s.interval))
+    return best.peer()
+
+
+@dataclass
+class Tuned:
+    """The setting chosen on the calibration noise and what choosing it cost."""
+
+    setting: SeerSetting
+    psnr_db: float
+    grid_size: int
+    wall_s: float
+
+    def note(self, calibration: SamplingSetup) -> str:
+        return (
+            f"chosen of {self.grid_size} settings (orders {', '.join(map(str, SEER_ORDERS))} × intervals and "
+            f"warm-ups computing within {SEER_TOLERANCE} of the point) by PSNR on {calibration.num_samples} "
+            f"calibration samples (seed {calibration.seed}): {self.psnr_db:.2f} dB; tuning took {self.wall_s:.1f}s"
+        )
+
+
+def tune_on_calibration(
+    grid: list[SeerSetting], make: Callable[[SeerSetting], CacheMethod], bench: SideBySide, reference: torch.Tensor
+) -> Tuned:
+    """The grid setting whose samples on `bench`'s (calibration) noise are closest to `reference`, the uncached
+    samples of that noise, by PSNR; ties go to the earlier setting."""
+    start = time.perf_counter()
+    scores = [psnr_db(bench.images(make(setting)), reference) for setting in grid]
+    best = max(range(len(grid)), key=lambda i: (scores[i], -i))
+    return Tuned(grid[best], scores[best], len(grid), time.perf_counter() - start)
 
 
 def tune_threshold(
@@ -153,11 +259,31 @@ def _with_threshold(cls: type[Peer], threshold: float) -> Peer:
     return cls(threshold=round(threshold, 5))
 
 
+NATIVE_TAYLORSEER = "TaylorSeer (native)"
+
+
+def taylorseer_rows(config: CompareConfig, bench: SideBySide, reference: torch.Tensor) -> list[Row]:
+    """Native TaylorSeer and diffusers' hook, each tuned on the calibration noise at every compute point."""
+    implementations = [
+        (NATIVE_TAYLORSEER, SeerSetting.native, "l2c's runtime (`taylorseer:` preset)"),
+        (TaylorSeer.method, SeerSetting.peer, TaylorSeer.note),
+    ]
+    rows = []
+    for method, make, note in implementations:
+        if not config.wants(method):
+            continue
+        for target in config.compute_points:
+            tuned = tune_on_calibration(taylorseer_grid(target, config.steps), make, bench, reference)
+            policy = make(tuned.setting)
+            rows.append(Row(method, policy.describe(), policy, note=f"{note}; {tuned.note(bench.setup)}"))
+    return rows
+
+
 def peer_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> list[Row]:
     calibration = config.calibration_run(config.calibration_samples)
     bench = SideBySide(bundle, calibration, progress=False)
     rows = []
-    for cls in (FBCache, TaylorSeer, DBCache):
+    for cls in (FBCache, DBCache):
         if not config.wants(cls.method):
             continue
         reason = cls.unavailable(bundle.transformer)
@@ -165,9 +291,7 @@ def peer_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> l
             notes.append(f"skipped {cls.method}: {reason}")
             continue
         for target in config.compute_points:
-            if cls is TaylorSeer:
-                peer, note = taylorseer_at(target, config.steps), cls.note
-            elif config.tune_iters == 0:
+            if config.tune_iters == 0:
                 peer = _with_threshold(cls, config.fixed_threshold)
                 note = f"{cls.note}; fixed threshold, not tuned"
             else:
@@ -175,6 +299,8 @@ def peer_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> l
                 peer, ratio = tune_threshold(make, target, bench.flops_ratio, iters=config.tune_iters)
                 note = f"{cls.note}; tuned to {target} (calibration flops_ratio {ratio:.3f})"
             rows.append(Row(cls.method, peer.describe(), peer, note=note))
+    if config.wants(NATIVE_TAYLORSEER) or config.wants(TaylorSeer.method):
+        rows += taylorseer_rows(config, bench, bench.images(None))
     return rows
 
 
@@ -190,6 +316,74 @@ def build_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> 
     rows += tokencache_rows(config, notes)
     rows += peer_rows(config, bundle, notes)
     return [row for row in rows if row.method == "uncached" or config.wants(row.method)]
+
+
+# -- the issue's rule at each compute point ---------------------------------------------------------------------------
+MARGIN_DB = 3.0  # the learned row must lead the best other row by this much PSNR
+ACCURACY_POINTS = 0.01  # … keep digit accuracy within 1 point of the uncached samples
+FD_SLACK = 1.0  # … and fd_digits no worse than the best other row's + this
+POINT_TOLERANCE = 0.03  # a row counts at a compute point when its flops_ratio is this close
+
+
+def is_learned(row: Mapping[str, Any]) -> bool:
+    return "L2C" in row["method"]
+
+
+def _best(rows: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return max(rows, key=lambda row: row["psnr_db"], default=None)
+
+
+def _within(value: float | None, limit: float | None) -> bool | None:
+    return None if value is None or limit is None else value <= limit + 1e-12
+
+
+METRICS = ("flops_ratio", "psnr_db", "digit_accuracy", "fd_digits")
+
+
+def _named(row: Mapping[str, Any] | None) -> str | None:
+    return None if row is None else f"{row['method']}: {row['setting']}"
+
+
+def margins(rows: list[Mapping[str, Any]], points: tuple[float, ...]) -> list[dict[str, Any]]:
+    """Per compute point: the best learned row (`method` contains L2C) and the best other (not uncached) row within
+    `POINT_TOLERANCE` of it, by psnr_db; the PSNR margin, the learned row's digit accuracy against the uncached
+    samples' (|difference| ≤ 1 point), its fd_digits against that best other row's + `FD_SLACK`, and whether the
+    issue's rule holds (None: a row or a metric is missing)."""
+    result = []
+    for point in points:
+        near = [r for r in rows if r["method"] != "uncached" and near_point(r["flops_ratio"], point, POINT_TOLERANCE)]
+        learned, other = _best([r for r in near if is_learned(r)]), _best([r for r in near if not is_learned(r)])
+        entry: dict[str, Any] = {"compute_point": point}
+        for key, row in (("learned", learned), ("best_other", other)):
+            entry[key] = None if row is None else {k: row.get(k) for k in ("method", "setting", *METRICS)}
+        if learned is None or other is None:
+            entry.update(psnr_margin_db=None, accuracy_ok=None, fd_ok=None, holds=None)
+            result.append(entry)
+            continue
+        accuracy, uncached = learned.get("digit_accuracy"), learned.get("digit_accuracy_uncached")
+        fd, fd_other = learned.get("fd_digits"), other.get("fd_digits")
+        entry["psnr_margin_db"] = learned["psnr_db"] - other["psnr_db"]
+        entry["digit_accuracy_uncached"] = uncached
+        drift = None if accuracy is None or uncached is None else abs(accuracy - uncached)
+        entry["accuracy_ok"] = _within(drift, ACCURACY_POINTS)
+        entry["fd_ok"] = _within(fd, None if fd_other is None else fd_other + FD_SLACK)
+        checks = (entry["psnr_margin_db"] >= MARGIN_DB, entry["accuracy_ok"], entry["fd_ok"])
+        entry["holds"] = False if False in checks else (None if None in checks else True)
+        result.append(entry)
+    return result
+
+
+MARGIN_COLUMNS = (
+    Column("point", ".2f", "compute_point"),
+    Column("best L2C", value=lambda m: _named(m["learned"])),
+    Column("its psnr_db", ".2f", value=lambda m: m["learned"] and m["learned"]["psnr_db"]),
+    Column("best other", value=lambda m: _named(m["best_other"])),
+    Column("its psnr_db", ".2f", value=lambda m: m["best_other"] and m["best_other"]["psnr_db"]),
+    Column("margin_db", "+.2f", "psnr_margin_db"),
+    Column("accuracy ok", key="accuracy_ok"),
+    Column("fd ok", key="fd_ok"),
+    Column("holds", key="holds"),
+)
 
 
 # -- running -----------------------------------------------------------------------------------------------------------
@@ -233,7 +427,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--flops-samples", type=int, default=None, help=f"default {defaults.flops_samples}")
     parser.add_argument("--targets", type=float, nargs="+", default=list(defaults.targets), help="compute points")
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=None,
+        help=f"noises (seed + 1) that thresholds and TaylorSeer's knobs are tuned on; default "
+        f"{defaults.calibration_samples} (quick: 2)",
+    )
     parser.add_argument("--l2c", action="append", default=[], help="L2C policy DIR or BUDGET=DIR (repeatable)")
+    parser.add_argument(
+        "--l2c-label",
+        action="append",
+        default=[],
+        help="a labelled L2C row, LABEL=DIR or LABEL=BUDGET=DIR, e.g. 'L2C forecast, Taylor weights=0.5=out/x' "
+        "(repeatable; the method is LABEL, with 'L2C ' in front unless it names L2C)",
+    )
     parser.add_argument("--tokencache", action="append", default=[], help="TokenCache policy DIR (repeatable)")
     parser.add_argument("--only", nargs="+", default=[], help="run only these methods, e.g. TokenCache L2C")
     parser.add_argument("--no-progress", action="store_true")
@@ -253,8 +461,9 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         flops_samples=args.flops_samples if args.flops_samples is not None else (2 if quick else 32),
         targets=tuple(args.targets),
         l2c=list(args.l2c),
+        l2c_labels=list(args.l2c_label),
         tokencache=list(args.tokencache),
-        calibration_samples=2 if quick else CompareConfig.calibration_samples,
+        calibration_samples=args.calibration_samples or (2 if quick else CompareConfig.calibration_samples),
         tune_iters=0 if quick else CompareConfig.tune_iters,
         quick=quick,
         only=tuple(args.only),
@@ -265,14 +474,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     from .plots import save_pareto
 
     config = config_from_args(args)
-    results, notes = run_comparison(
-        config, progress=not args.no_progress, on_row=lambda rows: write_results(args.json, config, rows)
-    )
+
+    def write(rows: list[dict]) -> None:
+        write_results(args.json, config, rows, margins=margins(rows, config.compute_points))
+
+    results, notes = run_comparison(config, progress=not args.no_progress, on_row=write)
     plot = args.plot or args.json.with_suffix(".png")
     plot.parent.mkdir(parents=True, exist_ok=True)
     title = f"{config.model}, {config.scheduler} {config.steps} steps, {config.num_samples} samples"
     save_pareto(results, plot, title)
     print(format_table(results, COLUMNS))
+    print("\nthe learned policy against the best other row at each compute point (±0.03 flops_ratio):")
+    print(format_table(margins(results, config.compute_points), MARGIN_COLUMNS))
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {args.json} and {plot}")

@@ -182,6 +182,11 @@ class SideBySide:
         """Every sample, uncached (e.g. the run a policy calibrates on)."""
         return torch.cat([self._sample(batch, None) for batch in self._batches()])
 
+    def images(self, policy: CacheMethod | None) -> torch.Tensor:
+        """Every sample with `policy` (None: uncached), decoded as `run` decodes them, without timing, FLOPs or the
+        uncached side: what a knob is tuned on."""
+        return self._decode(torch.cat([self._sample(batch, policy) for batch in self._batches()]))
+
     def check(self, policy: CacheMethod) -> None:
         """Apply `policy` and remove it at once: errors that need no sampling (a model or run it does not fit, a
         policy not calibrated) are raised before any work."""

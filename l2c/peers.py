@@ -164,15 +164,6 @@ class FBCache(Peer):
         return _remover(model, _FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK)
 
 
-def taylorseer_compute_steps(num_steps: int, interval: int, warmup: int) -> list[int]:
-    """The steps diffusers' TaylorSeer hook computes (`TaylorSeerCacheHook._measure_should_compute`, 0.42.1).
-
-    Warm-up steps compute, then the first step after `warmup` + 1 and every `interval`-th step from there; the
-    others are predicted by the Taylor expansion. Used to pick knobs that hit a compute point without a trial run.
-    """
-    return [s for s in range(num_steps) if s < warmup or (s - warmup - 1) % interval == 0]
-
-
 @dataclass
 class TaylorSeer(Peer):
     """diffusers' TaylorSeer cache on every attention and MLP branch: compute every `interval` steps, predict the

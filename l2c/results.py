@@ -43,11 +43,12 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str | Colu
     return "\n".join(lines)
 
 
-def write_results(path: Path, setup: object, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write `{"setup": ..., "rows": [...]}`; `setup` is a dataclass or a mapping of what was run (paths as text)."""
+def write_results(path: Path, setup: object, rows: Sequence[Mapping[str, Any]], **extra: Any) -> Path:
+    """Write `{"setup": ..., "rows": [...], **extra}`; `setup` is a dataclass or a mapping of what was run (paths as
+    text); `extra` adds top-level keys (e.g. `bench/compare.py`'s `margins`)."""
     if dataclasses.is_dataclass(setup) and not isinstance(setup, type):
         setup = dataclasses.asdict(setup)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"setup": setup, "rows": list(rows)}, indent=2, default=str) + "\n")
+    path.write_text(json.dumps({"setup": setup, "rows": list(rows), **extra}, indent=2, default=str) + "\n")
     return path
