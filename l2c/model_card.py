@@ -30,7 +30,7 @@ def model_card(policy: CachePolicy, plan: Plan, name: str | None = None) -> str:
     lines = [
         "---",
         "library_name: l2c",
-        f"tags: [l2c, diffusers, caching-policy, {policy.kind}]",
+        f"tags: [{', '.join(dict.fromkeys(['l2c', 'diffusers', 'caching-policy', policy.kind]))}]",  # l2c's kind: once
         "---",
         "",
         f"# `{policy.describe()}`: a caching policy for a {model.family} transformer",

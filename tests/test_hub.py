@@ -113,6 +113,7 @@ def test_save_pretrained_writes_a_card_and_the_plan_picture_that_loading_ignores
     card = (path / "README.md").read_text()
     expected = ["dit, 2 blocks, branches attn1, ff, hidden size 16", "DDIMScheduler, 4 steps", '"trainer": "test"']
     expected += ["![plan](plan.png)", "Branch work in the plan: 50.0%", "Not measured", "policy.apply(pipe)"]
+    expected += ["tags: [l2c, diffusers, caching-policy, static]"]
     for words in expected:
         assert words in card, (words, card)
     (path / "README.md").write_text("anything at all")  # a card edited by hand changes nothing
