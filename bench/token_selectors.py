@@ -143,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank-samples", type=int, default=16, help="samples of the rank attribution (0: none)")
     parser.add_argument("--tokencache", type=Path, default=None, help="a trained TokenCache policy directory")
+    parser.add_argument("--only", default=None, help="comma-separated method names to run (default: every row)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
+    only = None if args.only is None else set(args.only.split(","))
     predictor = None if args.tokencache is None else load_policy(args.tokencache)
     if predictor is not None and not isinstance(predictor, TokenCachePolicy):
         parser.error(f"--tokencache {args.tokencache}: a {predictor.kind} policy, expected a tokencache one")
@@ -173,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         write_results(args.json, record, results)
 
     bench = SideBySide(bundle, setup)
-    rows = rows_for(knobs, args.seed, predictor)
+    rows = [row for row in rows_for(knobs, args.seed, predictor) if only is None or row.method in only]
     measure_rows(bench, rows, quality_for(bundle), on_row=done)
     flops = {r["method"].replace("stalest", "oracle"): r["flops_ratio"] for r in results if "stalest" in r["method"]}
     for row in results:
-        if row["method"].startswith("oracle"):  # the stalest row with the same plan and keys
+        if row["method"] in flops:  # the stalest row with the same plan and keys
             row["flops_ratio"] = flops[row["method"]]
     if args.rank_samples:
         rank_setup = dataclasses.replace(setup, num_samples=args.rank_samples, batch_size=args.rank_samples)
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         if predictor is not None:
             probes["tokencache predictor"] = PredictorRankProbe(predictor=predictor, **knobs)
         for label, probe in probes.items():
+            if only is not None and label not in only:
+                continue
             SideBySide(bundle, rank_setup, progress=False).run(probe, label=f"rank {label}")
             record[RANK_STEPS][label] = rank_by_step(probe)
             print(label, "Spearman by step:", " ".join(f"{s}:{r:+.2f}" for s, r in record[RANK_STEPS][label].items()))
