@@ -8,7 +8,9 @@ same FLOPs); only the selector differs:
   to know it; its FLOPs and wall time are not the method's: the row reports the plan's FLOPs, no speed-up);
 - `random` (seeded), `stalest` (the runtime's default);
 - `toca score`: attention received + cache frequency + spatial bonus (ToCa's published DiT settings);
-- `duca score`: DuCa's value-norm score, on ToCa's schedule (the `duca` row itself alternates reuse steps).
+- `duca score`: DuCa's value-norm score, on ToCa's schedule (the `duca` row itself alternates reuse steps);
+- `tokencache predictor` (with `--tokencache DIR`, a trained TokenCache policy): its predictor's scores, run as
+  TokenCache runs it (its FLOPs are counted: this row costs the predictor on every partial step).
 Beside them: `static every-N` (the same full steps, the steps between reused: ToCa's plan at ratio 0) and the full
 recompute (the uncached run, PSNR ∞ against itself).
 
@@ -36,11 +38,20 @@ from l2c.evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_f
 from l2c.extension import BranchCall, SelectionRequest, TokenSelector
 from l2c.models import load_model
 from l2c.plan import Action
-from l2c.policies import StaticPolicy, ToCaPolicy
-from l2c.policies.selectors import TRUE_OUTPUT, SelectorPolicy, moved, spearman, true_output_measured
+from l2c.policies import StaticPolicy, ToCaPolicy, TokenCachePolicy
+from l2c.policies.selectors import (
+    TRUE_OUTPUT,
+    SelectorPolicy,
+    moved,
+    predictor_scores,
+    spearman,
+    true_output_measured,
+)
+from l2c.policy_io import load_policy
 from l2c.results import format_table, write_results
 
 RANK_STEPS = "rank_by_step"  # JSON key: {row: {step: mean Spearman}}
+SCORED = (("toca score", "attention"), ("duca score", "value_norm"))
 COLUMNS = ("method", "flops_ratio", "speedup_wall", "psnr_db", "gap_closed", "ssim", "digit_accuracy")
 
 
@@ -49,30 +60,52 @@ def gap_closed(psnr: float, psnr_static: float) -> float:
     return 1.0 - 10.0 ** (-(psnr - psnr_static) / 10.0)
 
 
+Log = list  # (step, block, branch, mean Spearman) per partial execution
+
+
+def rank_logged(score, pick: TokenSelector, log: Log) -> TokenSelector:
+    """`pick`, logging the Spearman correlation of `score`'s token scores with the oracle's ‖true − cached‖."""
+
+    def select(request: SelectionRequest) -> torch.Tensor:
+        true = request.state.signals[(TRUE_OUTPUT, request.block, request.branch)]
+        rho = spearman(score(request), moved(true, request.store.output))
+        log.append((request.step, request.block, request.branch, float(rho.mean())))
+        return pick(request)
+
+    return select
+
+
 @dataclass
 class RankProbe(ToCaPolicy):
     """ToCa (its plan, its selection) that also logs, at each partial execution, the Spearman correlation of its
     token scores with the oracle's ‖true − cached‖ (the true output measured as the oracle does)."""
 
     kind = "toca-rank-probe"
-    log: list = field(default_factory=list, compare=False, repr=False)  # (step, block, branch, mean Spearman)
+    log: Log = field(default_factory=list, compare=False, repr=False)
 
     def observe(self, call: BranchCall):
         return true_output_measured(call) if call.action == Action.PARTIAL else super().observe(call)
 
     def token_selector(self) -> TokenSelector:
-        score, pick = self.token_scores(), super().token_selector()
-
-        def select(request: SelectionRequest) -> torch.Tensor:
-            true = request.state.signals[(TRUE_OUTPUT, request.block, request.branch)]
-            rho = spearman(score(request), moved(true, request.store.output))
-            self.log.append((request.step, request.block, request.branch, float(rho.mean())))
-            return pick(request)
-
-        return select
+        return rank_logged(self.token_scores(), super().token_selector(), self.log)
 
 
-def rank_by_step(probe: RankProbe) -> dict[int, float]:
+@dataclass
+class PredictorRankProbe(SelectorPolicy):
+    """The TokenCache predictor's selection on ToCa's plan, logging its scores' Spearman with the oracle's."""
+
+    kind = "predictor-rank-probe"
+    selector: str = "predictor"
+    log: Log = field(default_factory=list, compare=False, repr=False)
+
+    def observe(self, call: BranchCall):
+        return true_output_measured(call) if call.action == Action.PARTIAL else None
+
+    def token_selector(self) -> TokenSelector:
+        return rank_logged(predictor_scores, super().token_selector(), self.log)
+
+
+def rank_by_step(probe: RankProbe | PredictorRankProbe) -> dict[int, float]:
     """Mean Spearman per step (over blocks, branches, batches)."""
     steps: dict[int, list[float]] = {}
     for step, _, _, rho in probe.log:
@@ -80,7 +113,7 @@ def rank_by_step(probe: RankProbe) -> dict[int, float]:
     return {step: sum(values) / len(values) for step, values in sorted(steps.items())}
 
 
-def rows_for(knobs: dict, seed: int) -> list[Row]:
+def rows_for(knobs: dict, seed: int, predictor: TokenCachePolicy | None = None) -> list[Row]:
     """Static every-N, then ToCa's plan with each selector (all with the same fresh-ratio knobs)."""
     interval = knobs["interval"]
     rows = [Row(f"static every-{interval}", f"static:interval={interval}", StaticPolicy(interval=interval))]
@@ -92,6 +125,9 @@ def rows_for(knobs: dict, seed: int) -> list[Row]:
             rows.append(Row(f"{name}, cached keys", f"selector={name},partial_keys=cached", policy))
     rows.append(Row("toca score", "score=attention", ToCaPolicy(**{**knobs, "score": "attention"})))
     rows.append(Row("duca score", "score=value_norm", ToCaPolicy(**{**knobs, "score": "value_norm"})))
+    if predictor is not None:
+        policy = SelectorPolicy(selector="predictor", predictor=predictor, seed=seed, **knobs)
+        rows.append(Row("tokencache predictor", "selector=predictor", policy))
     return rows
 
 
@@ -106,8 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flops-samples", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank-samples", type=int, default=16, help="samples of the rank attribution (0: none)")
+    parser.add_argument("--tokencache", type=Path, default=None, help="a trained TokenCache policy directory")
+    parser.add_argument("--only", default=None, help="comma-separated method names to run (default: every row)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
+    only = None if args.only is None else set(args.only.split(","))
+    predictor = None if args.tokencache is None else load_policy(args.tokencache)
+    if predictor is not None and not isinstance(predictor, TokenCachePolicy):
+        parser.error(f"--tokencache {args.tokencache}: a {predictor.kind} policy, expected a tokencache one")
 
     knobs: dict = {"interval": args.interval, "ratio": args.ratio}
     if args.flat:
@@ -118,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         flops_samples=args.flops_samples,
     )  # fmt: skip
     record = {**dataclasses.asdict(setup), "interval": args.interval, "ratio": args.ratio, "flat": args.flat}
+    if predictor is not None:
+        record["tokencache"] = {"policy": str(args.tokencache), "provenance": predictor.provenance}
     results: list[dict] = []
 
     def done(row: dict) -> None:
@@ -131,17 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         write_results(args.json, record, results)
 
     bench = SideBySide(bundle, setup)
-    rows = rows_for(knobs, args.seed)
+    rows = [row for row in rows_for(knobs, args.seed, predictor) if only is None or row.method in only]
     measure_rows(bench, rows, quality_for(bundle), on_row=done)
     flops = {r["method"].replace("stalest", "oracle"): r["flops_ratio"] for r in results if "stalest" in r["method"]}
     for row in results:
-        if row["method"].startswith("oracle"):  # the stalest row with the same plan and keys
+        if row["method"] in flops:  # the stalest row with the same plan and keys
             row["flops_ratio"] = flops[row["method"]]
     if args.rank_samples:
         rank_setup = dataclasses.replace(setup, num_samples=args.rank_samples, batch_size=args.rank_samples)
         record[RANK_STEPS] = {}
-        for label, score in (("toca score", "attention"), ("duca score", "value_norm")):
-            probe = RankProbe(**{**knobs, "score": score})
+        probes = {label: RankProbe(**{**knobs, "score": score}) for label, score in SCORED}
+        if predictor is not None:
+            probes["tokencache predictor"] = PredictorRankProbe(predictor=predictor, **knobs)
+        for label, probe in probes.items():
+            if only is not None and label not in only:
+                continue
             SideBySide(bundle, rank_setup, progress=False).run(probe, label=f"rank {label}")
             record[RANK_STEPS][label] = rank_by_step(probe)
             print(label, "Spearman by step:", " ".join(f"{s}:{r:+.2f}" for s, r in record[RANK_STEPS][label].items()))

@@ -351,6 +351,7 @@ def test_preset_loads_with_its_options():
         "prune": 0.5,
         "cell": 2,
         "branches": "attn1+ff",
+        "schedule": "",
     }
 
 

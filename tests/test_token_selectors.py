@@ -1,15 +1,20 @@
 """Reference token selectors (l2c/policies/selectors.py): stalest, seeded random and the oracle, on hand-made
-requests with known answers, and the oracle on a real tiny DiT under ToCa's plan."""
+requests with known answers, the oracle on a real tiny DiT under ToCa's plan, and a TokenCache predictor's scores
+selecting on ToCa's plan."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from l2c_testing import ddim_sample, ddim_timesteps, dit_inputs, tiny_dit
+from test_dato import trajectory
+from test_tokencache import tiny_policy
 
 from l2c import Action
 from l2c.extension import BranchStore, SelectionRequest, TrajectoryState
+from l2c.policies.scores import top_tokens
 from l2c.policies.selectors import TRUE_OUTPUT, SelectorPolicy, oracle_tokens, random_tokens, spearman
+from l2c.policies.tokencache import SIGNAL
 
 
 def request(age=None, output=None, true_output=None, count=2, step=1, block=0, branch="ff") -> SelectionRequest:
@@ -69,6 +74,30 @@ def test_oracle_runs_on_tocas_plan_and_beats_stalest():
     assert executed["oracle"] == executed["stalest"]
     assert executed["oracle"][Action.PARTIAL] == 6 * 2  # 6 partial steps × 2 blocks' ff
     assert errors["oracle"] < errors["stalest"]
+
+
+@torch.no_grad()
+def test_predictor_selects_its_highest_scores_on_tocas_plan():
+    model, steps = tiny_dit(), 8
+    latents, labels = dit_inputs(batch=2)
+    knobs = dict(interval=4, ratio=0.25, bonus=0.0, grid=1, step_weight=0.0, layer_weight=0.0, attn1_factor=0.0,
+                 ff_factor=1.0)  # fmt: skip
+    policy = SelectorPolicy(selector="predictor", predictor=tiny_policy(model), **knobs)
+    with policy.apply(model, timesteps=ddim_timesteps(steps)) as runtime:
+        ddim_sample(model, latents, labels, steps)
+        state = trajectory(model)
+        assert runtime.executed[Action.PARTIAL] == 6 * 2
+    scores = state.signals[SIGNAL]  # the last step's (7, partial): [batch, blocks, tokens]
+    for block in range(2):
+        fresh = (state.stores[(block, "ff")].age == 0).nonzero()[:, 1].view(2, -1)  # tokens computed at step 7
+        assert fresh.tolist() == top_tokens(scores[:, block], 4).sort(dim=1).values.tolist()  # round(0.25 · 16)
+
+
+def test_predictor_selector_needs_a_tokencache_policy():
+    with pytest.raises(ValueError, match="field 'predictor' must be a TokenCachePolicy"):
+        SelectorPolicy(selector="predictor")
+    with pytest.raises(ValueError, match="field 'predictor'"):
+        SelectorPolicy(selector="stalest", predictor=tiny_policy(tiny_dit()))
 
 
 def test_spearman_of_known_orders():

@@ -3,6 +3,7 @@ real diffusers models (DiT; PixArt for cross-attention), exact token counts, FLO
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -198,8 +199,11 @@ def test_cross_attention_capture_applies_the_text_mask():
 # == ToCa ==========================================================================================================
 def test_toca_published_schedule_and_plan():
     spec = tiny_spec()
-    policy = ToCaPolicy().resolved(spec)
+    policy = ToCaPolicy(preset="dit-paper").resolved(spec)
     assert (policy.ratio, policy.score, policy.bonus, policy.grid) == (0.07, "attention", 0.6, 2)
+    # The DiT default: the paper's schedule, tokens ranked by staleness (what worked on the embedded DiT teacher).
+    default = ToCaPolicy().resolved(spec)
+    assert default.score == "none" and dataclasses.replace(default, score="attention", preset="dit-paper") == policy
     table = policy.ratio_table(spec, 50)
     # ratio · (1 − w + 2w·s/S) · (1 + w' − 2w'·b/(B−1)) · branch factor, clamped to [0, 1]
     for step, block in ((40, 0), (49, 1), (30, 1)):
@@ -219,7 +223,7 @@ def test_toca_published_schedule_and_plan():
 
 def toca_fixed(**overrides):
     """ToCa with a flat schedule on the tiny DiT: ff recomputes 4 of 16 tokens, attn1 reuses."""
-    params = dict(interval=3, ratio=0.1, step_weight=0.0, layer_weight=0.0, ff_factor=2.5, bonus=0.6)
+    params = dict(interval=3, ratio=0.1, score="attention", step_weight=0.0, layer_weight=0.0, ff_factor=2.5, bonus=0.6)
     return ToCaPolicy(**{**params, **overrides})
 
 
@@ -620,6 +624,7 @@ def test_presets_load_through_load_policy(preset, cls, params):
     ("preset", "word"),
     [
         ("toca:score=bogus", "score"),
+        ("toca:preset=dit-xl", r"field 'preset' must be one of \['dit', 'dit-paper', 'flux', 'pixart'\]"),
         ("toca:interval=0", "interval"),
         ("duca:ratio=-1", "ratio"),
         ("toca:bogus=1", "unknown option"),

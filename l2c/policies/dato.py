@@ -1,7 +1,8 @@
 """`dato`: dynamics-aware token pruning (DaTo, Zhang et al. 2025) on a static caching schedule.
 
-The schedule is `static`'s: a full step every `interval` steps, every branch reused in between. Whenever a pruned
-branch (self-attention by default) computes, DaTo drops `prune` of the block's tokens from it and restores them:
+The schedule is `static`'s (or a searched one, below): a full step every `interval` steps, every branch reused in
+between. Whenever a pruned branch (self-attention by default) computes, DaTo drops `prune` of the block's tokens from
+it and restores them:
 
 1. dynamics: after every step, |ε_t − ε_{t−1}| averaged over the ε channels (learned-σ channels are left out)
    is kept per latent pixel; a block averages it over each of its tokens (its token grid, see `token_grid`).
@@ -14,11 +15,22 @@ branch (self-attention by default) computes, DaTo drops `prune` of the block's t
 
 Prune 0 is exactly the schedule alone. The two similarity products (candidates × bases, pruned × kept) are matrix
 products, so `flops_ratio` counts them with the pruned branches.
+
+Searched schedule (`schedule`, found by `l2c.policies.search`, as the paper searches its per-step ratios): one
+entry per step, a prune ratio (the step computes, pruned by it) or `-` (the step reuses every branch); it replaces
+`interval`/`first_full`/`last_full` and `prune`.
+
+Cached keys/values: a policy that also runs cached-key partial self-attention (`partial_keys="cached"`) reads each
+token's stored key/value at partial steps; a pruned step stores, for every kept token, its fresh projections and, for
+every pruned token, those of the kept token it restores from (as its output), so the store matches the output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,6 +40,7 @@ from torch import nn
 
 from ..adapters import ModelSpec
 from ..extension import BranchCall, StepOutput, TokenPruning
+from ..plan import Action, Plan
 from .knobs import Range, at_least
 from .scores import cell_best, top_tokens
 from .static import StaticPolicy
@@ -36,6 +49,8 @@ PREVIOUS = "dato.previous"  # state.signals[PREVIOUS] -> ε of the last step [ba
 DYNAMICS = "dato.dynamics"  # state.signals[DYNAMICS] -> |ε_t − ε_{t−1}| over channels [batch, height, width]
 PRUNING = "dato.pruning"  # state.signals[(PRUNING, block)] -> (step, TokenPruning | None)
 PRUNABLE = ("attn1", "attn2", "ff")
+REUSED = "-"  # a `schedule` entry: the step reuses every branch
+SCHEDULE_DEFAULTS = {"interval": 2, "first_full": 0, "last_full": 0, "prune": 0.4}  # what a `schedule` replaces
 
 
 def epsilon(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
@@ -104,6 +119,58 @@ def prune_tokens(features: torch.Tensor, bases: torch.Tensor, count: int) -> Tok
     return TokenPruning(kept=kept, source=position.scatter(1, pruned, restore))
 
 
+def parse_schedule(text: str) -> tuple[float | None, ...]:
+    """A `schedule` string (`0+-+0.4+-`) → per-step prune ratios, None where the step reuses (`-`)."""
+    entries: list[float | None] = []
+    for index, entry in enumerate(filter(None, str(text).split("+"))):
+        if entry == REUSED:
+            entries.append(None)
+            continue
+        try:
+            ratio = float(entry)
+        except ValueError:
+            ratio = math.nan
+        if not 0 <= ratio < 1:
+            raise ValueError(
+                f"dato policy: field 'schedule' entry {index} is {entry!r}, expected a prune ratio in [0, 1) or "
+                f"{REUSED!r} (the step reuses)"
+            )
+        entries.append(ratio)
+    if entries and entries[0] is None:
+        raise ValueError(f"dato policy: field 'schedule' starts with {REUSED!r}; step 0 must compute (nothing cached)")
+    return tuple(entries)
+
+
+def format_schedule(entries: tuple[float | None, ...]) -> str:
+    """Per-step prune ratios (None: reuse) → the `schedule` string `parse_schedule` reads."""
+    return "+".join(REUSED if r is None else f"{r:g}" for r in entries)
+
+
+@contextmanager
+def pruned_keys_values(call: BranchCall, pruning: TokenPruning) -> Iterator[None]:
+    """Around a pruned self-attention under cached keys: store every token's key/value as its output is restored.
+
+    The kept tokens' projections are caught on `attn.to_k` / `attn.to_v`; each pruned token takes its source's.
+    """
+    caught: dict[str, torch.Tensor] = {}
+    handles = [
+        getattr(call.module, name).register_forward_hook(lambda m, a, out, name=name: caught.__setitem__(name, out))
+        for name in ("to_k", "to_v")
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    if set(caught) != {"to_k", "to_v"}:
+        raise RuntimeError(
+            f"dato policy: block {call.block} attn1 with partial_keys='cached' needs the attention processor to call "
+            f"attn.to_k and attn.to_v ({type(call.module.processor).__name__} called {sorted(caught)})"
+        )
+    for name, kept in caught.items():
+        call.store.keys_values[name] = _take(kept.detach(), pruning.source)
+
+
 @dataclass
 class DaToPolicy(StaticPolicy):
     kind = "dato"
@@ -115,9 +182,18 @@ class DaToPolicy(StaticPolicy):
     prune: float = 0.4  # share of a block's tokens pruned whenever a pruned branch computes
     cell: int = 2  # one base token per cell×cell cell of the token grid
     branches: str = "attn1"  # '+'-separated branches that run pruned (attn1, attn2, ff)
+    # '+'-separated, one entry per step: a prune ratio or '-' (reuse); '' : `interval`'s steps pruned by `prune`
+    schedule: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.step_ratios = parse_schedule(self.schedule)
+        overridden = [n for n, value in SCHEDULE_DEFAULTS.items() if self.step_ratios and getattr(self, n) != value]
+        if overridden:
+            raise ValueError(
+                f"dato policy: field 'schedule' sets every step, so fields {overridden} must keep their defaults "
+                f"({ {n: SCHEDULE_DEFAULTS[n] for n in overridden} })"
+            )
         names = self.pruned_branches
         if not names or any(name not in PRUNABLE for name in names):
             raise ValueError(
@@ -128,6 +204,34 @@ class DaToPolicy(StaticPolicy):
     @property
     def pruned_branches(self) -> tuple[str, ...]:
         return tuple(filter(None, str(self.branches).split("+")))
+
+    def with_schedule(self, entries: tuple[float | None, ...]) -> DaToPolicy:
+        """This policy (its cell and branches) on the per-step `schedule` `entries` (None: the step reuses)."""
+        return dataclasses.replace(self, **SCHEDULE_DEFAULTS, schedule=format_schedule(entries))
+
+    def step_ratio(self, step: int) -> float:
+        """The prune ratio of a computed step."""
+        return self.step_ratios[step] if self.step_ratios else self.prune
+
+    def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
+        if not self.step_ratios:
+            return super().build_plan(spec, num_steps)
+        if len(self.step_ratios) != num_steps:
+            raise ValueError(
+                f"dato policy: field 'schedule' has {len(self.step_ratios)} entries, but the run has {num_steps} steps "
+                "(one entry per step)"
+            )
+        plan = Plan.full(num_steps, spec.num_blocks, len(spec.branches))
+        plan.actions[[s for s, ratio in enumerate(self.step_ratios) if ratio is None]] = Action.REUSE
+        return plan
+
+    def observe(self, call: BranchCall):
+        """Under cached keys, keep the stored keys/values of a pruned self-attention in step with its output."""
+        whole = call.action == Action.COMPUTE and call.rows is None
+        if self.partial_keys != "cached" or call.branch != "attn1" or not whole:
+            return None
+        pruning = self.token_pruning(call)
+        return None if pruning is None else pruned_keys_values(call, pruning)
 
     def check_model(self, spec: ModelSpec, pipeline: object | None = None) -> None:
         missing = [name for name in self.pruned_branches if name not in spec.branches]
@@ -155,7 +259,8 @@ class DaToPolicy(StaticPolicy):
     def token_pruning(self, call: BranchCall) -> TokenPruning | None:
         """The block's pruning for this step, chosen once (at its first pruned branch) and shared by the others."""
         dynamics = call.state.signals.get(DYNAMICS)
-        if self.prune == 0 or call.branch not in self.pruned_branches or dynamics is None:
+        ratio = self.step_ratio(call.step)
+        if not ratio or call.branch not in self.pruned_branches or dynamics is None:
             return None
         memo = call.state.signals.get((PRUNING, call.block))
         if memo is not None and memo[0] == call.step:
@@ -164,7 +269,7 @@ class DaToPolicy(StaticPolicy):
         num_tokens = hidden.shape[1]
         rows, cols = token_grid(num_tokens, *dynamics.shape[-2:])
         bases = base_tokens(token_dynamics(dynamics.to(hidden.device), rows, cols), rows, cols, self.cell)
-        count = min(math.floor(self.prune * num_tokens + 1e-9), num_tokens - bases.shape[1])
+        count = min(math.floor(ratio * num_tokens + 1e-9), num_tokens - bases.shape[1])
         pruning = prune_tokens(hidden, bases, count) if count > 0 else None
         call.state.signals[(PRUNING, call.block)] = (call.step, pruning)
         return pruning

@@ -8,7 +8,9 @@ partial step recomputes chosen by one of:
   does not depend on the order branches are called in;
 - `oracle`: the tokens whose true branch output moved most since they were last computed, ‖f(x)ᵢ − cachedᵢ‖.
   The true output is computed with the full branch just before the partial execution (an analysis bound: that
-  extra branch call is real work which FLOP counters see, so a benchmark must report the plan's FLOPs for it).
+  extra branch call is real work which FLOP counters see, so a benchmark must report the plan's FLOPs for it);
+- `predictor`: the highest scores of a trained TokenCache policy's predictor (`predictor=`, a loaded
+  `TokenCachePolicy`), run as TokenCache runs it (before the blocks, on steps with partial slots; its FLOPs count).
 
 The oracle reads the full branch through the public surface only: its `observe` probe runs the branch's module
 with the trajectory marked not running (`TrajectoryState.running`), so the branch's hook passes the call through
@@ -20,17 +22,22 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal, get_args
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
-from ..extension import BranchCall, PartialKeys, SelectionRequest, TokenSelector, stalest_tokens
+from ..extension import BlockInput, BranchCall, PartialKeys, SelectionRequest, TokenSelector, stalest_tokens
 from ..plan import Action
 from .scores import top_tokens
 from .toca import ToCaPolicy
+from .tokencache import SIGNAL as PREDICTOR_SIGNAL
+from .tokencache import TokenCachePolicy
 
-SelectorName = Literal["oracle", "random", "stalest"]
+if TYPE_CHECKING:
+    from torch import nn
+
+SelectorName = Literal["oracle", "random", "stalest", "predictor"]
 SELECTORS: tuple[str, ...] = get_args(SelectorName)
 TRUE_OUTPUT = "oracle.true_output"  # state.signals[(TRUE_OUTPUT, block, branch)] -> [batch, tokens, channels]
 
@@ -89,6 +96,17 @@ def oracle_tokens(request: SelectionRequest) -> torch.Tensor:
     return top_tokens(moved(true_output, request.store.output), request.num_selected)
 
 
+def predictor_scores(request: SelectionRequest) -> torch.Tensor:
+    """A TokenCache predictor's scores of this block's tokens at this step [batch, tokens] (see `TokenCachePolicy`)."""
+    scores = request.state.signals.get(PREDICTOR_SIGNAL) if request.state is not None else None
+    if scores is None:
+        raise RuntimeError(
+            f"predictor selector: no predictor scores at step {request.step} (block {request.block}); they are "
+            "measured under SelectorPolicy(selector='predictor', predictor=<a loaded TokenCachePolicy>)"
+        )
+    return scores[:, request.block]
+
+
 @dataclass
 class SelectorPolicy(ToCaPolicy):
     """ToCa's schedule with a reference selector (for analysis; not a registered policy kind)."""
@@ -99,6 +117,7 @@ class SelectorPolicy(ToCaPolicy):
     seed: int = 0  # of the `random` selector
     score: str | None = "none"  # no attention score is measured: the selector does not read one
     partial_keys: PartialKeys = "fresh"  # what partial self-attention's queries see (l2c.extension.PartialKeys)
+    predictor: TokenCachePolicy | None = field(default=None, kw_only=True, repr=False)  # of the `predictor` selector
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +125,20 @@ class SelectorPolicy(ToCaPolicy):
             raise ValueError(
                 f"{self.kind} policy: field 'selector' must be one of {list(SELECTORS)}, got {self.selector!r}"
             )
+        if (self.selector == "predictor") != isinstance(self.predictor, TokenCachePolicy):
+            raise ValueError(
+                f"{self.kind} policy: field 'predictor' must be a TokenCachePolicy exactly when selector='predictor' "
+                f"(selector {self.selector!r}, predictor {type(self.predictor).__name__})"
+            )
+
+    def prepare(self, model: nn.Module) -> None:
+        if self.predictor is not None:
+            self.predictor.prepare(model)
+
+    def before_blocks(self, point: BlockInput) -> None:
+        """Under the predictor, score the step's tokens as TokenCache does (steps with partial slots only)."""
+        if self.predictor is not None:
+            self.predictor.before_blocks(point)
 
     def token_selector(self) -> TokenSelector:
         self._require_resolved()
@@ -113,6 +146,8 @@ class SelectorPolicy(ToCaPolicy):
             return oracle_tokens
         if self.selector == "random":
             return random_tokens(self.seed)
+        if self.selector == "predictor":
+            return lambda request: top_tokens(predictor_scores(request), request.num_selected)
         return stalest_tokens
 
     def observe(self, call: BranchCall):

@@ -13,7 +13,8 @@ text (PixArt), the value-norm score (DuCa's V-caching) or nothing; `age` is the 
 computed in that branch. s is measured only on full steps whose block has a partial step before its next full
 step, by reading the attention module's own q/k (or v) projections (see `scores.py`).
 
-Fields left `None` take the published settings of the model family the policy is applied to (`PRESETS`).
+Fields left `None` take the settings of the model family the policy is applied to (`presets`), or those of the
+preset named by `preset` (`toca:preset=dit-paper`: the paper's DiT-XL/2 setting, attention score included).
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ DIT_DDIM50 = dict(
     attn2_factor=1.0,
     ff_factor=2.5,
 )
+# The DiT default: the paper's schedule, tokens ranked by staleness (score none). Measured on the one DiT teacher we
+# have (the embedded digits DiT, 64 tokens, DDIM 20; docs/training_free.md "Which tokens"): ToCa's attention score
+# selects no better than the stalest tokens, at the paper's schedule and at a flat 25% share, and costs a q·kᵀ per
+# scored block. The paper's setting stays the named preset `dit-paper`.
+DIT = {**DIT_DDIM50, "score": "none"}
 # FLUX.1 (double and single blocks): not the paper's FLUX setting (its code for FLUX is not followed here) but a plain
 # one, untuned: 30% of the image tokens on every partial step of every per-token branch (`ff`, the single blocks'
 # `proj_mlp` and `proj_out`; text tokens are always recomputed, see l2c.runtime), the joint attention and the text
@@ -113,7 +119,7 @@ PIXART_ALPHA = dict(
 @dataclass
 class ToCaPolicy(CachePolicy):
     kind = "toca"
-    presets: ClassVar[dict[str, dict]] = {"dit": DIT_DDIM50, "pixart": PIXART_ALPHA, "flux": FLUX}
+    presets: ClassVar[dict[str, dict]] = {"dit": DIT, "dit-paper": DIT_DDIM50, "pixart": PIXART_ALPHA, "flux": FLUX}
     knob_ranges: ClassVar[dict[str, Range]] = {
         "interval": at_least(1),
         "ratio": FRACTION,
@@ -150,17 +156,22 @@ class ToCaPolicy(CachePolicy):
     proj_out_factor: float | None = None
     interval_weight: float = 0.0  # varying N (force scheduler): gap after step s is round(N / (1 − w + 2w·s/S))
     sensitive_gap: int = 0  # > 0: a full step at 60–80% of the steps is followed by this gap (DiT reference: 2)
+    preset: str | None = None  # whose settings fill the unset fields: a key of `presets` (None: the model family's)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.score is not None and self.score not in SCORES:
             raise ValueError(f"{self.kind} policy: field 'score' must be one of {list(SCORES)}, got {self.score!r}")
+        if self.preset is not None and self.preset not in self.presets:
+            raise ValueError(
+                f"{self.kind} policy: field 'preset' must be one of {sorted(self.presets)}, got {self.preset!r}"
+            )
 
     # -- settings --------------------------------------------------------------------------------------------------
     def resolved(self, spec: ModelSpec) -> ToCaPolicy:
-        """A copy with every `None` field set from the published settings of the model's family."""
+        """A copy with every `None` field set from `preset`'s settings, or else from the model's family's."""
         family = spec.family if spec.family in self.presets else ("pixart" if "attn2" in spec.branches else "dit")
-        preset = self.presets[family]
+        preset = self.presets[self.preset or family]
         unknown = [name for name in spec.branches if f"{name}_factor" not in TUNABLE]
         if unknown:
             raise ValueError(
