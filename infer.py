@@ -83,7 +83,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--no-beside",
         action="store_true",
         help="skip static every-N and native TaylorSeer at the policy's compute from the same noise (each samples "
-        "once more beside the uncached model, so the command takes about three times as long)",
+        "once more beside the uncached model: about twice the command's time)",
     )
     imp = commands.add_parser("import-l2c", help="convert the routers released with Learning-to-Cache to a policy")
     imp.add_argument("checkpoint", type=Path, help="the released router .pt (read with weights_only=True)")
