@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +31,8 @@ from l2c.results import Column, format_table
 if TYPE_CHECKING:
     import torch
 
-    from l2c.evaluate import SamplingSetup
+    from l2c.evaluate import SamplingSetup, SideBySide
+    from l2c.metrics import DigitsQuality
     from l2c.models import ModelBundle
     from l2c.policies import CachePolicy
 
@@ -76,6 +78,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda when available)")
     run.add_argument(
         "--save-policy", type=Path, default=None, help="save the policy as run (calibrated) with the measured numbers"
+    )
+    run.add_argument(
+        "--no-beside",
+        action="store_true",
+        help="skip static every-N and native TaylorSeer at the policy's compute from the same noise (each samples "
+        "once more beside the uncached model: about twice the command's time)",
     )
     imp = commands.add_parser("import-l2c", help="convert the routers released with Learning-to-Cache to a policy")
     imp.add_argument("checkpoint", type=Path, help="the released router .pt (read with weights_only=True)")
@@ -207,12 +215,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     save_comparison(run.reference, run.images, args.out / "comparison.png", args.policy)
     if run.plan is not None:
         save_plan(run.plan, branch_names(bundle.transformer), args.out / "plan.png", args.policy)
-    print(format_table([result], REPORT_COLUMNS + (DIGITS_COLUMNS if quality is not None else ()), transpose=True))
+    columns = REPORT_COLUMNS + (DIGITS_COLUMNS if quality is not None else ())
+    if args.no_beside or policy.kind == "full":
+        print(format_table([result], columns, transpose=True))
+    else:
+        start = time.perf_counter()
+        result["beside"] = beside_reports(bench, result["flops_ratio"], quality)
+        (args.out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(format_table([result, *result["beside"]], columns, transpose=True))
+        took = time.perf_counter() - start
+        print(f"  beside it, from the same noise: {result['beside'][0]['rule']} ({took:.1f}s more; --no-beside skips)")
     print(f"  wrote {args.out / 'report.json'}, samples.png, comparison.png, plan.png")
     if args.save_policy is not None:
         bound = policy.bind(bundle.transformer, bench.timesteps, SCHEDULERS[args.scheduler])
         print(f"  wrote {bound.save_pretrained(args.save_policy, metrics=measured(result))} (with its model card)")
     return 0
+
+
+def beside_reports(bench: SideBySide, flops_ratio: float, quality: DigitsQuality | None) -> list[dict]:
+    """Static every-N and native TaylorSeer at the measured policy's compute (`l2c.compare.beside_presets`), each
+    sampled from `bench`'s noise beside the uncached model: what the learned policy buys. Their `report` dicts,
+    with `method` and `rule` (how the setting was chosen)."""
+    from l2c.compare import BESIDE_RULE, beside_presets
+    from l2c.evaluate import report
+    from l2c.policy_io import parse_preset
+
+    reports = []
+    for method, preset in beside_presets(flops_ratio, bench.setup.steps):
+        run = bench.run(parse_preset(preset), label=preset)
+        reports.append({"method": method, "rule": BESIDE_RULE, **report(run, bench.setup, quality)})
+    return reports
 
 
 def measured(result: dict) -> dict:

@@ -175,6 +175,7 @@ class SeerSetting:
         return TaylorSeer(interval=self.interval, warmup=self.warmup, order=self.order)
 
 
+NATIVE_TAYLORSEER = "TaylorSeer (native)"
 SEER_ORDERS = (1, 2)
 SEER_TOLERANCE = 0.03  # a grid setting computes a share of steps this close to the compute point
 
@@ -203,6 +204,17 @@ def taylorseer_at(target: float, steps: int, order: int = 1, warmup: int = 3) ->
     closest = _closest(taylorseer_grid(target, steps, (order,)), lambda s: s.share(steps), target)
     best = min(closest, key=lambda s: (abs(s.warmup - warmup), s.interval))
     return best.peer()
+
+
+BESIDE_RULE = "static every-N and native TaylorSeer (order 2, warm-up 1) at the closest share of computed steps"
+
+
+def beside_presets(flops_ratio: float, steps: int) -> list[tuple[str, str]]:
+    """(method, preset) of static every-N and native TaylorSeer at the compute of a measured policy
+    (`BESIDE_RULE`, no tuning): what `infer.py sample` prints beside the policy."""
+    seer = taylorseer_at(flops_ratio, steps, order=2, warmup=1)
+    native = SeerSetting(seer.interval, seer.order, seer.warmup).native()
+    return [("static every-N", static_preset_at(flops_ratio, steps)), (NATIVE_TAYLORSEER, native.describe())]
 
 
 @dataclass
@@ -257,9 +269,6 @@ def tune_threshold(
 
 def _with_threshold(cls: type[Peer], threshold: float) -> Peer:
     return cls(threshold=round(threshold, 5))
-
-
-NATIVE_TAYLORSEER = "TaylorSeer (native)"
 
 
 def taylorseer_rows(config: CompareConfig, bench: SideBySide, reference: torch.Tensor) -> list[Row]:

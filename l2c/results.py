@@ -35,9 +35,14 @@ class Column:
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str | Column], transpose: bool = False) -> str:
     """A Markdown table (one line per row), or with `transpose` one indented line per column (`infer.py sample`)."""
     columns = [c if isinstance(c, Column) else Column(c) for c in columns]
-    if transpose:
+    if transpose:  # one line per column; each row's cells padded to that row's widest, so the rows line up
         width = max(len(c.title) for c in columns)
-        return "\n".join(f"  {c.title:<{width}}  " + "  ".join(c.cell(row) for row in rows) for c in columns)
+        cells = [[c.cell(row) for row in rows] for c in columns]
+        widths = [max(len(line[j]) for line in cells) for j in range(len(rows))]
+        return "\n".join(
+            (f"  {c.title:<{width}}  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths))).rstrip()
+            for c, line in zip(columns, cells)
+        )
     lines = ["| " + " | ".join(c.title for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(c.cell(row) for c in columns) + " |" for row in rows]
     return "\n".join(lines)

@@ -155,6 +155,16 @@ def test_margins_compare_the_best_learned_and_the_best_other_row_near_each_point
     assert compare.margins([_row("L2C", 0.5, 40.0, fd=3.1), _row("ToCa", 0.5, 30.0)], (0.5,))[0]["fd_ok"] is False
 
 
+def test_the_rows_beside_a_sampled_policy_are_at_its_compute_untuned():
+    assert compare.beside_presets(0.508, 20) == [
+        ("static every-N", "static:interval=2"),
+        (compare.NATIVE_TAYLORSEER, "taylorseer:interval=2,order=2,warmup=1,rule=taylor"),
+    ]
+    static, seer = compare.beside_presets(0.3, 20)  # 6 of 20 steps computed by both
+    assert static[1] == "static:interval=4,first_full=2"
+    assert seer[1] == "taylorseer:interval=4,order=2,warmup=1,rule=taylor"
+
+
 def test_l2c_labels_name_the_method_and_always_contain_l2c():
     assert compare.parse_l2c_label("L2C forecast, Taylor weights=0.5=out/a") == ("L2C forecast, Taylor weights",
                                                                               "0.5=out/a")  # fmt: skip

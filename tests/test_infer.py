@@ -26,12 +26,13 @@ def test_full_policy_report_is_exactly_the_uncached_run(tmp_path):
     assert report["ssim"] == pytest.approx(1.0)
     assert report["digit_accuracy"] == report["digit_accuracy_uncached"]
     assert report["executed"] == {"compute": 4 * 6 * 2}  # 4 steps × 6 blocks × (attn1, ff), one batch
+    assert "beside" not in report  # nothing to compare the uncached model with
     for name in ("samples.png", "comparison.png", "plan.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
 def test_static_policy_counts_only_the_work_that_ran(tmp_path):
-    code, report = run(tmp_path, "--policy", "static:interval=2", "--batch-size", "4")
+    code, report = run(tmp_path, "--policy", "static:interval=2", "--batch-size", "4", "--no-beside")
     assert code == 0
     assert report["policy"] == "static:interval=2"
     assert report["steps"] == 4
@@ -40,6 +41,26 @@ def test_static_policy_counts_only_the_work_that_ran(tmp_path):
     assert report["plan_compute_fraction"] == 0.5
     assert 0.5 < report["flops_ratio"] < 0.6
     assert report["psnr_db"] < 100.0
+    assert "beside" not in report
+
+
+def test_static_every_n_and_native_taylorseer_are_sampled_beside_the_policy_from_the_same_noise(tmp_path, capsys):
+    code, report = run(tmp_path, "--policy", "static:interval=2", "--batch-size", "4")
+    assert code == 0
+    static, seer = report["beside"]
+    assert (static["method"], static["policy"]) == ("static every-N", "static:interval=2")
+    assert (seer["method"], seer["policy"]) == (
+        "TaylorSeer (native)",
+        "taylorseer:interval=2,order=2,warmup=1,rule=taylor",
+    )
+    # The same policy from the same noise gives the same samples; TaylorSeer computes the same steps 0 and 2.
+    assert static["psnr_db"] == report["psnr_db"] and static["flops_ratio"] == report["flops_ratio"]
+    assert seer["executed"] == {"compute": 2 * 12 * 3, "forecast": 2 * 12 * 3}
+    assert seer["flops_ratio"] == report["flops_ratio"] and seer["psnr_db"] != report["psnr_db"]
+    printed = capsys.readouterr().out
+    assert "taylorseer:interval=2,order=2,warmup=1" in printed and "--no-beside" in printed
+    lines = {line.split()[0]: line for line in printed.splitlines() if line.startswith("  ")}
+    assert lines["policy"].index("taylorseer:") == lines["psnr_db"].rindex(f"{seer['psnr_db']:.2f}")  # aligned
 
 
 @pytest.mark.parametrize(
