@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from l2c.models import resolve_model_path
 from l2c.sampling import TextCondition
-from predictors.families import encode_with_pipeline, family_pipeline_class
+from predictors.families import encode_with_pipeline, pipeline_family
 
 LOCAL_BUILDERS = {".txt": "text", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -59,7 +59,7 @@ def encode_prompts(
     from transformers import AutoTokenizer, T5EncoderModel
 
     path = resolve_model_path(encoder)
-    if family_pipeline_class(path) is not None:
+    if pipeline_family(path) is not None:
         return encode_with_pipeline(path, prompts, max_length, batch_size, dtype)
     for sub in ("tokenizer", "text_encoder"):
         if not (path / sub).is_dir():

@@ -86,25 +86,29 @@ FAMILY_CONDITIONS: dict[str, FamilyConditions] = {
 }
 
 
-def family_pipeline_class(path: Path) -> type | None:
-    """The family pipeline class a diffusers pipeline directory holds (its `model_index.json`), else None."""
+def pipeline_family(path: Path) -> FamilyConditions | None:
+    """The family of the pipeline a diffusers pipeline directory holds (its `model_index.json`), else None."""
     index = path / "model_index.json"
     if not index.is_file():
         return None
     name = json.loads(index.read_text()).get("_class_name")
-    return next((c.pipeline for c in FAMILY_CONDITIONS.values() if c.pipeline.__name__ == name), None)
+    return next((c for c in FAMILY_CONDITIONS.values() if c.pipeline.__name__ == name), None)
+
+
+def image_tokens(rules: FamilyConditions, grid: tuple[int, ...]) -> int | None:
+    """The packed image token count (it sets Flux's and Qwen-Image's scheduler shift); None for other layouts."""
+    return int(np.prod(grid)) if rules.layout == "packed" else None
 
 
 @torch.no_grad()
 def encode_with_pipeline(path: Path, prompts: list[str], max_length: int, batch_size: int, dtype: torch.dtype):
     """The prompts' and the empty prompt's conditions, encoded by the pipeline's own `encode_prompt` (no
     transformer or VAE loaded): the tensors `data.prompts` caches."""
-    cls = family_pipeline_class(path)
-    pipe = cls.from_pretrained(path, transformer=None, vae=None)
-    encode = next(c.encode for c in FAMILY_CONDITIONS.values() if c.pipeline is cls)
+    rules = pipeline_family(path)
+    pipe = rules.pipeline.from_pretrained(path, transformer=None, vae=None)
 
     def run(texts: list[str]) -> Encoded:
-        embeds, mask, pooled = encode(pipe, texts, max_length)
+        embeds, mask, pooled = rules.encode(pipe, texts, max_length)
         return embeds.to("cpu", dtype), mask.cpu(), None if pooled is None else pooled.to("cpu", dtype)
 
     parts = [run(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
@@ -129,11 +133,6 @@ class FamilyDenoiser:
     rules: FamilyConditions
     grid: tuple[int, ...]  # the latent grid: (height, width) of the packed patches, or the latents' spatial shape
     scheduler_config: dict
-    class_table: None = None
-
-    @property
-    def image_tokens(self) -> int:
-        return int(np.prod(self.grid)) if self.rules.layout == "packed" else None
 
     def set_timesteps(self, scheduler, num_steps: int) -> None:
         """The pipeline's timestep table (`retrieve_timesteps` with its sigmas and mu)."""
@@ -141,7 +140,7 @@ class FamilyDenoiser:
             scheduler.set_timesteps(num_steps)
             return
         config = self.scheduler_config
-        mu = calculate_shift(self.image_tokens, config.get("base_image_seq_len", 256),
+        mu = calculate_shift(image_tokens(self.rules, self.grid), config.get("base_image_seq_len", 256),
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                              config.get("max_shift", 1.15))  # fmt: skip
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
@@ -218,16 +217,17 @@ class FamilyBundle(ModelBundle):
 
     @property
     def image_tokens(self) -> int | None:
-        return int(np.prod(self.grid)) if self.rules.layout == "packed" else None
+        return image_tokens(self.rules, self.grid)
 
     def denoiser(self, guidance_scale: float) -> FamilyDenoiser:
         family = model_family(self.transformer)
         return FamilyDenoiser(self.transformer, guidance_scale, family, self.rules, self.grid, self.scheduler_config)
 
 
-def latent_layout(pipeline: type, transformer: nn.Module, vae_config: dict, height: int, width: int, frames: int):
+def latent_layout(
+    rules: FamilyConditions, transformer: nn.Module, vae_config: dict, height: int, width: int, frames: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(one sample's latent shape, the grid) the family's pipeline prepares for a height × width (× frames) image."""
-    rules = next(c for c in FAMILY_CONDITIONS.values() if c.pipeline is pipeline)
     if rules.layout == "video":
         spatial, temporal = vae_config.get("scale_factor_spatial", 8), vae_config.get("scale_factor_temporal", 4)
         shape = (transformer.config.in_channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
@@ -238,21 +238,26 @@ def latent_layout(pipeline: type, transformer: nn.Module, vae_config: dict, heig
     if rules.layout == "image":
         side = (height // scale, width // scale)
         return (transformer.config.in_channels, *side), side
-    grid = (height // scale // 2, width // scale // 2)  # 2×2 patches of the latents, packed into tokens
+    side = scale * 2  # 2×2 patches of the latents, packed into tokens
+    if height % side or width % side:
+        raise ValueError(
+            f"{rules.pipeline.__name__} teacher: fields 'height' and 'width' must be multiples of {side}, got "
+            f"{height} × {width}"
+        )
+    grid = (height // side, width // side)
     return (grid[0] * grid[1], transformer.config.in_channels), grid
 
 
 def load_teacher(name: str, height: int = 1024, width: int = 1024, frames: int = 81) -> ModelBundle:
     """A family pipeline directory (or hub id) as a `FamilyBundle` at this resolution; anything else `load_model`."""
     path = resolve_model_path(name)
-    pipeline = family_pipeline_class(path)
-    if pipeline is None:
+    rules = pipeline_family(path)
+    if rules is None:
         return load_model(name)
     transformer_class = getattr(diffusers, _config(path / "transformer")["_class_name"])
     transformer = transformer_class.from_pretrained(path / "transformer")
     scheduler_config, vae_config = _flow_config(_config(path / "scheduler")), _config(path / "vae")
-    rules = next(c for c in FAMILY_CONDITIONS.values() if c.pipeline is pipeline)
-    shape, grid = latent_layout(pipeline, transformer, vae_config, height, width, frames)
+    shape, grid = latent_layout(rules, transformer, vae_config, height, width, frames)
     transformer = transformer.eval().requires_grad_(False)
     return FamilyBundle(name, transformer, scheduler_config, None, None, rules, shape, grid)
 

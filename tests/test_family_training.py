@@ -16,7 +16,7 @@ from data.prompts import PromptDataModule
 from l2c import Action
 from l2c.adapters import model_spec
 from l2c.models import load_model
-from predictors.l2c_trainer import RolloutRouterTrainer
+from predictors.l2c_trainer import ForecastRouterTrainer, RolloutRouterTrainer
 
 # embedded:digits-flux: 2 double blocks (attn, ff, ff_context) then 4 single blocks (attn, proj_mlp, proj_out).
 FLUX_DIGITS_ABSENT = (*((b, n) for b in (0, 1) for n in ("proj_mlp", "proj_out")),
@@ -156,9 +156,10 @@ BUILDERS = {"flux": flux_with_encoders, "sd3": sd3_with_encoders, "wan": wan_wit
             "qwenimage": qwen_with_encoders}  # fmt: skip
 
 
+@pytest.mark.parametrize("trainer_class", [RolloutRouterTrainer, ForecastRouterTrainer], ids=["rollout", "forecast"])
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_rollout_trainer_on_a_tiny_family_exports_a_policy_its_pipeline_samples_as_the_hard_gate_rollout(
-    name, tmp_path
+    name, trainer_class, tmp_path
 ):
     pipe = BUILDERS[name]()
     teacher = tmp_path / "teacher"
@@ -168,7 +169,7 @@ def test_rollout_trainer_on_a_tiny_family_exports_a_policy_its_pipeline_samples_
     data = PromptDataModule(dataset=str(prompts), text_encoder=str(teacher), column="text", max_length=8,
                             cache_dir=str(tmp_path / "cache"), embeds_dtype="float32", samples_per_epoch=2,
                             batch_size=2, shuffle=False)  # fmt: skip
-    module = RolloutRouterTrainer(teacher=str(teacher), steps=STEPS, export_budget=0.75, lr=0.05,
+    module = trainer_class(teacher=str(teacher), steps=STEPS, export_budget=0.75, lr=0.05,
                                   guidance_scale=GUIDANCE, height=SIZE, width=SIZE, num_frames=FRAMES)  # fmt: skip
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
@@ -191,6 +192,33 @@ def test_rollout_trainer_on_a_tiny_family_exports_a_policy_its_pipeline_samples_
     runtime = l2c.load_policy(tmp_path / "policy").apply(pipe)
     with torch.no_grad():
         images = _user_call(name, pipe, condition, module.noise_for(seeds))
-    assert runtime.executed[Action.REUSE] > 0
+    assert runtime.executed[Action.REUSE] + runtime.executed[Action.FORECAST] > 0
     runtime.remove()
     torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+
+
+def test_checkpointed_rollout_gradients_equal_the_plain_ones_with_two_cache_contexts(tmp_path):
+    """Wan's true CFG keeps a cache per context (cond, uncond): checkpointing restores both before recomputing."""
+    teacher = tmp_path / "teacher"
+    wan_with_encoders().save_pretrained(teacher)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    data = PromptDataModule(dataset=str(prompts), text_encoder=str(teacher), column="text", max_length=8,
+                            cache_dir=str(tmp_path / "cache"), embeds_dtype="float32", samples_per_epoch=2,
+                            batch_size=2, shuffle=False)  # fmt: skip
+    data.prepare_data()
+    data.setup()
+    condition, seeds = next(iter(data.train_dataloader()))
+    grads = []
+    for checkpointed in (False, True):
+        module = RolloutRouterTrainer(teacher=str(teacher), steps=STEPS, export_budget=0.75, guidance_scale=GUIDANCE,
+                                      height=SIZE, width=SIZE, num_frames=FRAMES,
+                                      checkpoint_steps=checkpointed)  # fmt: skip
+        module.on_fit_start()
+        try:
+            module.training_step((condition, seeds), 0).backward()
+        finally:
+            module.runtime.remove()
+        grads.append(module.router.logits.grad)
+    assert bool((grads[0][1:] != 0).any())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-7, rtol=1e-5)
