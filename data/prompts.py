@@ -1,4 +1,5 @@
-"""Prompts through `datasets`, encoded once by the teacher's text encoder and cached to disk (PixArt).
+"""Prompts through `datasets`, encoded once by the teacher's text encoders and cached to disk (PixArt; the model
+families' pipelines: `predictors.families`).
 
 Trainers of text-conditioned teachers never hold the text encoder (T5-XXL is 4.7B parameters): the
 first `prepare_data` encodes every prompt and the empty prompt (classifier-free guidance's null
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from l2c.models import resolve_model_path
 from l2c.sampling import TextCondition
+from predictors.families import encode_with_pipeline, pipeline_family
 
 LOCAL_BUILDERS = {".txt": "text", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,10 +53,14 @@ def load_prompts(dataset: str, column: str, split: str, num_prompts: int | None)
 def encode_prompts(
     prompts: list[str], encoder: str, max_length: int, batch_size: int, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Text-encoder outputs and masks of `prompts` and of the empty prompt, padded to `max_length` tokens."""
+    """Text-encoder outputs and masks of `prompts` and of the empty prompt, padded to `max_length` tokens (and the
+    pooled embeddings where the family has them): a model family's pipeline directory (Flux, SD3, Wan, Qwen-Image)
+    encodes with its pipeline's own `encode_prompt`, PixArt with its T5."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     path = resolve_model_path(encoder)
+    if pipeline_family(path) is not None:
+        return encode_with_pipeline(path, prompts, max_length, batch_size, dtype)
     for sub in ("tokenizer", "text_encoder"):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"{path}: no {sub}/ directory; the prompt cache needs the teacher's text encoder")
@@ -94,7 +100,8 @@ class PromptConditions(Dataset):
     def collate(self, items: list[tuple[int, int]]) -> tuple[TextCondition, torch.Tensor]:
         rows = torch.tensor([i for i, _ in items])
         t = self.tensors
-        condition = TextCondition(t["embeds"][rows], t["mask"][rows], t["null_embeds"], t["null_mask"], rows)
+        pooled = (t["pooled"][rows], t["null_pooled"]) if "pooled" in t else (None, None)
+        condition = TextCondition(t["embeds"][rows], t["mask"][rows], t["null_embeds"], t["null_mask"], rows, *pooled)
         return condition, torch.tensor([s for _, s in items])
 
 

@@ -34,18 +34,29 @@ class ModelSpec:
     branches: tuple[str, ...]
     hidden_size: int
     num_tokens: int | None
+    # (block, branch) plan slots that no module executes (a Flux single block has no `ff_context`): never counted as
+    # work nor budgeted. Policies saved before this field have none recorded.
+    absent: tuple[tuple[int, str], ...] = ()
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "branches": list(self.branches)}
+        return {**asdict(self), "branches": list(self.branches), "absent": [list(slot) for slot in self.absent]}
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - {"absent"})
         extra = sorted(set(data) - names)
         if missing or extra:
             raise ValueError(f"model fingerprint: missing keys {missing}, unexpected keys {extra}")
-        return cls(**{**data, "branches": tuple(data["branches"])})
+        absent = tuple((int(block), str(name)) for block, name in data.get("absent", ()))
+        return cls(**{**data, "branches": tuple(data["branches"]), "absent": absent})
+
+    def present(self) -> torch.Tensor:
+        """bool [blocks, branches]: the plan slots some module executes."""
+        mask = torch.ones(self.num_blocks, len(self.branches), dtype=torch.bool)
+        for block, name in self.absent:
+            mask[block, self.branches.index(name)] = False
+        return mask
 
 
 @dataclass(frozen=True)
@@ -279,12 +290,15 @@ def model_spec(target: nn.Module | object, num_tokens: int | None = None) -> Mod
     config does not fix the resolution, and whose scheduler shift depends on it)."""
     model = resolve_denoiser(target)
     blocks = find_blocks(model)
+    names = branch_names(model)
+    found = {(branch.block, branch.name) for branch in find_branches(model)}
     return ModelSpec(
         family=_family(model),
         num_blocks=len(blocks),
-        branches=branch_names(model),
+        branches=names,
         hidden_size=block_family(blocks[0]).hidden_size(blocks[0]),
         num_tokens=_num_tokens(model) if num_tokens is None else int(num_tokens),
+        absent=tuple((block, name) for block in range(len(blocks)) for name in names if (block, name) not in found),
     )
 
 

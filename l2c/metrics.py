@@ -47,10 +47,30 @@ def count_flops(fn: Callable[[], T]) -> tuple[T, int]:
 
 
 def branch_flops(model: torch.nn.Module, fn: Callable[[], object]) -> dict[str, float]:
-    """FLOPs of each branch kind (`attn1`, `attn2`, `ff`), mean over blocks, while `fn()` calls `model` once.
+    """FLOPs of each branch kind (`attn1`, `attn2`, `ff`), mean over the blocks that have it, while `fn()` calls
+    `model` once.
 
     Budgets in "fraction of branch work" weigh slots by these: an MLP slot can cost twice a self-attention slot.
     """
+    totals: dict[str, list[float]] = {}
+    for branch, flops in _counted_branches(model, fn):
+        totals.setdefault(branch.name, []).append(flops)
+    return {name: sum(values) / len(values) for name, values in totals.items()}
+
+
+def slot_flops(model: torch.nn.Module, fn: Callable[[], object]) -> torch.Tensor:
+    """FLOPs of each plan slot [blocks, branches] (the model's `ModelSpec` columns) while `fn()` calls `model` once;
+    0 where no module runs (a Flux double block's `attn` and a single block's `attn` are different work)."""
+    from .adapters import model_spec
+
+    spec = model_spec(model)
+    table = torch.zeros(spec.num_blocks, len(spec.branches), dtype=torch.float64)
+    for branch, flops in _counted_branches(model, fn):
+        table[branch.block, spec.branches.index(branch.name)] = flops
+    return table
+
+
+def _counted_branches(model: torch.nn.Module, fn: Callable[[], object]) -> list[tuple[object, float]]:
     from .adapters import find_branches
 
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
@@ -59,11 +79,10 @@ def branch_flops(model: torch.nn.Module, fn: Callable[[], object]) -> dict[str, 
     counts = counter.get_flop_counts()
     names = {id(module): name for name, module in model.named_modules()}
     prefix = type(model).__name__
-    totals: dict[str, list[float]] = {}
-    for branch in find_branches(model):
-        key = f"{prefix}.{names[id(branch.module)]}"
-        totals.setdefault(branch.name, []).append(float(sum(counts.get(key, {}).values())))
-    return {name: sum(values) / len(values) for name, values in totals.items()}
+    return [
+        (branch, float(sum(counts.get(f"{prefix}.{names[id(branch.module)]}", {}).values())))
+        for branch in find_branches(model)
+    ]
 
 
 def _check_pair(pred: torch.Tensor, ref: torch.Tensor) -> None:

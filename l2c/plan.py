@@ -20,10 +20,16 @@ class Action(IntEnum):
 
 @dataclass
 class Plan:
-    """Dense decision table: `actions[step, block, branch]`, `token_ratio` for PARTIAL slots."""
+    """Dense decision table: `actions[step, block, branch]`, `token_ratio` for PARTIAL slots.
+
+    `present` [blocks, branches] marks the slots some module executes (`ModelSpec.present()`, set by
+    `CachePolicy.plan_for`): a block lacking a branch (a Flux single block's `ff_context`) has a column it never runs,
+    which is no work and no saving. None: every slot is real.
+    """
 
     actions: torch.Tensor  # int8 [steps, blocks, branches]
     token_ratio: torch.Tensor  # float32 [steps, blocks, branches], in (0, 1] where PARTIAL
+    present: torch.Tensor | None = None  # bool [blocks, branches]
 
     @classmethod
     def full(cls, num_steps: int, num_blocks: int, num_branches: int) -> Plan:
@@ -47,6 +53,11 @@ class Plan:
             raise ValueError(f"{source}: field 'actions' must hold integers, got {self.actions.dtype}")
         if self.token_ratio.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{source}: field 'token_ratio' must hold floats, got {self.token_ratio.dtype}")
+        if self.present is not None and tuple(self.present.shape) != expected[1:]:
+            raise ValueError(
+                f"{source}: field 'present' has shape {tuple(self.present.shape)}, expected (blocks, branches) = "
+                f"{expected[1:]}"
+            )
         valid = {int(a) for a in Action}
         found = set(torch.unique(self.actions).tolist())
         if not found <= valid:
@@ -59,6 +70,9 @@ class Plan:
             raise ValueError(f"{source}: field 'token_ratio' must be finite and in (0, 1] on partial slots")
 
     def compute_fraction(self) -> float:
-        """Share of branch slots whose work is done (partial counts its token ratio; reuse and forecast none)."""
+        """Share of the executed branch slots whose work is done (partial counts its token ratio; reuse and forecast
+        none); slots no module executes (`present`) count neither way."""
         work = (self.actions == Action.COMPUTE).float() + (self.actions == Action.PARTIAL).float() * self.token_ratio
+        if self.present is not None:
+            work = work[:, self.present]
         return float(work.mean()) if work.numel() else 1.0

@@ -32,15 +32,20 @@ class TextCondition:
     null_embeds: torch.Tensor  # [1, L, D]: the empty prompt
     null_mask: torch.Tensor  # [1, L]
     index: torch.Tensor  # [B]: which prompts of the data set (keys for trajectory caches)
+    pooled: torch.Tensor | None = None  # [B, P]: the pooled text embedding (Flux, SD3)
+    null_pooled: torch.Tensor | None = None  # [1, P]
 
     def __len__(self) -> int:
         return len(self.embeds)
 
     def to(self, device: torch.device | str) -> TextCondition:
-        return TextCondition(*(t.to(device) for t in dataclasses.astuple(self)))
+        return TextCondition(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
 
     def __getitem__(self, rows: torch.Tensor) -> TextCondition:
-        return dataclasses.replace(self, embeds=self.embeds[rows], mask=self.mask[rows], index=self.index[rows])
+        pooled = None if self.pooled is None else self.pooled[rows]
+        return dataclasses.replace(
+            self, embeds=self.embeds[rows], mask=self.mask[rows], index=self.index[rows], pooled=pooled
+        )
 
     def tolist(self) -> list[int]:
         return self.index.tolist()
@@ -114,6 +119,10 @@ class GuidedDenoiser:
         model_x, kwargs = self.model_kwargs(x, condition)
         return self.transformer(model_x, timestep=t.expand(len(model_x)), **kwargs).sample
 
+    def set_timesteps(self, scheduler: SchedulerMixin, num_steps: int) -> None:
+        """The run's timestep table (a model family's pipeline may set it with its own sigmas and shift)."""
+        scheduler.set_timesteps(num_steps)
+
     def guide(self, halves: torch.Tensor, channels: int) -> torch.Tensor:
         """ε from outputs split as [G, B, ...] (G = 2: cond, null); learned-sigma channels dropped."""
         eps = halves[:, :, :channels]
@@ -174,7 +183,7 @@ def denoise(
     around step i's model call (the rollout's per-step gates); `on_output(i, model_input, halves)` sees each step's
     scaled input and raw output split as [G, B, ...] (G = 2: cond, null), before guidance (the teacher's trajectories).
     """
-    scheduler.set_timesteps(num_steps)
+    denoiser.set_timesteps(scheduler, num_steps)
     model = denoiser.transformer
     param = next(model.parameters())
     x = noise.to(param.device, param.dtype)

@@ -12,6 +12,7 @@ the same number of times in the same order: `teacher_needed_elsewhere` is how a 
 
 from __future__ import annotations
 
+import copy
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from l2c.adapters import find_blocks, model_spec, read_outside_their_block
-from l2c.models import ModelBundle, load_model, make_scheduler
+from l2c.models import ModelBundle, make_scheduler
 from l2c.policies import CachePolicy, FullPolicy
 from l2c.runtime import CacheRuntime, GateSource
 from l2c.sampling import Condition, denoise, noise_from_seeds
+
+from .families import load_teacher
 
 
 @dataclass
@@ -95,6 +98,9 @@ class FrozenTeacherModule(L.LightningModule):
         guidance_scale: float = 1.5,
         export_dir: str | None = None,
         shard_teacher: bool = False,
+        height: int = 1024,
+        width: int = 1024,
+        num_frames: int = 81,
     ) -> None:
         """
         Args:
@@ -105,16 +111,20 @@ class FrozenTeacherModule(L.LightningModule):
             export_dir: Where global rank 0 writes the policy at the end of fit (none: no export).
             shard_teacher: Under DDP with several processes, shard the frozen teacher with FSDP2 over the ranks
                 (for a teacher too large for one GPU); the predictor stays replicated.
+            height: Image height in pixels the policy is trained for (a model family's pipeline teacher: Flux, SD3,
+                Wan, Qwen-Image; `predictors.families`); ignored by the embedded and DiT/PixArt teachers.
+            width: Image width in pixels (as `height`).
+            num_frames: Video frames (Wan).
         """
         super().__init__()
         self.save_hyperparameters()  # the whole signature of the concrete class: Lightning reads every __init__ frame
         self.check_fields()  # before the teacher loads
-        bundle = load_model(teacher)
+        bundle = load_teacher(teacher, height, width, num_frames)
         object.__setattr__(self, "_bundle", bundle)  # not a submodule: see the module docstring
         self.teacher.requires_grad_(False).eval()
-        self.sampler = make_scheduler(scheduler, bundle.scheduler_config)
-        self.sampler.set_timesteps(steps)
         self.guidance = bundle.denoiser(guidance_scale)  # conditioned as the model is (labels, prompts, class table)
+        self.sampler = make_scheduler(scheduler, bundle.scheduler_config)
+        self.guidance.set_timesteps(self.sampler, steps)
         self.spec = model_spec(self.teacher)
         self.trajectories = TrajectoryCache()
         self.runtime: CacheRuntime | None = None  # the cache runtime on the teacher, while fitting
@@ -282,7 +292,8 @@ class FrozenTeacherModule(L.LightningModule):
     def exported_policy(self, steps_trained: int | None = None) -> CachePolicy:
         """The trained policy bound to the teacher; its provenance: the saved hyperparameters, the optimizer steps
         (`steps_trained` for a module restored from a checkpoint, which has no trainer) and the subclass's extras."""
-        policy = self.trained_policy().bind(self.teacher, self.timesteps, type(self.sampler).__name__)
+        tokens = getattr(self.bundle, "image_tokens", None)  # the families whose scheduler shift depends on it
+        policy = self.trained_policy().bind(self.teacher, self.timesteps, type(self.sampler).__name__, tokens)
         settings = {name: list(value) if isinstance(value, tuple) else value for name, value in self.hparams.items()}
         steps = self.global_step if steps_trained is None else steps_trained
         policy.provenance = {"trainer": self.kind, **settings, "global_steps": int(steps), **self.extra_provenance()}
@@ -336,7 +347,6 @@ def shard_frozen(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def make_scheduler_like(scheduler):
-    """A fresh copy with the same config and steps (schedulers carry per-run state such as step counters)."""
-    fresh = type(scheduler).from_config(scheduler.config)
-    fresh.set_timesteps(len(scheduler.timesteps))
-    return fresh
+    """A fresh copy with the same config and timestep table (schedulers carry per-run state such as step counters;
+    a family's table may depend on the image size, so it is copied, not rebuilt)."""
+    return copy.deepcopy(scheduler)  # the trainer's own `sampler` only holds the table: it never steps

@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from l2c.extension import BranchStore, TrajectoryState
 from l2c.forecast import PolynomialForecaster, rule_table
-from l2c.metrics import branch_flops
+from l2c.metrics import slot_flops
 from l2c.plan import Action, Plan
 from l2c.plots import router_figure
 from l2c.policies import LayerRouterPolicy
@@ -124,8 +124,11 @@ class RouterTrainer(FrozenTeacherModule):
         if init == "even":
             self.router.logits.data -= 2 * init_logit * ~even_steps(steps, export_budget).view(-1, 1, 1)
         self.register_buffer("full_steps", full_step_mask(steps, refresh_interval), persistent=False)
-        # FLOPs per branch kind, measured on the first batch (the cross-attention's cost depends on the prompts).
-        self.register_buffer("branch_costs", torch.zeros(len(self.spec.branches)), persistent=False)
+        # FLOPs per (block, branch) slot, measured on the first batch (the cross-attention's cost depends on the
+        # prompts); 0 on the slots no module runs (`present`: a Flux single block has no `ff_context`).
+        slots = (self.spec.num_blocks, len(self.spec.branches))
+        self.register_buffer("branch_costs", torch.zeros(slots), persistent=False)
+        self.register_buffer("present", self.spec.present(), persistent=False)
 
     def check_fields(self) -> None:
         super().check_fields()
@@ -140,13 +143,17 @@ class RouterTrainer(FrozenTeacherModule):
             raise ValueError("l2c trainer: field 'init' must be 'constant' or, with a budget, 'even'; got 'even'")
 
     def measure_branch_costs(self, trajectory: Trajectory, step: int) -> None:
-        """The branches' FLOPs on one sample's guided call at `step`, once (budget and penalty weigh by them)."""
+        """The slots' FLOPs on one sample's guided call at `step`, once (budget and penalty weigh by them)."""
         if bool(self.branch_costs.any()):
             return
         first = Trajectory(trajectory.start, trajectory.inputs[:, :1], trajectory.outputs, trajectory.labels[:1])
         with self.uncached(), torch.no_grad():
-            flops = branch_flops(self.teacher, lambda: self.teacher_output(first, step))
-        self.branch_costs.copy_(torch.tensor([flops[name] for name in self.spec.branches]))
+            flops = slot_flops(self.teacher, lambda: self.teacher_output(first, step))
+        self.branch_costs.copy_(flops)
+
+    def cost_weights(self) -> torch.Tensor:
+        """Each slot's measured work, mean 1 over the executed slots (0 elsewhere)."""
+        return self.branch_costs / self.branch_costs[self.present].mean()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.router.clamp_()
@@ -170,9 +177,19 @@ class RouterTrainer(FrozenTeacherModule):
             refresh_interval=hp.refresh_interval,
             threshold=None if hp.export_budget is not None else hp.export_threshold,  # the rollout always has a budget
             budget=hp.export_budget,
-            branch_costs=tuple(self.branch_costs.tolist()) if bool(self.branch_costs.all()) else None,
+            branch_costs=self.exported_costs(),
             logits=self.exported_logits(),
         )
+
+    def exported_costs(self) -> tuple[tuple[float, ...], ...] | None:
+        """The measured costs the exported budget weighs by: per branch kind where every block costs the same (DiT),
+        else per slot [blocks][branches]; None (equal weights) until every executed slot has measured work."""
+        costs = self.branch_costs
+        if not bool(costs[self.present].all()):
+            return None
+        if bool((costs == costs[:1]).all()):
+            return tuple(costs[0].tolist())
+        return tuple(tuple(row) for row in costs.tolist())
 
     def extra_provenance(self) -> dict:
         return {"objective": self.objective}
@@ -219,7 +236,7 @@ class SegmentRouterTrainer(RouterTrainer):
         start = self.segment_starts[int(torch.randint(len(self.segment_starts), (), generator=generator))]
         trajectory = self._trajectory(batch, start)
         self.measure_branch_costs(trajectory, start)
-        weights = self.branch_costs / self.branch_costs.mean()
+        weights = self.cost_weights()
         scores = self.router()
         self.start_cache(trajectory, start)  # the full step
         mse_terms, l1_terms = [], []
@@ -231,7 +248,7 @@ class SegmentRouterTrainer(RouterTrainer):
         mse, l1 = torch.stack(mse_terms).mean(), torch.stack(l1_terms).mean()
         loss = mse + hp.l1 * l1
         self.check_finite({"train/mse": mse, "train/l1": hp.l1 * l1, "train/loss": loss})
-        reuse_scores = scores.detach()[~self.full_steps]
+        reuse_scores = scores.detach()[~self.full_steps][:, self.present]  # the slots a module executes
         self.log_dict(
             {
                 "train/loss": loss,
@@ -303,7 +320,8 @@ class RolloutRouterTrainer(RouterTrainer):
         x0 = self.rollout(trajectory.labels, seeds, gates)
         loss = F.mse_loss(x0, trajectory.final)
         self.check_finite({"train/loss": loss})
-        reuse, compute = ~self.full_steps, (gates.compute if isinstance(gates, RolloutGates) else gates).detach()
+        reuse = ~self.full_steps.view(-1, 1, 1) & self.present
+        compute = (gates.compute if isinstance(gates, RolloutGates) else gates).detach()
         self.log_dict(
             {
                 "train/loss": loss,
@@ -329,7 +347,7 @@ class RolloutRouterTrainer(RouterTrainer):
     def soft_gates(self, temperature: float) -> torch.Tensor | RolloutGates:
         """The training step's gates: sigmoid((logit − θ)/T) spending exactly the budget."""
         budget, costs = self.hparams.export_budget, self.branch_costs
-        return soft_select_by_budget(self.router.logits, self.full_steps, budget, costs, temperature)
+        return soft_select_by_budget(self.router.logits, self.full_steps, budget, costs, temperature, self.present)
 
     def plan_gates(self) -> torch.Tensor | RolloutGates:
         """The exported plan's gates (validation samples with them)."""
@@ -339,7 +357,8 @@ class RolloutRouterTrainer(RouterTrainer):
         """The exported plan's gates: 1 on the budget's computed slots (full steps included), 0 elsewhere."""
         costs = self.branch_costs.cpu()
         logits = self.router.logits.detach().cpu()
-        return select_by_budget(logits, self.full_steps.cpu(), self.hparams.export_budget, costs).to(self.device)
+        computed = select_by_budget(logits, self.full_steps.cpu(), self.hparams.export_budget, costs, self.present)
+        return computed.to(self.device)
 
     def rollout(self, labels, seeds: torch.Tensor, gates: torch.Tensor | RolloutGates) -> torch.Tensor:
         """x_0 sampled from the seeds' noise with every branch blended by `gates` [steps, blocks, branches]; step 0
@@ -385,7 +404,8 @@ class RolloutRouterTrainer(RouterTrainer):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Gradients are all-reduced by now: every rank scales the same.
         grad = self.router.logits.grad
-        grad.div_(self.branch_costs / self.branch_costs.mean())  # benefit per unit of work, as the budget counts
+        # Benefit per unit of work, as the budget counts (slots no module runs have no gradient and no work).
+        grad.div_(torch.where(self.present, self.cost_weights(), torch.ones_like(self.branch_costs)))
         for parameter in self.parameters():
             if parameter.grad is not None:
                 parameter.grad.div_(parameter.grad.pow(2).mean().sqrt().clamp_min(1e-20))
@@ -409,13 +429,14 @@ class RolloutRouterTrainer(RouterTrainer):
         return {**super().extra_provenance(), **({"selected": selected} if self.best.logits is not None else {})}
 
 
-def trajectory_state(runtime: CacheRuntime) -> TrajectoryState:
-    """The cache state of the runtime's current trajectory (after its first denoiser call)."""
-    return HookRegistry.check_if_exists_or_initialize(runtime.model).get_hook(STEP_HOOK).states.get_state()
+def trajectory_states(runtime: CacheRuntime) -> dict[str, TrajectoryState]:
+    """The cache states of the runtime's current trajectory, one per cache context (after its first denoiser call)."""
+    return dict(HookRegistry.check_if_exists_or_initialize(runtime.model).get_hook(STEP_HOOK).states._state_cache)
 
 
-class CheckpointedSteps(GuidedDenoiser):
-    """The rollout's denoiser with activation checkpointing per sampling step (`torch.utils.checkpoint`).
+class CheckpointedSteps:
+    """The rollout's denoiser (any: `GuidedDenoiser`, a family's `FamilyDenoiser`) with activation checkpointing per
+    sampling step (`torch.utils.checkpoint`).
 
     Step i's model call runs under its gates in a checkpointed region; the cache it starts from (every branch's
     output and history) is snapshotted before and restored when the backward pass recomputes the region, so the
@@ -423,22 +444,30 @@ class CheckpointedSteps(GuidedDenoiser):
     """
 
     def __init__(self, guidance: GuidedDenoiser, module: RolloutRouterTrainer, gates) -> None:
-        super().__init__(guidance.transformer, guidance.guidance_scale, guidance.class_table)
+        self.inner, self.transformer = guidance, guidance.transformer
         self.module, self.gates, self.calls = module, gates, 0
+
+    def set_timesteps(self, scheduler, num_steps: int) -> None:
+        self.inner.set_timesteps(scheduler, num_steps)
+
+    def guide(self, halves: torch.Tensor, channels: int) -> torch.Tensor:
+        return self.inner.guide(halves, channels)
 
     def raw(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
         step, self.calls = self.calls, self.calls + 1
         if step == 0:
-            return super().raw(x, t, condition)
-        state = trajectory_state(self.module.runtime)
-        saved = (state.step, state.batch_size, {k: (s.output, s.age, list(s.history)) for k, s in state.stores.items()})
+            return self.inner.raw(x, t, condition)
+        states = trajectory_states(self.module.runtime)  # one per cache context (cond / uncond calls)
+        saved = {name: (state.step, state.batch_size, {k: (s.output, s.age, list(s.history))
+                        for k, s in state.stores.items()}) for name, state in states.items()}  # fmt: skip
 
         def region(x: torch.Tensor) -> torch.Tensor:
-            state.step, state.batch_size = saved[0], saved[1]
-            state.stores.clear()
-            state.stores.update({k: BranchStore(o, a, {}, list(h)) for k, (o, a, h) in saved[2].items()})
+            for name, state in states.items():
+                state.step, state.batch_size, stores = saved[name]
+                state.stores.clear()
+                state.stores.update({k: BranchStore(o, a, {}, list(h)) for k, (o, a, h) in stores.items()})
             with self.module.blending(self.gates[step]):
-                return GuidedDenoiser.raw(self, x, t, condition)
+                return self.inner.raw(x, t, condition)
 
         return checkpoint(region, x, use_reentrant=False)
 
@@ -484,7 +513,8 @@ class ForecastRouterTrainer(RolloutRouterTrainer):
 
     def taylor_weights(self) -> torch.Tensor:
         """TaylorSeer's weights (order K − 1) at every slot, for the history the starting plan's computations leave."""
-        computed = select_by_budget(self.router.logits.detach(), self.full_steps, self.hparams.export_budget)
+        budget = self.hparams.export_budget
+        computed = select_by_budget(self.router.logits.detach(), self.full_steps, budget, present=self.present)
         actions = torch.where(computed, Action.COMPUTE, Action.FORECAST).to(torch.int8)
         plan = Plan(actions, torch.ones(actions.shape))
         K = self.hparams.history

@@ -141,6 +141,7 @@ class CachePolicy:
 
     def plan_for(self, spec: ModelSpec, timesteps: torch.Tensor) -> Plan:
         plan = self.build_plan(spec, len(timesteps))
+        plan.present = spec.present()
         plan.validate(len(timesteps), spec.num_blocks, len(spec.branches), source=f"policy {self.describe()!r}")
         return plan
 

@@ -34,25 +34,37 @@ def check_budget(budget: float, num_steps: int, refresh_interval: int) -> None:
 
 
 def budget_slots(
-    shape: torch.Size, full_steps: torch.Tensor, budget: float, costs: torch.Tensor | None
+    shape: torch.Size,
+    full_steps: torch.Tensor,
+    budget: float,
+    costs: torch.Tensor | None,
+    present: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Each slot's work (its branch's cost, mean 1; float64), the slots a budget chooses among (those of reuse
-    steps), and the work the budget leaves them once the full steps are paid."""
+    """Each slot's work (float64, mean 1 over the executed slots, 0 where no module runs: `present` [blocks,
+    branches]), the slots a budget chooses among (executed slots of reuse steps), and the work the budget leaves
+    them once the full steps are paid. `costs`: per branch kind [branches] or per slot [blocks, branches]."""
+    slots = torch.ones(shape[1:], dtype=torch.bool) if present is None else present.cpu().bool()
     weights = torch.ones(shape[-1]) if costs is None else torch.as_tensor(costs, dtype=torch.float64).cpu()
-    work = (weights / weights.mean()).to(torch.float64).expand(shape)
-    reuse = ~full_steps.cpu().view(-1, 1, 1).expand(shape)
+    per_slot = weights.to(torch.float64).expand(shape[1:]) * slots
+    work = (per_slot / per_slot[slots].mean()).expand(shape)
+    reuse = ~full_steps.cpu().view(-1, 1, 1).expand(shape) & slots
     return work, reuse, float(budget * work.sum() - work[~reuse].sum())
 
 
 def select_by_budget(
-    scores: torch.Tensor, full_steps: torch.Tensor, budget: float, costs: torch.Tensor | None = None
+    scores: torch.Tensor,
+    full_steps: torch.Tensor,
+    budget: float,
+    costs: torch.Tensor | None = None,
+    present: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Computed-slot mask: full steps, plus the best-scoring reuse-step slots until `budget` of all work runs.
 
-    `costs` [branches] weighs each slot by its branch's work (equal weights: a share of slots). A slot is taken
-    while at least half of its cost still fits, so equal weights round the slot count to the nearest integer.
+    `costs` ([branches] or [blocks, branches]) weighs each slot by its work (equal weights: a share of slots); slots
+    outside `present` (no module runs them) are neither work nor candidates (they stay True: nothing to skip). A slot
+    is taken while at least half of its cost still fits, so equal weights round the slot count to the nearest integer.
     """
-    work, reuse, room = budget_slots(scores.shape, full_steps, budget, costs)
+    work, reuse, room = budget_slots(scores.shape, full_steps, budget, costs, present)
     work, reuse = work.flatten(), reuse.flatten()
     order = torch.argsort(scores.flatten().masked_fill(~reuse, float("-inf")), descending=True, stable=True)
     order = order[: int(reuse.sum())]
@@ -63,13 +75,19 @@ def select_by_budget(
 
 
 def soft_select_by_budget(
-    logits: torch.Tensor, full_steps: torch.Tensor, budget: float, costs: torch.Tensor, temperature: float
+    logits: torch.Tensor,
+    full_steps: torch.Tensor,
+    budget: float,
+    costs: torch.Tensor,
+    temperature: float,
+    present: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gates in (0, 1) that spend exactly `budget` of all work: sigmoid((logit − θ)/T) on reuse-step slots, 1 on
     full steps, with the cut θ found by bisection. As T → 0 they become `select_by_budget`'s choice; at T > 0 a
     gate is a share of fresh output, so the sampling error is differentiable in every logit. θ is held fixed
-    in the backward pass (the gradient of a shift of all logits is what the cut absorbs)."""
-    work, reuse, room = budget_slots(logits.shape, full_steps, budget, costs)
+    in the backward pass (the gradient of a shift of all logits is what the cut absorbs). Slots outside `present`
+    cost nothing and spend nothing."""
+    work, reuse, room = budget_slots(logits.shape, full_steps, budget, costs, present)
     work, reuse = work.to(logits), reuse.to(logits.device)
     fixed = logits.detach()
     low, high = fixed.min() - 30 * temperature, fixed.max() + 30 * temperature
@@ -87,7 +105,9 @@ class LayerRouterPolicy(CachePolicy):
     refresh_interval: int = 2
     threshold: float | None = 0.5
     budget: float | None = None  # fraction of all branch work (full steps included) to compute
-    branch_costs: tuple[float, ...] | None = None  # relative work of each branch kind; None: equal
+    # Relative work of each branch kind [branches] or of each slot [blocks][branches] (0 where no module runs); None:
+    # equal.
+    branch_costs: tuple[float, ...] | tuple[tuple[float, ...], ...] | None = None
     logits: torch.Tensor | None = field(default=None, repr=False, kw_only=True)  # [steps, blocks, branches]
     # The forecast action: a slot left uncomputed forecasts where its logit is > 0 (else reuses), with the weights
     # [steps, blocks, branches, K] on its K newest computations. Both or neither.
@@ -104,10 +124,7 @@ class LayerRouterPolicy(CachePolicy):
         if self.budget is not None and not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"l2c policy: field 'budget' must be in [0, 1], got {self.budget}")
         if self.branch_costs is not None:
-            costs = tuple(self.branch_costs)
-            if not costs or not all(isinstance(c, (int, float)) and c > 0 and math.isfinite(c) for c in costs):
-                raise ValueError(f"l2c policy: field 'branch_costs' must be positive numbers, got {self.branch_costs}")
-            self.branch_costs = tuple(float(c) for c in costs)
+            self.branch_costs = _checked_costs(self.branch_costs)
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"l2c policy: field 'threshold' must be in [0, 1], got {self.threshold}")
         if (self.forecast_logits is None) != (self.forecast_weights is None):
@@ -120,25 +137,34 @@ class LayerRouterPolicy(CachePolicy):
             raise ValueError("l2c policy has no router logits (load it from a policy directory)")
         return torch.sigmoid(self.logits.float())
 
-    def computed_mask(self, num_steps: int) -> torch.Tensor:
+    def computed_mask(self, num_steps: int, present: torch.Tensor | None = None) -> torch.Tensor:
+        """Computed slots [steps, blocks, branches]; `present`: the slots a module executes (the budget's)."""
         scores = self.scores()
         if scores.shape[0] != num_steps:
             raise ValueError(f"l2c policy: router has {scores.shape[0]} steps, the run has {num_steps}")
         full = full_step_mask(num_steps, self.refresh_interval)
         if self.budget is not None:
             check_budget(self.budget, num_steps, self.refresh_interval)
-            if self.branch_costs is not None and len(self.branch_costs) != scores.shape[-1]:
+            costs = None if self.branch_costs is None else torch.tensor(self.branch_costs, dtype=torch.float64)
+            if costs is not None and costs.ndim == 1 and len(costs) != scores.shape[-1]:
                 raise ValueError(
-                    f"l2c policy: field 'branch_costs' has {len(self.branch_costs)} entries, the router "
-                    f"{scores.shape[-1]} branches"
+                    f"l2c policy: field 'branch_costs' has {len(costs)} entries, the router {scores.shape[-1]} branches"
                 )
-            return select_by_budget(scores, full, self.budget, self.branch_costs)
+            if costs is not None and costs.ndim == 2 and tuple(costs.shape) != tuple(scores.shape[1:]):
+                raise ValueError(
+                    f"l2c policy: field 'branch_costs' has shape {tuple(costs.shape)}, the router needs "
+                    f"(blocks, branches) = {tuple(scores.shape[1:])}"
+                )
+            return select_by_budget(scores, full, self.budget, costs, present)
         return (scores > self.threshold) | full.view(-1, 1, 1)
 
     def reuse_summary(self, num_steps: int) -> str:
         """`computed <n> of <m> branch slots in reuse steps`, as `import-l2c` and the trainer print it."""
+        present = None if self.target is None else self.target.model.present()
         reuse = ~full_step_mask(num_steps, self.refresh_interval)
-        computed = self.computed_mask(num_steps)[reuse]
+        computed = self.computed_mask(num_steps, present)[reuse]
+        if present is not None:
+            computed = computed[:, present]  # the slots a module executes
         return f"computed {int(computed.sum())} of {computed.numel()} branch slots in reuse steps"
 
     def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
@@ -149,7 +175,7 @@ class LayerRouterPolicy(CachePolicy):
                 f"(steps, blocks, branches) = {expected}"
             )
         plan = Plan.full(*expected)
-        skipped = ~self.computed_mask(num_steps)
+        skipped = ~self.computed_mask(num_steps, spec.present())
         plan.actions[skipped] = Action.REUSE
         if self.forecast_logits is not None:
             if tuple(self.forecast_logits.shape) != expected:
@@ -177,3 +203,22 @@ class LayerRouterPolicy(CachePolicy):
             for name, key in (("forecast_logits", "router.forecast_logits"), ("forecast_weights", "forecast.weights"))
         }
         return cls(**params, logits=tensors["router.logits"].float(), **forecast, target=target)
+
+
+def _checked_costs(costs) -> tuple:
+    """`branch_costs` as floats: positive per branch kind, or per slot [blocks][branches] ≥ 0 with some work."""
+
+    def number(c) -> bool:
+        return isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+
+    rows = tuple(costs)
+    if rows and all(isinstance(row, (list, tuple)) for row in rows):
+        table = tuple(tuple(row) for row in rows)
+        if all(number(c) and c >= 0 for row in table for c in row) and any(c > 0 for row in table for c in row):
+            return tuple(tuple(float(c) for c in row) for row in table)
+    elif rows and all(number(c) and c > 0 for c in rows):
+        return tuple(float(c) for c in rows)
+    raise ValueError(
+        f"l2c policy: field 'branch_costs' must be positive numbers per branch, or numbers ≥ 0 per (block, branch) "
+        f"with some positive, got {costs}"
+    )
