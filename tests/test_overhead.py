@@ -24,8 +24,9 @@ def test_overhead_rows_on_a_small_dit(tmp_path, capsys):
     assert rows["no hooks"]["speedup"] == 1.0 and rows["full"]["flops_ratio"] == 1.0
     # Steps 0 and 2 of 4 compute the blocks; the patch embedding and output head run at every step.
     assert 0.5 < rows["static every-2"]["flops_ratio"] < 0.65
-    # The cache holds, per sample, every branch's output (16 tokens × 16 channels, fp32) and token ages (int64).
-    per_branch = 16 * 16 * 4 + 16 * 8
+    # The cache holds, per sample, every branch's output (16 tokens × 16 channels, fp32); token ages are built only
+    # when something reads them (a token selector, a partial step), and nothing does under `full`.
+    per_branch = 16 * 16 * 4
     assert rows["full"]["cache_bytes_per_sample"] == 2 * 2 * per_branch  # 2 blocks × (attn1, ff)
     assert rows["no hooks"]["cache_bytes_per_sample"] == 0
     assert rows["full"]["activation_bytes_per_sample"] > rows["full"]["cache_bytes_per_sample"]
@@ -68,3 +69,21 @@ def test_cache_memory_counts_a_forecasting_branchs_newest_history_entry_once():
     store = BranchStore(output=output, age=torch.zeros(2, 4, dtype=torch.long))
     store.history = [Computed(1, 1.0, output), Computed(0, 2.0, older)]
     assert overhead.tensor_bytes(store) == 2 * (2 * 4 * 8 * 4) + 2 * 4 * 8
+
+
+def test_flux_shaped_rows_at_a_tiny_width(tmp_path):
+    """`--family flux`: double then single blocks (3 branches each), shared block weights, static every-2's FLOPs."""
+    # FluxOverheadSetup's default text and pooled widths are Flux.1's (4096, 768); tiny ones here.
+    out = tmp_path / "flux.json"
+    argv = ["--family", "flux", "--layers", "2", "--single-layers", "2", "--heads", "2", "--head-dim", "8"]
+    argv += ["--latent-size", "4", "--text-tokens", "2", "--text-dim", "16", "--pooled-dim", "16", "--steps", "4"]
+    assert overhead.main([*argv, "--repeats", "1", "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == {"no hooks", "full", "static every-2"}
+    assert result["setup"]["runtime_cost"]["branch_calls_per_run"] == 4 * (2 + 2) * 3  # steps × blocks × branches
+    assert rows["full"]["flops_ratio"] == 1.0 and 0.5 < rows["static every-2"]["flops_ratio"] < 0.65
+    model = overhead.build_model(overhead.FluxOverheadSetup(layers=2, single_layers=3, heads=2, head_dim=8))
+    assert len(model.transformer_blocks) == 2 and len(model.single_transformer_blocks) == 3
+    first, last = model.single_transformer_blocks[0], model.single_transformer_blocks[-1]
+    assert first is not last and first.proj_out.weight.data_ptr() == last.proj_out.weight.data_ptr()
