@@ -13,7 +13,7 @@ import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 from diffusers.hooks.hooks import BaseState
@@ -54,54 +54,18 @@ class Computed:
     output: BranchOutput  # [batch, tokens, channels] (per stream)
 
 
+@dataclass
 class BranchStore:
-    """A branch's cached output for one trajectory, and each token's age in steps since computed.
+    """A branch's cached output for one trajectory, and each token's age in steps since computed."""
 
-    The ages are lazy, so that the plan's common path (compute, reuse, forecast) touches no tensor: a whole
-    computation notes only which output's tokens were computed (every age 0), a reuse or forecast adds 1 to a
-    Python count, and `age` builds the tensor when something reads it (a token selector, a partial step).
-    """
-
-    __slots__ = ("output", "keys_values", "history", "_age", "_aged", "_computed")
-
-    def __init__(
-        self,
-        output: BranchOutput | None = None,
-        age: torch.Tensor | None = None,
-        keys_values: dict[str, torch.Tensor] | None = None,
-        history: list[Computed] | None = None,
-    ) -> None:
-        self.output = output  # [batch, tokens, channels] (per stream)
-        # Self-attention under `partial_keys="cached"`: each token's key and value projections ("to_k", "to_v",
-        # [batch, tokens, inner]) as of the step the token was last computed.
-        self.keys_values = {} if keys_values is None else keys_values
-        # Branches whose plan forecasts: the last K full-batch computations, newest first (empty on the others, which
-        # keep only `output`). `history[0].output` is `output` itself until a partial step replaces `output`.
-        self.history = [] if history is None else history
-        self.age = age
-
-    @property
-    def age(self) -> torch.Tensor | None:
-        """[batch, tokens] of the first (image) stream, int64: steps since each token was last computed."""
-        if self._computed is not None:  # every token computed `_aged` steps ago
-            image = self._computed
-            self._age = torch.full(image.shape[:2], self._aged, dtype=torch.long, device=image.device)
-        elif self._aged:
-            self._age = self._age + self._aged
-        self._computed, self._aged = None, 0
-        return self._age
-
-    @age.setter
-    def age(self, value: torch.Tensor | None) -> None:
-        self._age, self._aged, self._computed = value, 0, None
-
-    def computed(self, image: torch.Tensor) -> None:
-        """Every token of `image` (the output's first stream, [batch, tokens, ...]) was just computed: age 0."""
-        self._age, self._aged, self._computed = None, 0, image
-
-    def aged(self) -> None:
-        """One more step passed without computing any token (a reuse or a forecast)."""
-        self._aged += 1
+    output: BranchOutput | None = None  # [batch, tokens, channels] (per stream)
+    age: torch.Tensor | None = None  # [batch, tokens] of the first (image) stream, int64
+    # Self-attention under `partial_keys="cached"`: each token's key and value projections ("to_k", "to_v",
+    # [batch, tokens, inner]) as of the step the token was last computed.
+    keys_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Branches whose plan forecasts: the last K full-batch computations, newest first (empty on the others, which
+    # keep only `output`). `history[0].output` is `output` itself until a partial step replaces `output`.
+    history: list[Computed] = field(default_factory=list)
 
     def remember(self, computed: Computed, keep: int) -> None:
         """Put a computation at the front of the history and drop what is older than the last `keep`."""
@@ -143,11 +107,9 @@ class SelectionRequest:
     state: TrajectoryState | None = None  # the trajectory, for selectors that read `state.signals`
 
 
-class BranchCall(NamedTuple):
-    """One branch execution, as `CachePolicy.observe` and `CachePolicy.token_pruning` see it.
-
-    A named tuple, not a frozen dataclass: it is built at every branch call, and this is ~3x cheaper to build.
-    """
+@dataclass(frozen=True)
+class BranchCall:
+    """One branch execution, as `CachePolicy.observe` and `CachePolicy.token_pruning` see it."""
 
     step: int
     block: int

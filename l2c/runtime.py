@@ -9,7 +9,6 @@ hooks sit on the branch modules (`attn1`, `attn2`, `ff`) that the block then gat
 from __future__ import annotations
 
 import inspect
-import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -114,22 +113,16 @@ class Execution:
 
 
 def _timestep_argument(model: nn.Module) -> Callable[[tuple, dict], torch.Tensor]:
-    parameters = list(inspect.signature(model.forward).parameters.values())
-    names = [p.name for p in parameters]
-    if "timestep" not in names:
+    signature = inspect.signature(model.forward)
+    if "timestep" not in signature.parameters:
         raise TypeError(f"{type(model).__name__}.forward takes no `timestep`; l2c cannot tell which step runs")
-    # Where a positional call puts it (None: keyword-only), read without binding the signature at every call.
-    position = names.index("timestep")
-    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters[: position + 1]):
-        position = None
 
     def read(args: tuple, kwargs: dict) -> torch.Tensor:
-        value = kwargs.get("timestep")
-        if value is None and position is not None and position < len(args):
-            value = args[position]
+        bound = signature.bind_partial(*args, **kwargs)
+        value = bound.arguments.get("timestep")
         if value is None:
             raise ValueError(f"{type(model).__name__} was called without `timestep`; l2c needs it to pick the step")
-        return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+        return torch.as_tensor(value)
 
     return read
 
@@ -165,7 +158,6 @@ class StepTrackerHook(ModelHook):
 
     @torch.compiler.disable
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
-        self.runtime.running = None
         if self.runtime.paused:
             state = running_state(self.states)
             if state is not None:
@@ -184,12 +176,10 @@ class StepTrackerHook(ModelHook):
                 f"(step {step}); the cache holds one row per sample"
             )
         state.step, state.batch_size, state.running = step, batch_size, True
-        self.runtime.running = state
         return args, kwargs
 
     @torch.compiler.disable
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        self.runtime.running = None
         state = running_state(self.states)
         if state is not None:
             state.running = False
@@ -204,14 +194,15 @@ class StepTrackerHook(ModelHook):
 class BlocksHook(ModelHook):
     """On the first transformer block: the "before the blocks" point, once per denoiser call, with its input."""
 
-    def __init__(self, runtime: CacheRuntime) -> None:
+    def __init__(self, runtime: CacheRuntime, states: StateManager) -> None:
         super().__init__()
         self.runtime = runtime
+        self.states = states
 
     @torch.compiler.disable
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
-        state = self.runtime.running
-        if state is not None and state.running:
+        state = running_state(self.states)
+        if state is not None:
             self.runtime.before_blocks(
                 BlockInput(state.step, state, self.runtime.model, self.runtime.plan, args, kwargs)
             )
@@ -248,6 +239,7 @@ class BranchHook(ModelHook):
         self.branch_index = branch_index
         self.states = states
         self.partial_ok = token_partial_supported(branch)
+        self._kept: tuple[Plan | None, int] | None = None  # (plan, computations kept): see `_remember`
         # `partial_keys="cached"` reads attn1's key/value projections through temporary forward hooks.
         self.hooks_projections = branch.name == "attn1" and runtime.partial_keys == "cached"
         self.key = (branch.block, branch.name)  # of its store in `TrajectoryState.stores`
@@ -280,30 +272,28 @@ class BranchHook(ModelHook):
         """This call's execution, what the extension points see of it, and the policy's probe (None: unhooked).
 
         One eager frame, so a compiled caller leaves the compiler once per branch call; no host-device sync unless
-        the policy decides per sample (`_split_rows` then reads the decision's codes). The step and its trajectory
-        are resolved once per denoiser call (`CacheRuntime.running`), the plan's executions once per plan.
+        the policy decides per sample (`_split_rows` then reads the decision's codes).
         """
-        runtime = self.runtime
-        state = runtime.running
-        if state is None or not state.running:  # a probe may mark its trajectory not running, to pass a call through
+        state = running_state(self.states)
+        if state is None:
             return None
         branch = self.branch
         store = state.stores.get(self.key)
         if store is None:
             store = state.stores[self.key] = BranchStore()
-        run = runtime.execution(state, branch, self.branch_index, store)
-        action = run.action
-        if (action is not Action.COMPUTE or run.rows is not None) and store.output is None:
-            verb = "reuse rows of" if run.rows is not None else action.name.lower()
+        run = self.runtime.execution(state, branch, self.branch_index, store)
+        if (run.action != Action.COMPUTE or run.rows is not None) and store.output is None:
+            verb = "reuse rows of" if run.rows is not None else run.action.name.lower()
             raise RuntimeError(
                 f"plan asks to {verb} block {branch.block} {branch.name} at step "
                 f"{state.step}, but no step of this run computed it yet"
             )
-        runtime.count(action)
+        self.runtime.executed[run.action] += 1
+        plan = self.runtime.plan
         call = BranchCall(
-            state.step, branch.block, branch.name, action, run.rows, module, store, state, runtime.plan, args, kwargs
+            state.step, branch.block, branch.name, run.action, run.rows, module, store, state, plan, args, kwargs
         )
-        return call, run, runtime.policy.observe(call) if runtime.observes else None
+        return call, run, self.runtime.probe(call)
 
     # -- one method per action ------------------------------------------------------------------------------------
     def _compute(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
@@ -313,22 +303,20 @@ class BranchHook(ModelHook):
             return self._blend(original, store, run, args, kwargs)
         if run.rows is not None:
             return self._rows(original, store, run.rows, args, kwargs)
-        pruning = self.runtime.policy.token_pruning(call) if self.runtime.prunes else None
+        pruning = self.runtime.policy.token_pruning(call)
         if pruning is not None:
             output = self._pruned(original, store, pruning, args, kwargs)
-        elif self.hooks_projections:
+        else:
             with self._keys_values(call.module, store):
                 output = original(*args, **kwargs)
             store.output = output
-            store.computed(first_stream(output))
-        else:
-            output = store.output = original(*args, **kwargs)
-            store.computed(first_stream(output))
+            image = first_stream(output)
+            store.age = torch.zeros(image.shape[:2], dtype=torch.long, device=image.device)
         self._remember(call, output)
         return output
 
     def _reuse(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
-        call.store.aged()
+        call.store.age += 1
         return call.store.output
 
     def _partial(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
@@ -384,7 +372,7 @@ class BranchHook(ModelHook):
                 f"plan asks to forecast block {call.block} {call.branch} at step {call.step}, but it keeps no "
                 "history: its plan never forecasts this branch (a `decide` may forecast only where the plan does)"
             )
-        call.store.aged()
+        call.store.age += 1
         return self._predict(call)
 
     RUNNERS: dict[Action, Runner] = {
@@ -397,15 +385,19 @@ class BranchHook(ModelHook):
     # -- the history forecasts read -----------------------------------------------------------------------------------
     def _remember(self, call: BranchCall, output: torch.Tensor) -> None:
         """Keep a whole-batch computation in the history, on branches whose plan forecasts (K from the forecaster)."""
-        keep = self.runtime.kept(self.branch.block, self.branch_index)
+        plan, forecaster = self.runtime.plan, or_default(self.runtime.policy.forecaster)
+        if self._kept is None or self._kept[0] is not plan:
+            self._kept = (plan, kept_history(plan, forecaster, self.branch.block, self.branch_index))
+        keep = self._kept[1]
         if keep:
-            call.store.remember(Computed(call.step, self.runtime.timestep_values[call.step], output), keep)
+            timestep = float(self.runtime.timesteps[call.step])
+            call.store.remember(Computed(call.step, timestep, output), keep)
 
     def _predict(self, call: BranchCall) -> torch.Tensor:
-        history = call.store.history
+        history, timesteps = call.store.history, self.runtime.timesteps
         request = ForecastRequest(
             call.step,
-            self.runtime.timestep_values[call.step],
+            float(timesteps[call.step]),
             call.block,
             call.branch,
             self.branch_index,
@@ -495,7 +487,7 @@ class BranchHook(ModelHook):
         )  # fmt: skip
         if run.refresh:
             step = running_state(self.states).step
-            computed = Computed(step, self.runtime.timestep_values[step], fresh)
+            computed = Computed(step, float(self.runtime.timesteps[step]), fresh)
             store.history = soft_push(history, computed, compute)
             store.output = map_streams(lambda new, kept: compute * new + (1 - compute) * kept, fresh, cached)
         else:
@@ -593,14 +585,9 @@ class CacheRuntime:
         self.branch_names = self.spec.branches
         self.selector: TokenSelector = policy.token_selector()
         self.partial_keys = policy.partial_keys
-        self._counts = [0] * len(Action)  # branch calls per action code (`executed`)
-        self._counted: list[Action] = []  # the actions in the order they first ran
+        self.executed: Counter[Action] = Counter()
         # Per branch call, only the extension points the policy overrides are called (the base ones are no-ops).
-        self._decides = _overrides(policy, "decide")
-        self.observes, self.prunes = _overrides(policy, "observe"), _overrides(policy, "token_pruning")
-        # The trajectory whose denoiser call is in progress (None: none, or paused), set by the step hook once per
-        # call, so that a branch call looks up nothing to find it.
-        self.running: TrajectoryState | None = None
+        self._decides, self._observes = (_overrides(policy, name) for name in ("decide", "observe"))
         self._paused = False
         self._blend: Blend | None = None
         self._timesteps: torch.Tensor | None = None
@@ -616,36 +603,10 @@ class CacheRuntime:
 
     # -- steps and plan ---------------------------------------------------------------------------
     def _bind(self, timesteps: torch.Tensor) -> None:
-        """Take a step table and its plan, and lay the plan out as Python (read at every branch call)."""
         self._timesteps = timesteps.detach().to("cpu", torch.float64).flatten()
-        self.timestep_values: list[float] = self._timesteps.tolist()
-        plan = self._plan = self.policy.plan_for(self.spec, self._timesteps)
-        shared: dict[tuple[int, float], Execution] = {}  # one record per distinct (action, ratio)
-
-        def execution(action: int, ratio: float) -> Execution:
-            return shared.setdefault((action, ratio), Execution(Action(action), ratio))
-
-        self._executions = [
-            [[execution(*slot) for slot in zip(actions, ratios, strict=True)] for actions, ratios in zip(*step)]
-            for step in zip(plan.actions.tolist(), plan.token_ratio.tolist(), strict=True)
-        ]
-        forecaster = or_default(self.policy.forecaster)
-        blocks, branches = plan.actions.shape[1:]
-        self._kept = [[kept_history(plan, forecaster, b, i) for i in range(branches)] for b in range(blocks)]
-
-    def kept(self, block: int, branch_index: int) -> int:
-        """How many whole computations the branch keeps for forecasts (0: only its last output)."""
-        return self._kept[block][branch_index]
-
-    @property
-    def executed(self) -> Counter[Action]:
-        """Branch calls so far, by the action they ran."""
-        return Counter({action: self._counts[action] for action in self._counted})
-
-    def count(self, action: Action) -> None:
-        if not self._counts[action]:
-            self._counted.append(action)
-        self._counts[action] += 1
+        self._plan = self.policy.plan_for(self.spec, self._timesteps)
+        self._actions = [[[Action(a) for a in branches] for branches in step] for step in self._plan.actions.tolist()]
+        self._ratios = self._plan.token_ratio.tolist()
 
     @property
     def plan(self) -> Plan | None:
@@ -661,11 +622,11 @@ class CacheRuntime:
         return self._paused
 
     def step_of(self, timestep: torch.Tensor) -> int:
-        values = timestep.detach().flatten().tolist()  # one device-to-host copy per denoiser call
-        if not values:
+        values = timestep.detach().flatten().to("cpu", torch.float64)
+        if values.numel() == 0:
             raise ValueError("empty timestep tensor")
-        if any(v != values[0] for v in values):
-            raise ValueError(f"samples in one batch are at different timesteps {sorted(set(values))}")
+        if not bool((values == values[0]).all()):
+            raise ValueError(f"samples in one batch are at different timesteps {values.unique().tolist()}")
         value = float(values[0]) * self.timestep_scale
         self._follow_pipeline()
         index = self._record(value) if self._recording else self._lookup(value)
@@ -703,14 +664,9 @@ class CacheRuntime:
     def _lookup(self, value: float) -> int | None:
         if self._timesteps is None:
             return None
-        # torch.isclose(table, value, atol=tolerance) in Python floats: the pipeline's float32 `timestep / 1000`,
-        # scaled back, is within `tolerance`.
-        allowed = 1e-4 * self.timestep_scale + abs(1e-5 * value)
-        for index, known in enumerate(self.timestep_values):
-            error = abs(known - value)
-            if known == value or (math.isfinite(error) and error <= allowed):
-                return index
-        return None
+        tolerance = 1e-4 * self.timestep_scale  # the pipeline's float32 `timestep / 1000`, scaled back
+        hits = torch.nonzero(torch.isclose(self._timesteps, torch.tensor(value, dtype=torch.float64), atol=tolerance))
+        return int(hits[0, 0]) if len(hits) else None
 
     def image_tokens(self, args: tuple, kwargs: dict) -> int | None:
         """The image token count of a denoiser call (None: the model family does not say); checked against the
@@ -730,22 +686,22 @@ class CacheRuntime:
             dynamic = self.policy.decide(step, block, branch_index, state)
             if dynamic is not None:
                 return dynamic
-        planned = self._executions[step][block][branch_index]
-        return planned.action, planned.ratio
+        return self._actions[step][block][branch_index], self._ratios[step][block][branch_index]
 
     def execution(self, state: TrajectoryState, branch: Branch, branch_index: int, store: BranchStore) -> Execution:
-        """How a branch runs now: a training blend (once the branch has a cached output), else the decision (the
-        plan's own record, built once per plan, unless the policy's `decide` answers)."""
+        """How a branch runs now: a training blend (once the branch has a cached output), else the decision."""
         blend = self._blend
         if blend is not None and blend.gates is not None and store.output is not None:
             return Execution(Action.COMPUTE, gate=blend.gates[branch.block, branch_index], refresh=blend.refresh)
-        if not self._decides:
-            return self._executions[state.step][branch.block][branch_index]
         action, ratio = self.decision(state.step, branch.block, branch_index, state)
         if isinstance(action, torch.Tensor):  # a per-sample decision: one action code per batch row
             action, rows = _split_rows(action, state.step, branch)
             return Execution(action, ratio, rows)
         return Execution(action, ratio)
+
+    def probe(self, call: BranchCall) -> AbstractContextManager | None:
+        """The policy's `observe` context for this branch execution (None: nothing observes it)."""
+        return self.policy.observe(call) if self._observes else None
 
     def before_blocks(self, point: BlockInput) -> None:
         self.policy.before_blocks(point)
@@ -768,7 +724,7 @@ class CacheRuntime:
         try:
             step_hook = StepTrackerHook(self)
             HookRegistry.check_if_exists_or_initialize(self.model).register_hook(step_hook, STEP_HOOK)
-            blocks_hook = BlocksHook(self)
+            blocks_hook = BlocksHook(self, step_hook.states)
             HookRegistry.check_if_exists_or_initialize(first_block).register_hook(blocks_hook, BLOCKS_HOOK)
             index = {name: i for i, name in enumerate(self.branch_names)}
             for branch in self.branches:

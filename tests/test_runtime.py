@@ -540,17 +540,3 @@ def test_a_failed_apply_keeps_foreign_hooks_and_their_registry(monkeypatch):
         l2c.load_policy("full").apply(model, timesteps=ddim_timesteps(2))
     assert module_snapshot(model) == before
     assert model._diffusers_hook.hooks == {"user": foreign}
-
-
-def test_token_ages_are_built_only_when_read_and_count_the_steps_since_computed():
-    from l2c.extension import BranchStore
-
-    output = torch.zeros(2, 3, 4)
-    store = BranchStore(output=output)
-    store.computed(output)
-    store.aged()
-    store.aged()
-    assert torch.equal(store.age, torch.full((2, 3), 2))
-    store.age = store.age.scatter(1, torch.tensor([[0], [2]]), 0)
-    store.aged()
-    assert store.age.tolist() == [[1, 3, 3], [3, 3, 1]]
