@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import queue as queue_module
 import sys
 import tempfile
 import threading
@@ -185,7 +186,15 @@ def in_fresh_process(kind: str, *args) -> tuple[int, float]:
     queue = context.Queue()
     process = context.Process(target=xl_probe, args=(kind, *args, queue))
     process.start()
-    result = queue.get()
+    while True:  # a child killed (e.g. out of memory) puts nothing: say so instead of waiting forever
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                code = process.exitcode
+                message = f"the {kind!r} probe died (exit code {code}; -9: killed, e.g. out of memory)"
+                raise RuntimeError(message) from None
     process.join()
     return result
 
