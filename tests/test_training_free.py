@@ -199,11 +199,11 @@ def test_cross_attention_capture_applies_the_text_mask():
 # == ToCa ==========================================================================================================
 def test_toca_published_schedule_and_plan():
     spec = tiny_spec()
-    policy = ToCaPolicy(preset="dit-paper").resolved(spec)
+    policy = ToCaPolicy().resolved(spec)
     assert (policy.ratio, policy.score, policy.bonus, policy.grid) == (0.07, "attention", 0.6, 2)
-    # The DiT default: the paper's schedule, tokens ranked by staleness (what worked on the embedded DiT teacher).
-    default = ToCaPolicy().resolved(spec)
-    assert default.score == "none" and dataclasses.replace(default, score="attention", preset="dit-paper") == policy
+    # `score=none` keeps the paper's schedule and ranks by staleness alone.
+    stalest = ToCaPolicy(score="none").resolved(spec)
+    assert dataclasses.replace(stalest, score="attention") == policy
     table = policy.ratio_table(spec, 50)
     # ratio · (1 − w + 2w·s/S) · (1 + w' − 2w'·b/(B−1)) · branch factor, clamped to [0, 1]
     for step, block in ((40, 0), (49, 1), (30, 1)):
@@ -624,7 +624,7 @@ def test_presets_load_through_load_policy(preset, cls, params):
     ("preset", "word"),
     [
         ("toca:score=bogus", "score"),
-        ("toca:preset=dit-xl", r"field 'preset' must be one of \['dit', 'dit-paper', 'flux', 'pixart'\]"),
+        ("toca:preset=dit-xl", r"field 'preset' must be one of \['dit', 'flux', 'pixart'\]"),
         ("toca:interval=0", "interval"),
         ("duca:ratio=-1", "ratio"),
         ("toca:bogus=1", "unknown option"),

@@ -13,8 +13,8 @@ text (PixArt), the value-norm score (DuCa's V-caching) or nothing; `age` is the 
 computed in that branch. s is measured only on full steps whose block has a partial step before its next full
 step, by reading the attention module's own q/k (or v) projections (see `scores.py`).
 
-Fields left `None` take the settings of the model family the policy is applied to (`presets`), or those of the
-preset named by `preset` (`toca:preset=dit-paper`: the paper's DiT-XL/2 setting, attention score included).
+Fields left `None` take the settings of the model family the policy is applied to (`presets`: the paper's DiT-XL/2
+and PixArt-α settings), or those of the preset named by `preset`. `toca:score=none` ranks by staleness alone.
 """
 
 from __future__ import annotations
@@ -81,11 +81,6 @@ DIT_DDIM50 = dict(
     attn2_factor=1.0,
     ff_factor=2.5,
 )
-# The DiT default: the paper's schedule, tokens ranked by staleness (score none). Measured on the one DiT teacher we
-# have (the embedded digits DiT, 64 tokens, DDIM 20; docs/training_free.md "Which tokens"): ToCa's attention score
-# selects no better than the stalest tokens, at the paper's schedule and at a flat 25% share, and costs a q·kᵀ per
-# scored block. The paper's setting stays the named preset `dit-paper`.
-DIT = {**DIT_DDIM50, "score": "none"}
 # FLUX.1 (double and single blocks): not the paper's FLUX setting (its code for FLUX is not followed here) but a plain
 # one, untuned: 30% of the image tokens on every partial step of every per-token branch (`ff`, the single blocks'
 # `proj_mlp` and `proj_out`; text tokens are always recomputed, see l2c.runtime), the joint attention and the text
@@ -119,7 +114,7 @@ PIXART_ALPHA = dict(
 @dataclass
 class ToCaPolicy(CachePolicy):
     kind = "toca"
-    presets: ClassVar[dict[str, dict]] = {"dit": DIT, "dit-paper": DIT_DDIM50, "pixart": PIXART_ALPHA, "flux": FLUX}
+    presets: ClassVar[dict[str, dict]] = {"dit": DIT_DDIM50, "pixart": PIXART_ALPHA, "flux": FLUX}
     knob_ranges: ClassVar[dict[str, Range]] = {
         "interval": at_least(1),
         "ratio": FRACTION,
