@@ -17,11 +17,17 @@ its backward) against one teacher forward, and peak memory: the resident-set hig
 during one training step, against the same during one sampling step's forward + backward through the teacher, each
 measured in a fresh process (memory freed by one measurement is not reused by the next). Targets: ≤ 4 teacher
 forwards of time per trained sampling step; peak memory ≤ 3× one sampling step's forward + backward.
+
+The probes run with glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_`, 128 KiB) so that a freed tensor goes
+back to the system and the resident set follows the live tensors, as a GPU's allocated bytes do. With glibc's
+default (a threshold that rises to the largest freed block) the freed activations of each recomputed step stay in
+the heap and the resident set reads several times the live memory (`--glibc-default` measures that way).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import queue as queue_module
@@ -29,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
@@ -109,6 +116,9 @@ XL_TABLE = (
     Column("peak MB (one step fwd+bwd)", ".0f", value=lambda row: row["peak_one_step_bytes"] / 2**20),
     Column("memory ratio", ".2f", key="memory_ratio"),
 )
+
+
+MMAP_THRESHOLD = 128 * 1024  # bytes: larger allocations are mapped, and unmapped when freed
 
 
 def resident_bytes() -> int:
@@ -199,12 +209,28 @@ def in_fresh_process(kind: str, *args) -> tuple[int, float]:
     return result
 
 
+@contextlib.contextmanager
+def probe_environment(name: str, value: str | None) -> Iterator[None]:
+    """`name=value` in the environment the probes' fresh processes start with (None: as it is), then restored."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def measure_xl(args: argparse.Namespace) -> dict:
     """The forecast trainer at DiT-XL/2 shape (or the shape given): time and peak memory, each in its own process."""
     from bench.overhead import OverheadSetup, build_model
 
     shape = OverheadSetup(layers=args.layers, heads=args.heads, head_dim=args.head_dim, latent_size=args.latent_size)
-    with tempfile.TemporaryDirectory() as directory:
+    threshold = None if args.glibc_default else str(MMAP_THRESHOLD)
+    with tempfile.TemporaryDirectory() as directory, probe_environment("MALLOC_MMAP_THRESHOLD_", threshold):
         build_model(shape).save_pretrained(directory)
         probe = (directory, args.steps, args.xl_budget, args.xl_batch_size)
         forward_s = min(in_fresh_process("forward", *probe)[1] for _ in range(args.repeats))
@@ -213,6 +239,7 @@ def measure_xl(args: argparse.Namespace) -> dict:
     tokens = (args.latent_size // 2) ** 2
     return {
         "shape": f"{args.layers} blocks, hidden {args.heads * args.head_dim}, {tokens} tokens",
+        "malloc_mmap_threshold": threshold or "glibc default",
         "steps": args.steps,
         "batch_size": args.xl_batch_size,
         "budget": args.xl_budget,
@@ -242,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     xl.add_argument("--steps", type=int, default=20)
     xl.add_argument("--xl-batch-size", type=int, default=2)
     xl.add_argument("--xl-budget", type=float, default=0.5)
+    xl.add_argument("--glibc-default", action="store_true", help="measure with glibc's default mmap threshold")
     args = parser.parse_args(argv)
     if args.xl:
         row = measure_xl(args)

@@ -64,7 +64,8 @@ class BranchStore:
     # [batch, tokens, inner]) as of the step the token was last computed.
     keys_values: dict[str, torch.Tensor] = field(default_factory=dict)
     # Branches whose plan forecasts: the last K full-batch computations, newest first (empty on the others, which
-    # keep only `output`). `history[0].output` is `output` itself until a partial step replaces `output`.
+    # keep only `output`). `history[0].output` is `output` itself until a partial step replaces `output`. Training
+    # with three actions makes the history soft (`l2c.forecast.SoftComputed`): the cache is then its h_0.
     history: list[Computed] = field(default_factory=list)
 
     def remember(self, computed: Computed, keep: int) -> None:

@@ -471,7 +471,9 @@ class BranchHook(ModelHook):
 
         With `refresh` the computation is remembered as at inference (a soft push with weight g_c: the history and
         the cache `h_0` become what they would be after computing with probability g_c); at 0/1 gates every output
-        equals the inference's for the same plan and weights exactly.
+        equals the inference's for the same plan and weights exactly. Once the history is soft, the cache `h_0` is
+        read from it and `store.output` stays the last hard output: keeping the blended `h_0` as well would hold a
+        second tensor per slot and step for the backward pass, read by nothing.
         """
         gates: SlotGates = run.gate
         history = soft_history(store.history, store.output, len(gates.weights))
@@ -489,7 +491,6 @@ class BranchHook(ModelHook):
             step = running_state(self.states).step
             computed = Computed(step, float(self.runtime.timesteps[step]), fresh)
             store.history = soft_push(history, computed, compute)
-            store.output = map_streams(lambda new, kept: compute * new + (1 - compute) * kept, fresh, cached)
         else:
             store.history = history
         return mixed
