@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .adapters import ModelSpec, model_spec
 from .evaluate import CacheMethod, Row, SamplingSetup, SideBySide, measure_rows, quality_for
 from .metrics import psnr_db
 from .models import ModelBundle, load_model
@@ -66,15 +67,19 @@ class CompareConfig(SamplingSetup):
 
 
 # -- rows of each method ----------------------------------------------------------------------------------------------
-def preset_rows(method: str, presets: list[str], notes: list[str]) -> list[Row]:
-    """Rows from policy presets; a preset that does not parse (e.g. a kind not registered yet) is skipped with a
-    note, the others are kept."""
+def preset_rows(method: str, presets: list[str], notes: list[str], spec: ModelSpec) -> list[Row]:
+    """Rows from policy presets; a preset that does not parse (e.g. a kind not registered yet) or does not apply
+    to this model (DaTo prunes DiT's `attn1`, which a Flux model has not) is skipped with a note, the others are
+    kept."""
     rows = []
     for preset in presets:
         try:
-            rows.append(Row(method, preset, parse_preset(preset)))
+            policy = parse_preset(preset)
+            policy.check_model(spec)
         except ValueError as error:
             notes.append(f"skipped {method} ({preset}): {error}")
+            continue
+        rows.append(Row(method, preset, policy))
     return rows
 
 
@@ -314,13 +319,14 @@ def peer_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> l
 
 
 def build_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> list[Row]:
+    spec = model_spec(bundle.transformer)
     rows = [Row("uncached", "full (hooks on, nothing reused)", FullPolicy())]
     rows += fewer_steps_rows(config)
-    rows += preset_rows("static every-N", static_presets(config), notes)
-    rows += preset_rows("ToCa", interval_presets("toca", config), notes)
+    rows += preset_rows("static every-N", static_presets(config), notes, spec)
+    rows += preset_rows("ToCa", interval_presets("toca", config), notes, spec)
     if not config.quick:  # a quick run leaves out ToCa's variant
-        rows += preset_rows("DuCa", interval_presets("duca", config), notes)
-    rows += preset_rows("DaTo", interval_presets("dato", config), notes)
+        rows += preset_rows("DuCa", interval_presets("duca", config), notes, spec)
+    rows += preset_rows("DaTo", interval_presets("dato", config), notes, spec)
     rows += l2c_rows(config, notes)
     rows += tokencache_rows(config, notes)
     rows += peer_rows(config, bundle, notes)

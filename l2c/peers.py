@@ -5,12 +5,13 @@ diffusers' own First Block Cache and TaylorSeer hooks, and cache-dit's DBCache (
 returns a context manager whose value has `executed` and `plan`, and `describe()` names the setting. A peer is
 applied for one sampling run, with the cache context its hooks need, and removed afterwards, leaving the model as
 it was (hooks, patched `forward`s and every attribute the peer added). `executed` counts the branch calls that
-really ran (COMPUTE) and those the peer skipped or predicted (REUSE), read from forward hooks on the first
-projection inside each branch, which only fire when the branch itself runs.
+really ran (COMPUTE) and those the peer skipped or predicted (REUSE), read from counters installed on each
+branch's own forward before the peer attaches, so they only count when the branch itself computes.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -34,11 +35,19 @@ def _instance_keys(module: nn.Module) -> set[str]:
     return set(vars(module)) | {f"_modules.{name}" for name in module._modules}
 
 
-def _probe(branch_module: nn.Module) -> nn.Module:
-    """A submodule that runs exactly when the branch runs: the query projection, or the MLP's first layer."""
-    if hasattr(branch_module, "to_q"):
-        return branch_module.to_q
-    return branch_module.net[0]
+def _count_calls(module: nn.Module, count: Callable[[], None]) -> None:
+    """Count the calls of `module`'s own computation: an instance `forward` installed before a peer attaches, so a
+    peer that replaces the module's forward (a diffusers hook) runs it only when it really computes the branch,
+    and one that skips the whole block never reaches it. Works for leaf branches too (Flux single blocks'
+    `proj_mlp` / `proj_out`), where a forward hook on the module would fire on predicted calls as well."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def counted(*args, **kwargs):
+        count()
+        return forward(*args, **kwargs)
+
+    module.forward = counted
 
 
 class PeerRun:
@@ -46,12 +55,20 @@ class PeerRun:
 
     plan = None  # peers decide at run time; there is no plan to show
 
-    def __init__(self, model: nn.Module, detach: Callable[[], None], before: dict[nn.Module, set[str]]) -> None:
-        self.model, self._detach, self._before = model, detach, before
+    def __init__(self, model: nn.Module, before: dict[nn.Module, set[str]]) -> None:
+        """Install the counters; the peer attaches after this (`attach`), so the counters sit under its hooks."""
+        self.model, self._before = model, before
+        self._order = {module: list(module._modules) for module in model.modules()}
+        self._detach: Callable[[], None] = lambda: None
         self.branches = find_branches(model)
         self.calls, self.computed = 0, 0
         self.handles = [model.register_forward_hook(self._count_call)]
-        self.handles += [_probe(b.module).register_forward_hook(self._count_branch) for b in self.branches]
+        for branch in self.branches:
+            _count_calls(branch.module, self._count_branch)
+
+    def attach(self, detach: Callable[[], None]) -> PeerRun:
+        self._detach = detach
+        return self
 
     def _count_call(self, *_) -> None:
         self.calls += 1
@@ -71,9 +88,15 @@ class PeerRun:
         for handle in self.handles:
             handle.remove()
         self._detach()
-        for module, keys in self._before.items():  # whatever the peer left on an instance (hook registries, patches)
+        # whatever the peer or the counters left on an instance (hook registries, patched and counted forwards)
+        for module, keys in self._before.items():
             for key in _instance_keys(module) - keys:
                 delattr(module, key.removeprefix("_modules."))
+        # cache-dit re-sets the block lists it wrapped, which moves them to the end of `_modules`; diffusers' hooks
+        # take the first listed block list as the head (FBCache on Flux would then lead with the single blocks)
+        for module, names in self._order.items():
+            for name in names:
+                module._modules[name] = module._modules.pop(name)
 
 
 @dataclass
@@ -107,8 +130,12 @@ class Peer:
         if reason is not None:
             raise RuntimeError(f"{self.describe()} cannot run on {type(target).__name__}: {reason}")
         before = {module: _instance_keys(module) for module in target.modules()}
-        detach = self.attach(target, len(timesteps))
-        return PeerRun(target, detach, before)
+        run = PeerRun(target, before)
+        try:
+            return run.attach(self.attach(target, len(timesteps)))
+        except BaseException:
+            run.__exit__()  # the counters come off again
+            raise
 
 
 def _with_context(model: nn.Module) -> None:
@@ -210,8 +237,9 @@ class DBCache(Peer):
     def unavailable(cls, model: nn.Module) -> str | None:
         if importlib.util.find_spec("cache_dit") is None:
             return "cache-dit is not installed (pip install .[peers])"
-        if type(model).__name__ != "DiTTransformer2DModel":
-            return f"only DiTTransformer2DModel is wired here (cache-dit adapts per class), not {type(model).__name__}"
+        if type(model).__name__ not in ("DiTTransformer2DModel", "FluxTransformer2DModel"):
+            name = type(model).__name__
+            return f"only DiT and Flux transformers are wired here (cache-dit adapts per class), not {name}"
         return None
 
     def attach(self, model: nn.Module, num_steps: int) -> Callable[[], None]:

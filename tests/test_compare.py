@@ -10,6 +10,7 @@ from l2c_testing import ddim_sample, ddim_timesteps, dit_inputs, tiny_dit, tiny_
 import infer
 from bench import compare as bench_compare
 from l2c import compare
+from l2c.adapters import model_spec
 from l2c.evaluate import SamplingSetup, SideBySide
 from l2c.metrics import psnr_db
 from l2c.models import ModelBundle
@@ -224,7 +225,7 @@ def test_only_keeps_the_named_methods_and_the_uncached_row():
 def test_a_preset_that_fails_is_noted_and_the_rows_built_before_and_after_it_are_kept():
     notes = []
     rows = compare.preset_rows("static every-N", ["static:interval=2", "nosuchkind:interval=2", "static:interval=3"],
-                               notes)  # fmt: skip
+                               notes, model_spec(tiny_dit()))  # fmt: skip
     assert [row.setting for row in rows] == ["static:interval=2", "static:interval=3"]
     assert len(notes) == 1 and "nosuchkind" in notes[0]
 
