@@ -425,10 +425,22 @@ class BranchHook(ModelHook):
         return map_streams(stream, *(c.output for c in history))
 
     def _advanced(self, call: BranchCall, forecaster: Forecaster, weights: torch.Tensor) -> torch.Tensor:
-        """v_i + Σ_k (w_k(t) − w_k(s_i))·h_k per token, s_i = t − 1 − age_i ∈ [s_0, t) (w(s_0) = e_0: v_i = h_0)."""
+        """v_i + Σ_k (w_k(t) − w_k(s_i))·h_k per token i; v is the stored output (each token's last computed value)."""
         store, history = call.store, call.store.history
         if isinstance(store.output, tuple):
             raise RuntimeError(f"block {call.block} {call.branch}: forecasting a partially recomputed joint output")
+        coefficients = self._changes(call, forecaster, weights).to(store.output)  # [batch, tokens, K]
+        output = store.output
+        for k, computed in enumerate(history):
+            output = output + coefficients[..., k : k + 1] * computed.output
+        return output
+
+    @torch.compiler.disable
+    def _changes(self, call: BranchCall, forecaster: Forecaster, weights: torch.Tensor) -> torch.Tensor:
+        """w(t) − w(s_i) per token [batch, tokens, K], s_i = t − 1 − age_i ∈ [s_0, t) (w(s_0) = e_0: v_i = h_0).
+
+        Eager: its step arithmetic would make a compiled graph per step; its result is a tensor the graph reads."""
+        history = call.store.history
         kept, newest = len(history), history[0].step
 
         def padded(w: torch.Tensor) -> torch.Tensor:
@@ -436,13 +448,9 @@ class BranchHook(ModelHook):
 
         then = [torch.eye(kept, dtype=torch.float64)[0]]  # s_0: the computation itself
         then += [padded(forecaster.weights(self._forecast_request(call, s))) for s in range(newest + 1, call.step)]
-        table = (padded(weights) - torch.stack(then)).to(store.output)  # [t − s_0, K]: row j for s_i = s_0 + j
-        since = (call.step - 1 - newest - store.age).clamp(0, len(then) - 1)
-        coefficients = table[since]  # [batch, tokens, K]
-        output = store.output
-        for k, computed in enumerate(history):
-            output = output + coefficients[..., k : k + 1] * computed.output
-        return output
+        table = (padded(weights) - torch.stack(then)).to(call.store.age.device)  # row j: s_i = s_0 + j
+        since = (call.step - 1 - newest - call.store.age).clamp(0, len(then) - 1)
+        return table[since]
 
     # -- variants of COMPUTE ----------------------------------------------------------------------------------------
     def _rows(self, original, store: BranchStore, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
