@@ -35,6 +35,7 @@ from .extension import (
     BranchCall,
     BranchStore,
     Computed,
+    Forecaster,
     ForecastRequest,
     SelectionRequest,
     StepOutput,
@@ -320,11 +321,15 @@ class BranchHook(ModelHook):
         return call.store.output
 
     def _partial(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
-        """Recompute the selected share of the tokens, scatter them into the stored output."""
+        """Recompute the selected share of the tokens, scatter them into the stored output.
+
+        The store keeps each token's last computed value (its age says when). With the forecaster's `fill_partial`
+        the tokens not recomputed are returned forecast (`_predict`), not as stored; the history is left as it is
+        (it holds whole computations only).
+        """
         if not self.partial_ok:
             raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot be recomputed token by token")
         store, state = call.store, call.state
-        # With the forecaster's `fill_partial`, the tokens not recomputed take the forecast, not the stale output.
         fill = or_default(self.runtime.policy.forecaster).fill_partial and store.history
         base = self._predict(call) if fill else None
         args, kwargs = list(call.args), dict(call.kwargs)
@@ -344,11 +349,10 @@ class BranchHook(ModelHook):
         # Selected tokens are the queries; under "cached" keys, `_keys_values` completes their keys and values.
         with self._keys_values(self.branch.module, store, index=index):
             fresh = original(selected, *args, **kwargs)
-        base = store.output if base is None else base
-        output = base.scatter(1, index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]), fresh)
-        store.output = output  # a mix of steps: never a history entry (the history holds whole computations)
+        scatter = index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
+        store.output = store.output.scatter(1, scatter, fresh)  # a mix of steps: never a history entry
         store.age = (store.age + 1).scatter(1, index, 0)
-        return output
+        return store.output if base is None else base.scatter(1, scatter, fresh)
 
     def _joint_selection(
         self, hidden: torch.Tensor, store: BranchStore, state: TrajectoryState, ratio: float
@@ -372,8 +376,9 @@ class BranchHook(ModelHook):
                 f"plan asks to forecast block {call.block} {call.branch} at step {call.step}, but it keeps no "
                 "history: its plan never forecasts this branch (a `decide` may forecast only where the plan does)"
             )
+        output = self._predict(call)  # first: it reads the tokens' ages as they were before this step
         call.store.age += 1
-        return self._predict(call)
+        return output
 
     RUNNERS: dict[Action, Runner] = {
         Action.COMPUTE: _compute,
@@ -393,23 +398,59 @@ class BranchHook(ModelHook):
             timestep = float(self.runtime.timesteps[call.step])
             call.store.remember(Computed(call.step, timestep, output), keep)
 
-    def _predict(self, call: BranchCall) -> torch.Tensor:
-        history, timesteps = call.store.history, self.runtime.timesteps
-        request = ForecastRequest(
-            call.step,
-            float(timesteps[call.step]),
-            call.block,
-            call.branch,
-            self.branch_index,
-            tuple(c.step for c in history),
-            tuple(c.timestep for c in history),
+    def _forecast_request(self, call: BranchCall, step: int) -> ForecastRequest:
+        history = call.store.history
+        steps, timesteps = tuple(c.step for c in history), tuple(c.timestep for c in history)
+        return ForecastRequest(
+            step, float(self.runtime.timesteps[step]), call.block, call.branch, self.branch_index, steps, timesteps
         )
-        weights = or_default(self.runtime.policy.forecaster).weights(request)
+
+    def _predict(self, call: BranchCall) -> torch.Tensor:
+        """The forecast F_t = Σ_k w_k(t)·h_k of the branch's output at this step from its history h.
+
+        Under a `fill_partial` forecaster, once a partial step has recomputed some tokens since the newest whole
+        computation, each token i is forecast from its own last computed value v_i (at step s_i) instead:
+        v_i + F_t − F_{s_i}, the rule's change since then added to it (`_advanced`); a token last computed by the
+        whole computation gets F_t itself.
+        """
+        history = call.store.history
+        forecaster = or_default(self.runtime.policy.forecaster)
+        weights = forecaster.weights(self._forecast_request(call, call.step))
+        if forecaster.fill_partial and call.store.output is not history[0].output:
+            return self._advanced(call, forecaster, weights)
 
         def stream(*outputs: torch.Tensor) -> torch.Tensor:
             return forecast([Computed(c.step, c.timestep, o) for c, o in zip(history, outputs, strict=True)], weights)
 
         return map_streams(stream, *(c.output for c in history))
+
+    def _advanced(self, call: BranchCall, forecaster: Forecaster, weights: torch.Tensor) -> torch.Tensor:
+        """v_i + Σ_k (w_k(t) − w_k(s_i))·h_k per token i; v is the stored output (each token's last computed value)."""
+        store, history = call.store, call.store.history
+        if isinstance(store.output, tuple):
+            raise RuntimeError(f"block {call.block} {call.branch}: forecasting a partially recomputed joint output")
+        coefficients = self._changes(call, forecaster, weights).to(store.output)  # [batch, tokens, K]
+        output = store.output
+        for k, computed in enumerate(history):
+            output = output + coefficients[..., k : k + 1] * computed.output
+        return output
+
+    @torch.compiler.disable
+    def _changes(self, call: BranchCall, forecaster: Forecaster, weights: torch.Tensor) -> torch.Tensor:
+        """w(t) − w(s_i) per token [batch, tokens, K], s_i = t − 1 − age_i ∈ [s_0, t) (w(s_0) = e_0: v_i = h_0).
+
+        Eager: its step arithmetic would make a compiled graph per step; its result is a tensor the graph reads."""
+        history = call.store.history
+        kept, newest = len(history), history[0].step
+
+        def padded(w: torch.Tensor) -> torch.Tensor:
+            return torch.cat([w.to(torch.float64), w.new_zeros(kept - len(w), dtype=torch.float64)])
+
+        then = [torch.eye(kept, dtype=torch.float64)[0]]  # s_0: the computation itself
+        then += [padded(forecaster.weights(self._forecast_request(call, s))) for s in range(newest + 1, call.step)]
+        table = (padded(weights) - torch.stack(then)).to(call.store.age.device)  # row j: s_i = s_0 + j
+        since = (call.step - 1 - newest - call.store.age).clamp(0, len(then) - 1)
+        return table[since]
 
     # -- variants of COMPUTE ----------------------------------------------------------------------------------------
     def _rows(self, original, store: BranchStore, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

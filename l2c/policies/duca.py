@@ -8,7 +8,8 @@ conservative, the one before it aggressive, and so on (N=3: full, aggressive, co
 Tokens are chosen by V-caching by default: the value-vector norms of the block's self-attention, read from its
 value projection on full steps. Unlike ToCa's attention score this needs no attention map, so the attention
 keeps running through the model's fused `scaled_dot_product_attention` and scoring adds no matrix product.
-Everything else (fresh-ratio schedule, cache-frequency term, spatial bonus) is ToCa's (`toca.py`).
+Everything else (fresh-ratio schedule, cache-frequency term, spatial bonus, the `taylor_order` option, under which the
+aggressive steps forecast every branch) is ToCa's (`toca.py`).
 """
 
 from __future__ import annotations

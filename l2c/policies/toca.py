@@ -15,6 +15,13 @@ step, by reading the attention module's own q/k (or v) projections (see `scores.
 
 Fields left `None` take the settings of the model family the policy is applied to (`presets`: the paper's DiT-XL/2
 and PixArt-α settings), or those of the preset named by `preset`. `toca:score=none` ranks by staleness alone.
+
+`taylor_order=m` (m ≥ 1; off by default) forecasts, instead of reusing, every token a step between full steps does not
+recompute (TaylorSeer's combination with ToCa): the unselected tokens of partial slots and the slots with nothing to
+recompute (ratio 0; DuCa's aggressive steps) take TaylorSeer's order-m forecast from the branch's last m+1 full
+computations, evaluated at the current step. Partial steps push no history entry; a token recomputed on one since
+the newest full computation is forecast as its last computed value plus the rule's change since (see
+`BranchHook._predict`). The store keeps each token's last computed value either way.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 
 from ..adapters import ModelSpec, model_spec
 from ..extension import BranchCall, SelectionRequest, TokenSelector
+from ..forecast import PolynomialForecaster
 from ..plan import Action, Plan
 from .base import CachePolicy
 from .knobs import FINITE, FRACTION, NON_NEGATIVE, Range, at_least
@@ -132,6 +140,7 @@ class ToCaPolicy(CachePolicy):
         "proj_out_factor": NON_NEGATIVE,
         "interval_weight": Range(0, 1, high_open=True),
         "sensitive_gap": at_least(0),
+        "taylor_order": at_least(0),
     }
 
     interval: int = 3  # N: a full step every N steps (step 0 first)
@@ -152,9 +161,13 @@ class ToCaPolicy(CachePolicy):
     interval_weight: float = 0.0  # varying N (force scheduler): gap after step s is round(N / (1 − w + 2w·s/S))
     sensitive_gap: int = 0  # > 0: a full step at 60–80% of the steps is followed by this gap (DiT reference: 2)
     preset: str | None = None  # whose settings fill the unset fields: a key of `presets` (None: the model family's)
+    # m ≥ 1: forecast the tokens not recomputed (TaylorSeer order m; "forecast" is a name the runtime reserves).
+    taylor_order: int | None = None  # None or 0: reuse them
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.taylor_order:
+            self.forecaster = PolynomialForecaster("taylor", self.taylor_order, fill_partial=True)
         if self.score is not None and self.score not in SCORES:
             raise ValueError(f"{self.kind} policy: field 'score' must be one of {list(SCORES)}, got {self.score!r}")
         if self.preset is not None and self.preset not in self.presets:
@@ -248,7 +261,7 @@ class ToCaPolicy(CachePolicy):
         if spec.num_tokens:  # exact token counts, as the reference: floor(ratio · tokens); 0 tokens → reuse
             count = torch.floor(ratio * spec.num_tokens + 1e-9)
             ratio = count / spec.num_tokens
-        plan.actions[reuse | (partial & (ratio <= 0))] = Action.REUSE
+        plan.actions[reuse | (partial & (ratio <= 0))] = Action.FORECAST if self.taylor_order else Action.REUSE
         fresh = partial & (ratio > 0) & (ratio < 1)
         plan.actions[fresh] = Action.PARTIAL
         plan.token_ratio[fresh] = ratio[fresh].float()
