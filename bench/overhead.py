@@ -19,7 +19,8 @@ the compiled model's own modules; its first run, which compiles, is untimed): `s
 model without hooks, `compiled_gain` = the same row's eager wall time ÷ its compiled one (FLOPs are the eager row's).
 The runtime's own cost per branch call (`runtime_cost` in the JSON setup) is measured on a model whose compute is
 negligible (one token of width 8, the same blocks and steps): wall time with `full` minus without hooks, divided by
-the branch calls, the best of `repeats` interleaved runs (the least disturbed by other load).
+the branch calls, the best of `repeats` interleaved runs (the least disturbed by other load), and the same in thread
+CPU time; the policy is applied once before the timed runs (apply and remove are a cost per run, not per call).
 
 With `--family flux` the model is Flux.1-shaped instead: 19 double-stream and 38 single-stream blocks, hidden
 24 heads × 128 = 3072, text 4096 / pooled 768 wide, 64 image tokens (16×16 latents of 16 channels, packed 2×2) and
@@ -32,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -313,29 +316,50 @@ def compiled_name(name: str, backend: str) -> str:
 
 @dataclass(frozen=True)
 class RuntimeCost:
-    """The runtime's own wall time per branch call, on a model whose compute is negligible."""
+    """The runtime's own time per branch call, on a model whose compute is negligible: wall and thread CPU time."""
 
-    us_per_branch_call: float
+    us_per_branch_call: float  # wall, best runs
     branch_calls_per_run: int
     no_hooks_s: float
     full_s: float
+    cpu_us_per_branch_call: float  # thread CPU time, best runs (less disturbed by other load than wall time)
+    us_per_branch_call_median: float  # wall, median runs
+    cpu_us_per_branch_call_median: float
 
 
 def runtime_cost(setup: OverheadSetup) -> RuntimeCost:
-    """`full` minus no hooks, per branch call: the setup's model family, blocks and steps, one token of width 8."""
+    """`full` minus no hooks, per branch call: the setup's model family, blocks and steps, one token of width 8.
+
+    The policy is applied once, before the timed runs, to one of two identical models (apply and remove are a cost
+    per run, not per branch call); each timed run is one sampling run of either model.
+    """
     tiny = dataclasses.replace(setup, heads=1, head_dim=8, latent_size=2, batch_size=1, num_samples=1)
     if isinstance(tiny, FluxOverheadSetup):  # one image token (2×2 latents packed) and one text token
         tiny = dataclasses.replace(tiny, text_tokens=1, text_dim=8, pooled_dim=8)
-    model = build_model(tiny)
-    bench = Bench(model, dataclasses.replace(tiny, compile_backend=None))
-    runs = {"no hooks": partial(bench.run, "no hooks", None), "full": partial(bench.run, "full", FullPolicy())}
-    timer = Interleaved("abba", warmup=2)
-    for _ in range(2 + max(5, setup.repeats)):
-        timer.round(runs)
-    calls = bench.branch_calls["full"]
-    best = {name: min(timer.seconds[name]) for name in runs}
-    extra = (best["full"] - best["no hooks"]) / calls
-    return RuntimeCost(extra * 1e6, calls, best["no hooks"], best["full"])
+    tiny = dataclasses.replace(tiny, compile_backend=None)
+    plain, hooked = Bench(build_model(tiny), tiny), Bench(build_model(tiny), tiny)
+    cpu: dict[str, list[float]] = {"no hooks": [], "full": []}
+
+    def timed(name: str, bench: Bench) -> None:
+        start = time.thread_time()
+        bench.run(name, None)
+        cpu[name].append(time.thread_time() - start)
+
+    warmup, rounds = 2, 2 + max(5, setup.repeats)
+    timer = Interleaved("abba", warmup=warmup)
+    with FullPolicy().apply(hooked.model, timesteps=hooked.timesteps) as runtime:
+        runs = {"no hooks": partial(timed, "no hooks", plain), "full": partial(timed, "full", hooked)}
+        for _ in range(rounds):
+            timer.round(runs)
+        calls = sum(runtime.executed.values()) // rounds
+    per_call = {}
+    for name, pick in (("best", min), ("median", statistics.median)):
+        wall = {run: pick(timer.seconds[run]) for run in runs}
+        thread = {run: pick(cpu[run][warmup:]) for run in runs}
+        extra_wall, extra_cpu = wall["full"] - wall["no hooks"], thread["full"] - thread["no hooks"]
+        per_call[name] = wall, 1e6 * extra_wall / calls, 1e6 * extra_cpu / calls
+    (best, wall_us, cpu_us), (_, wall_median, cpu_median) = per_call["best"], per_call["median"]
+    return RuntimeCost(wall_us, calls, best["no hooks"], best["full"], cpu_us, wall_median, cpu_median)
 
 
 def measure(model: DiTTransformer2DModel, setup: OverheadSetup, progress: bool = True) -> tuple[list[dict], list[str]]:
@@ -424,7 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     columns = TABLE if setup.compile_backend is None else (*TABLE, Column("compiled_gain", ".2f"))
     print(format_table(results, columns))
     print(
-        f"runtime cost: {cost.us_per_branch_call:.1f} µs per branch call ({cost.branch_calls_per_run} branch calls "
+        f"runtime cost: {cost.us_per_branch_call:.1f} µs wall, {cost.cpu_us_per_branch_call:.1f} µs thread CPU per "
+        f"branch call (best runs; medians {cost.us_per_branch_call_median:.1f} / "
+        f"{cost.cpu_us_per_branch_call_median:.1f} µs; "
+        f"{cost.branch_calls_per_run} branch calls "
         f"per run on one token of width 8: {cost.no_hooks_s:.3f} s without hooks, {cost.full_s:.3f} s with full)"
     )
     for note in notes:

@@ -1,6 +1,7 @@
 """bench/overhead.py on a small DiT: the JSON columns, efficiency = speedup / ideal speedup, exact cache bytes."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -57,7 +58,9 @@ def test_compiled_rows_and_the_runtime_cost_per_branch_call(tmp_path, capsys):
     cost = result["setup"]["runtime_cost"]
     assert cost["branch_calls_per_run"] == 4 * 2 * 2  # steps × blocks × (attn1, ff)
     assert cost["us_per_branch_call"] == pytest.approx(1e6 * (cost["full_s"] - cost["no_hooks_s"]) / 16)
-    assert "µs per branch call" in capsys.readouterr().out
+    for key in ("cpu_us_per_branch_call", "us_per_branch_call_median", "cpu_us_per_branch_call_median"):
+        assert math.isfinite(cost[key])
+    assert "µs thread CPU per branch call" in capsys.readouterr().out
 
 
 def test_cache_memory_counts_a_forecasting_branchs_newest_history_entry_once():
