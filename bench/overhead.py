@@ -36,6 +36,7 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -352,14 +353,16 @@ def runtime_cost(setup: OverheadSetup) -> RuntimeCost:
         for _ in range(rounds):
             timer.round(runs)
         calls = sum(runtime.executed.values()) // rounds
-    per_call = {}
-    for name, pick in (("best", min), ("median", statistics.median)):
-        wall = {run: pick(timer.seconds[run]) for run in runs}
-        thread = {run: pick(cpu[run][warmup:]) for run in runs}
-        extra_wall, extra_cpu = wall["full"] - wall["no hooks"], thread["full"] - thread["no hooks"]
-        per_call[name] = wall, 1e6 * extra_wall / calls, 1e6 * extra_cpu / calls
-    (best, wall_us, cpu_us), (_, wall_median, cpu_median) = per_call["best"], per_call["median"]
-    return RuntimeCost(wall_us, calls, best["no hooks"], best["full"], cpu_us, wall_median, cpu_median)
+    thread = {run: cpu[run][warmup:] for run in runs}  # the timer's rounds: its warm-up is untimed
+
+    def per_call(pick: Callable[[list[float]], float], seconds: dict[str, list[float]]) -> float:
+        return 1e6 * (pick(seconds["full"]) - pick(seconds["no hooks"])) / calls
+
+    wall, median = timer.seconds, statistics.median
+    return RuntimeCost(
+        per_call(min, wall), calls, min(wall["no hooks"]), min(wall["full"]),
+        per_call(min, thread), per_call(median, wall), per_call(median, thread),
+    )  # fmt: skip
 
 
 def measure(model: DiTTransformer2DModel, setup: OverheadSetup, progress: bool = True) -> tuple[list[dict], list[str]]:
