@@ -11,7 +11,7 @@ for DiT-XL/2 DDIM-20, imported from `../shared/fixtures/` (threshold 0.1); stati
 order (ABBA), so drift in machine load falls on every row alike, and the median is kept. For each row:
 `flops_ratio` (FlopCounterMode, whole run), `ideal_speedup` = 1 / flops_ratio, `speedup` = wall time without
 hooks ÷ with, `efficiency` = speedup / ideal_speedup. Memory: bytes the cache holds per sample at the end of a
-run (every stored branch output and token age, plus any signals a policy keeps), beside the model's own
+run (every stored branch output, token ages where a policy needs them, and any signals it keeps), beside the model's own
 activation memory per sample (the bytes of every leaf module's output in one forward pass).
 
 With `--compile BACKEND`, every row is repeated on `torch.compile(model, backend=BACKEND)` (the policy applied to

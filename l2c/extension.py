@@ -13,7 +13,7 @@ import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, NamedTuple, Protocol, get_args
 
 import torch
 from diffusers.hooks.hooks import BaseState
@@ -108,9 +108,12 @@ class SelectionRequest:
     state: TrajectoryState | None = None  # the trajectory, for selectors that read `state.signals`
 
 
-@dataclass(frozen=True)
-class BranchCall:
-    """One branch execution, as `CachePolicy.observe` and `CachePolicy.token_pruning` see it."""
+class BranchCall(NamedTuple):
+    """One branch execution, as `CachePolicy.observe` and `CachePolicy.token_pruning` see it.
+
+    Immutable like the other records, but a tuple: one is made per branch call, and a frozen dataclass's
+    field-by-field `__init__` costs several times a tuple's (`bench/overhead.py`, the runtime's cost per call).
+    """
 
     step: int
     block: int

@@ -114,15 +114,20 @@ def or_default(forecaster: Forecaster | None) -> Forecaster:
     return DEFAULT_FORECASTER if forecaster is None else forecaster
 
 
-def forecast(history: Sequence[Computed], weights: torch.Tensor) -> torch.Tensor:
-    """Σ_k w_k · history[k].output, in the outputs' dtype and device (fewer weights: the newest computations)."""
-    if not 1 <= len(weights) <= len(history):
-        raise ValueError(f"forecast: {len(weights)} weights for a history of {len(history)} computations")
-    weights = weights.to(history[0].output)
-    output = weights[0] * history[0].output
-    for weight, computed in zip(weights[1:], history[1 : len(weights)], strict=True):
-        output = output + weight * computed.output
+def weighted_sum(outputs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k · outputs[k], newest first, in the outputs' dtype and device (fewer weights: the newest outputs)."""
+    if not 1 <= len(weights) <= len(outputs):
+        raise ValueError(f"forecast: {len(weights)} weights for a history of {len(outputs)} computations")
+    weights = weights.to(outputs[0])
+    output = weights[0] * outputs[0]
+    for weight, value in zip(weights[1:], outputs[1 : len(weights)], strict=True):
+        output = output + weight * value
     return output
+
+
+def forecast(history: Sequence[Computed], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k · history[k].output (`weighted_sum` of the computations' outputs)."""
+    return weighted_sum([computed.output for computed in history], weights)
 
 
 def kept_history(plan: Plan | None, forecaster: Forecaster, block: int, branch_index: int) -> int:

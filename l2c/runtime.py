@@ -8,6 +8,7 @@ hooks sit on the branch modules (`attn1`, `attn2`, `ff`) that the block then gat
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -45,7 +46,7 @@ from .extension import (
     first_stream,
     map_streams,
 )
-from .forecast import forecast, kept_history, or_default, soft_history, soft_push, soft_value
+from .forecast import kept_history, or_default, soft_history, soft_push, soft_value, weighted_sum
 from .hooks import forward_hooks
 from .plan import Action, Plan
 
@@ -104,13 +105,21 @@ class Blend:
 
 @dataclass(frozen=True)
 class Execution:
-    """How one branch runs at one call: the action, its token ratio, the computing rows, the blend gate."""
+    """How one branch runs at one call: the action, its token ratio, the computing rows, the blend gate.
+
+    Everything Python decides about a call is here (or in its `BranchCall`) before the runner starts, so that
+    under `torch.compile` a runner is tensor work only: its graph depends on shapes, never on the step.
+    """
 
     action: Action
     ratio: float = 1.0
     rows: torch.Tensor | None = None  # per-sample decision: indices of the rows computed (None: every row)
     gate: torch.Tensor | SlotGates | None = None  # training: COMPUTE, then g·f(x) + (1−g)·cached (or 3 actions)
     refresh: bool = False  # with a gate: the blend becomes the cache
+    tokens: torch.Tensor | None = None  # PARTIAL: the tokens recomputed [batch, selected], chosen at the call
+    pruning: TokenPruning | None = None  # COMPUTE on the tokens a policy's pruning keeps
+    weights: torch.Tensor | None = None  # FORECAST (or a partial step forecasting the rest): w_k(t), [≤ K]
+    changes: torch.Tensor | None = None  # … once partial steps recomputed tokens: w(t) − w(s_i), [batch, tokens, K]
 
 
 def _timestep_argument(model: nn.Module) -> Callable[[tuple, dict], torch.Tensor]:
@@ -163,6 +172,7 @@ class StepTrackerHook(ModelHook):
             state = running_state(self.states)
             if state is not None:
                 state.running = False
+            self.runtime.running = None
             return args, kwargs
         timestep = self.read_timestep(args, kwargs)
         step = self.runtime.step_of(timestep)
@@ -177,11 +187,13 @@ class StepTrackerHook(ModelHook):
                 f"(step {step}); the cache holds one row per sample"
             )
         state.step, state.batch_size, state.running = step, batch_size, True
+        self.runtime.running = state
         return args, kwargs
 
     @torch.compiler.disable
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         state = running_state(self.states)
+        self.runtime.running = None
         if state is not None:
             state.running = False
             self.runtime.observe_output(state, module, output)
@@ -218,6 +230,12 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
     return int(_hidden_argument(args, kwargs).shape[0])
 
 
+# Whether a compiled caller is running: dynamo's frame callback is set (on a torch without the query: assume so).
+# Outside one, the per-call decision runs as plain Python: `torch.compiler.disable`'s wrapper, which sets and
+# restores the frame callback, would cost more than the decision itself on every branch call.
+_eval_frame_callback = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", None)
+
+
 @torch.compiler.disable
 def _eager(function: Callable, *args) -> Any:
     """Call `function` with nothing under it compiled (for code whose forward hooks must fire)."""
@@ -249,52 +267,92 @@ class BranchHook(ModelHook):
     def new_forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
         """The branch's action at this call; under `torch.compile` this frame is skipped, not traced.
 
-        The decision (step, plan entry, policy, bookkeeping) is Python the compiler must not specialise on (it would
-        recompile at every step), so `recursive=False` keeps it out of the graph while the frames it calls (the
-        branch's own forward, the runner's tensor work) are still compiled: one graph per branch action and shape,
-        shared by every block. A branch whose execution a probe or temporary forward hooks observe (`observe`,
-        cached keys/values) runs eagerly: compiled code does not fire forward hooks added after it was compiled.
+        The decision (step, plan entry, policy, token choice, bookkeeping) is Python the compiler must not specialise
+        on (it would recompile at every step), so `recursive=False` keeps it out of the graph and it runs in hidden
+        frames (`_uncompiled_*`), while the runner it then calls (tensor work and the branch's own forward) is compiled:
+        one graph per branch action and shape, shared by every block. A branch whose execution a probe or temporary
+        forward hooks observe (`observe`, cached keys/values) runs eagerly: compiled code does not fire forward hooks
+        added after it was compiled.
         """
         original = self.fn_ref.original_forward
-        prepared = self._prepare(module, args, kwargs)
+        eager = _eval_frame_callback is not None and _eval_frame_callback() is None  # no compiled caller
+        prepared = self._prepare(module, args, kwargs) if eager else _uncompiled_prepare(self, module, args, kwargs)
         if prepared is None:  # branch called outside the denoiser's forward (or while paused): leave it alone
             return original(*args, **kwargs)
         call, run, probe = prepared
-        runner = self.RUNNERS[run.action]
         if probe is None and not self.hooks_projections:
-            return runner(self, original, call, run)
+            if eager:
+                return self._execute(original, call, run)
+            run = _uncompiled_tokens(self, call, run)
+            output = self.RUNNERS[run.action](self, original, call, run)  # compiled
+            if run.action == Action.COMPUTE:
+                _uncompiled_remember(self, call, run, output)
+            return output
         with probe if probe is not None else nullcontext():
-            return _eager(runner, self, original, call, run)
+            return _eager(self._execute, original, call, run)
 
-    @torch.compiler.disable
+    def _execute(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
+        """Eagerly: the tokens this call computes, the action's runner, the history."""
+        run = self._tokens(call, run)
+        output = self.RUNNERS[run.action](self, original, call, run)
+        if run.action == Action.COMPUTE:
+            self._remember(call, run, output)
+        return output
+
     def _prepare(
         self, module: nn.Module, args: tuple, kwargs: dict
     ) -> tuple[BranchCall, Execution, AbstractContextManager | None] | None:
         """This call's execution, what the extension points see of it, and the policy's probe (None: unhooked).
 
-        One eager frame, so a compiled caller leaves the compiler once per branch call; no host-device sync unless
-        the policy decides per sample (`_split_rows` then reads the decision's codes).
+        Under a compiled caller it runs as `_uncompiled_prepare`, one eager frame, so the compiler is left once per
+        branch call; no host-device sync unless the policy decides per sample (`_split_rows` reads its codes).
         """
-        state = running_state(self.states)
-        if state is None:
+        runtime, state = self.runtime, self.runtime.running
+        if state is None or not state.running:  # a probe may mark it not running to call the branch unhooked
             return None
         branch = self.branch
         store = state.stores.get(self.key)
         if store is None:
             store = state.stores[self.key] = BranchStore()
-        run = self.runtime.execution(state, branch, self.branch_index, store)
+        if runtime._blend is None and not runtime._decides:  # the plan's entry (the common case, inlined)
+            run = runtime._executions[state.step][branch.block][self.branch_index]
+        else:
+            run = runtime.execution(state, branch, self.branch_index, store)
         if (run.action != Action.COMPUTE or run.rows is not None) and store.output is None:
             verb = "reuse rows of" if run.rows is not None else run.action.name.lower()
             raise RuntimeError(
                 f"plan asks to {verb} block {branch.block} {branch.name} at step "
                 f"{state.step}, but no step of this run computed it yet"
             )
-        self.runtime.executed[run.action] += 1
-        plan = self.runtime.plan
+        runtime.executed[run.action] += 1
+        plan = runtime._plan
         call = BranchCall(
             state.step, branch.block, branch.name, run.action, run.rows, module, store, state, plan, args, kwargs
         )
-        return call, run, self.runtime.probe(call)
+        if run.action == Action.FORECAST or (run.action == Action.PARTIAL and runtime.fills_partial and store.history):
+            run = self._forecast_weights(call, run)
+        return call, run, runtime.policy.observe(call) if runtime._observes else None
+
+    def _tokens(self, call: BranchCall, run: Execution) -> Execution:
+        """Which tokens the call computes: a partial step's selection, or a computing branch's pruning (decided after
+        the probe is entered: an observer may measure what the selector reads, e.g. the oracle's true outputs)."""
+        if run.action == Action.PARTIAL:
+            if not self.partial_ok:
+                raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot be recomputed token by token")
+            hidden = call.args[0] if call.args else call.kwargs["hidden_states"]
+            if self.branch.joint:
+                index = self._joint_selection(hidden, call.store, call.state, run.ratio)
+            else:
+                count = max(1, min(hidden.shape[1], round(run.ratio * hidden.shape[1])))
+                request = SelectionRequest(
+                    call.step, call.block, call.branch, hidden, call.store, count, call.state
+                )  # fmt: skip
+                index = self.runtime.selector(request)
+            return dataclasses.replace(run, tokens=index)
+        if run.action == Action.COMPUTE and run.gate is None and run.rows is None and self.runtime.prunes:
+            pruning = self.runtime.policy.token_pruning(call)
+            return run if pruning is None else dataclasses.replace(run, pruning=pruning)
+        return run
 
     # -- one method per action ------------------------------------------------------------------------------------
     def _compute(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
@@ -304,20 +362,22 @@ class BranchHook(ModelHook):
             return self._blend(original, store, run, args, kwargs)
         if run.rows is not None:
             return self._rows(original, store, run.rows, args, kwargs)
-        pruning = self.runtime.policy.token_pruning(call)
-        if pruning is not None:
-            output = self._pruned(original, store, pruning, args, kwargs)
-        else:
+        if run.pruning is not None:
+            return self._pruned(original, store, run.pruning, args, kwargs)
+        if self.hooks_projections:
             with self._keys_values(call.module, store):
                 output = original(*args, **kwargs)
-            store.output = output
+        else:
+            output = original(*args, **kwargs)
+        store.output = output
+        if self.runtime.tracks_ages:
             image = first_stream(output)
             store.age = torch.zeros(image.shape[:2], dtype=torch.long, device=image.device)
-        self._remember(call, output)
         return output
 
     def _reuse(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
-        call.store.age += 1
+        if self.runtime.tracks_ages:
+            call.store.age += 1
         return call.store.output
 
     def _partial(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
@@ -327,19 +387,10 @@ class BranchHook(ModelHook):
         the tokens not recomputed are returned forecast (`_predict`), not as stored; the history is left as it is
         (it holds whole computations only).
         """
-        if not self.partial_ok:
-            raise RuntimeError(f"block {self.branch.block} {self.branch.name} cannot be recomputed token by token")
-        store, state = call.store, call.state
-        fill = or_default(self.runtime.policy.forecaster).fill_partial and store.history
-        base = self._predict(call) if fill else None
+        store, index = call.store, run.tokens
+        base = None if run.weights is None else self._predict(call, run)
         args, kwargs = list(call.args), dict(call.kwargs)
         hidden = args.pop(0) if args else kwargs.pop("hidden_states")
-        if self.branch.joint:
-            index = self._joint_selection(hidden, store, state, run.ratio)
-        else:
-            count = max(1, min(hidden.shape[1], round(run.ratio * hidden.shape[1])))
-            request = SelectionRequest(state.step, self.branch.block, self.branch.name, hidden, store, count, state)
-            index = self.runtime.selector(request)
         selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         if self.branch.name == "attn1":
             if kwargs.get("attention_mask") is not None:
@@ -371,13 +422,9 @@ class BranchHook(ModelHook):
 
     def _forecast(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
         """Predict the output from the branch's history (the stored output and history are left as they are)."""
-        if not call.store.history:
-            raise RuntimeError(
-                f"plan asks to forecast block {call.block} {call.branch} at step {call.step}, but it keeps no "
-                "history: its plan never forecasts this branch (a `decide` may forecast only where the plan does)"
-            )
-        output = self._predict(call)  # first: it reads the tokens' ages as they were before this step
-        call.store.age += 1
+        output = self._predict(call, run)  # first: it reads the tokens' ages as they were before this step
+        if self.runtime.tracks_ages:
+            call.store.age += 1
         return output
 
     RUNNERS: dict[Action, Runner] = {
@@ -388,10 +435,15 @@ class BranchHook(ModelHook):
     }
 
     # -- the history forecasts read -----------------------------------------------------------------------------------
-    def _remember(self, call: BranchCall, output: torch.Tensor) -> None:
-        """Keep a whole-batch computation in the history, on branches whose plan forecasts (K from the forecaster)."""
-        plan, forecaster = self.runtime.plan, or_default(self.runtime.policy.forecaster)
+    def _remember(self, call: BranchCall, run: Execution, output: torch.Tensor) -> None:
+        """Keep a whole-batch computation in the history, on branches whose plan forecasts (K from the forecaster).
+
+        Per-row computations (their rows mix steps, see `_rows`) and training blends are not history entries."""
+        if run.gate is not None or run.rows is not None:
+            return
+        plan = self.runtime.plan
         if self._kept is None or self._kept[0] is not plan:
+            forecaster = or_default(self.runtime.policy.forecaster)
             self._kept = (plan, kept_history(plan, forecaster, self.branch.block, self.branch_index))
         keep = self._kept[1]
         if keep:
@@ -405,41 +457,41 @@ class BranchHook(ModelHook):
             step, float(self.runtime.timesteps[step]), call.block, call.branch, self.branch_index, steps, timesteps
         )
 
-    def _predict(self, call: BranchCall) -> torch.Tensor:
+    def _forecast_weights(self, call: BranchCall, run: Execution) -> Execution:
+        """The forecast's weights at this step (and, once partial steps recomputed tokens, their changes per token)."""
+        store = call.store
+        if not store.history:
+            raise RuntimeError(
+                f"plan asks to forecast block {call.block} {call.branch} at step {call.step}, but it keeps no "
+                "history: its plan never forecasts this branch (a `decide` may forecast only where the plan does)"
+            )
+        forecaster = or_default(self.runtime.policy.forecaster)
+        weights = forecaster.weights(self._forecast_request(call, call.step))
+        changes = None
+        if forecaster.fill_partial and store.output is not store.history[0].output:
+            if isinstance(store.output, tuple):
+                raise RuntimeError(f"block {call.block} {call.branch}: forecasting a partially recomputed joint output")
+            changes = self._changes(call, forecaster, weights).to(store.output)
+        return dataclasses.replace(run, weights=weights, changes=changes)
+
+    def _predict(self, call: BranchCall, run: Execution) -> torch.Tensor:
         """The forecast F_t = Σ_k w_k(t)·h_k of the branch's output at this step from its history h.
 
         Under a `fill_partial` forecaster, once a partial step has recomputed some tokens since the newest whole
         computation, each token i is forecast from its own last computed value v_i (at step s_i) instead:
-        v_i + F_t − F_{s_i}, the rule's change since then added to it (`_advanced`); a token last computed by the
+        v_i + F_t − F_{s_i}, the rule's change since then added to it (`run.changes`); a token last computed by the
         whole computation gets F_t itself.
         """
         history = call.store.history
-        forecaster = or_default(self.runtime.policy.forecaster)
-        weights = forecaster.weights(self._forecast_request(call, call.step))
-        if forecaster.fill_partial and call.store.output is not history[0].output:
-            return self._advanced(call, forecaster, weights)
+        if run.changes is not None:  # v_i + Σ_k (w_k(t) − w_k(s_i))·h_k; v is each token's last computed value
+            output = call.store.output
+            for k, computed in enumerate(history):
+                output = output + run.changes[..., k : k + 1] * computed.output
+            return output
+        return map_streams(lambda *outputs: weighted_sum(outputs, run.weights), *(c.output for c in history))
 
-        def stream(*outputs: torch.Tensor) -> torch.Tensor:
-            return forecast([Computed(c.step, c.timestep, o) for c, o in zip(history, outputs, strict=True)], weights)
-
-        return map_streams(stream, *(c.output for c in history))
-
-    def _advanced(self, call: BranchCall, forecaster: Forecaster, weights: torch.Tensor) -> torch.Tensor:
-        """v_i + Σ_k (w_k(t) − w_k(s_i))·h_k per token i; v is the stored output (each token's last computed value)."""
-        store, history = call.store, call.store.history
-        if isinstance(store.output, tuple):
-            raise RuntimeError(f"block {call.block} {call.branch}: forecasting a partially recomputed joint output")
-        coefficients = self._changes(call, forecaster, weights).to(store.output)  # [batch, tokens, K]
-        output = store.output
-        for k, computed in enumerate(history):
-            output = output + coefficients[..., k : k + 1] * computed.output
-        return output
-
-    @torch.compiler.disable
     def _changes(self, call: BranchCall, forecaster: Forecaster, weights: torch.Tensor) -> torch.Tensor:
-        """w(t) − w(s_i) per token [batch, tokens, K], s_i = t − 1 − age_i ∈ [s_0, t) (w(s_0) = e_0: v_i = h_0).
-
-        Eager: its step arithmetic would make a compiled graph per step; its result is a tensor the graph reads."""
+        """w(t) − w(s_i) per token [batch, tokens, K], s_i = t − 1 − age_i ∈ [s_0, t) (w(s_0) = e_0: v_i = h_0)."""
         history = call.store.history
         kept, newest = len(history), history[0].step
 
@@ -529,7 +581,7 @@ class BranchHook(ModelHook):
             fresh, predicted, cached,
         )  # fmt: skip
         if run.refresh:
-            step = running_state(self.states).step
+            step = self.runtime.running.step
             computed = Computed(step, float(self.runtime.timesteps[step]), fresh)
             store.history = soft_push(history, computed, compute)
         else:
@@ -581,6 +633,21 @@ class BranchHook(ModelHook):
             )
 
 
+# The Python parts of a branch call, as a compiled caller runs them: in eager frames (see `BranchHook.new_forward`).
+_uncompiled_prepare = torch.compiler.disable(BranchHook._prepare)
+
+
+@torch.compiler.disable
+def _uncompiled_tokens(hook: BranchHook, call: BranchCall, run: Execution) -> Execution:
+    run = hook._tokens(call, run)
+    if run.tokens is not None:  # the count follows the step's ratio: one graph for every count, not one per count
+        torch._dynamo.decorators.mark_unbacked(run.tokens, 1)
+    return run
+
+
+_uncompiled_remember = torch.compiler.disable(BranchHook._remember)
+
+
 def _split_rows(codes: torch.Tensor, step: int, branch: Branch) -> tuple[Action, torch.Tensor | None]:
     """Per-row action codes → (COMPUTE, row indices) when mixed, else the one action every row takes."""
     codes = codes.flatten()
@@ -630,6 +697,10 @@ class CacheRuntime:
         self.executed: Counter[Action] = Counter()
         # Per branch call, only the extension points the policy overrides are called (the base ones are no-ops).
         self._decides, self._observes = (_overrides(policy, name) for name in ("decide", "observe"))
+        self.prunes = _overrides(policy, "token_pruning")
+        self.fills_partial = or_default(policy.forecaster).fill_partial
+        self.running: TrajectoryState | None = None  # the trajectory whose denoiser call is in progress
+        self.tracks_ages = True  # each token's age in steps since computed; see `_bind`
         self._paused = False
         self._blend: Blend | None = None
         self._timesteps: torch.Tensor | None = None
@@ -649,6 +720,15 @@ class CacheRuntime:
         self._plan = self.policy.plan_for(self.spec, self._timesteps)
         self._actions = [[[Action(a) for a in branches] for branches in step] for step in self._plan.actions.tolist()]
         self._ratios = self._plan.token_ratio.tolist()
+        self._executions = [  # a plan entry's execution is the same at every call: made once, not per call
+            [[Execution(a, r) for a, r in zip(*slots, strict=True)] for slots in zip(*step, strict=True)]
+            for step in zip(self._actions, self._ratios, strict=True)
+        ]
+        # Only token-wise work reads the ages (selectors, partial and per-row steps, pruning); a plan that never
+        # recomputes part of a branch, under a policy with no run-time extension, need not keep them.
+        self.tracks_ages = (
+            self._decides or self._observes or self.prunes or bool((self._plan.actions == Action.PARTIAL).any())
+        )
 
     @property
     def plan(self) -> Plan | None:
@@ -735,15 +815,13 @@ class CacheRuntime:
         blend = self._blend
         if blend is not None and blend.gates is not None and store.output is not None:
             return Execution(Action.COMPUTE, gate=blend.gates[branch.block, branch_index], refresh=blend.refresh)
+        if not self._decides:
+            return self._executions[state.step][branch.block][branch_index]
         action, ratio = self.decision(state.step, branch.block, branch_index, state)
         if isinstance(action, torch.Tensor):  # a per-sample decision: one action code per batch row
             action, rows = _split_rows(action, state.step, branch)
             return Execution(action, ratio, rows)
         return Execution(action, ratio)
-
-    def probe(self, call: BranchCall) -> AbstractContextManager | None:
-        """The policy's `observe` context for this branch execution (None: nothing observes it)."""
-        return self.policy.observe(call) if self._observes else None
 
     def before_blocks(self, point: BlockInput) -> None:
         self.policy.before_blocks(point)

@@ -21,9 +21,13 @@ STEPS = 6
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test counts its own graphs: nothing compiled by an earlier test is reused."""
+    """Each test counts its own graphs: nothing compiled by an earlier test is reused.
+
+    A frame that recompiles past dynamo's `recompile_limit` fails the test instead of silently running eagerly: a
+    graph count capped by the limit would hide the per-step recompilation these tests are about.
+    """
     torch._dynamo.reset()
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         yield
     torch._dynamo.reset()
 
@@ -39,17 +43,19 @@ class CountingBackend:
         return graph.forward
 
 
-def router_policy(steps: int) -> LayerRouterPolicy:
+def router_policy(model, steps: int) -> LayerRouterPolicy:
     """An L2C-style plan: reuse steps between full ones, where a learned router's scores pick the computed slots."""
-    logits = torch.linspace(-3, 3, steps * 2 * 2).reshape(steps, 2, 2)
+    blocks = model.config.num_layers
+    logits = torch.linspace(-3, 3, steps * blocks * 2).reshape(steps, blocks, 2)
     return LayerRouterPolicy(refresh_interval=3, threshold=0.5, logits=logits)
 
 
 POLICIES = {
     "full": lambda model, steps: l2c.load_policy("full"),
     "static": lambda model, steps: l2c.load_policy("static:interval=2"),
-    "l2c plan": lambda model, steps: router_policy(steps),
+    "l2c plan": router_policy,
     "toca": lambda model, steps: l2c.load_policy("toca"),
+    "toca forecast": lambda model, steps: l2c.load_policy("toca:taylor_order=2"),
     "tokencache": lambda model, steps: tiny_tokencache(model, steps),
     "taylorseer": lambda model, steps: l2c.load_policy("taylorseer:interval=3,order=2,warmup=1"),
 }
@@ -62,9 +68,11 @@ def eager_reference(policy_name: str, steps: int = STEPS, seed: int = 0) -> torc
         return ddim_sample(model, x, labels, steps)[0]
 
 
-def compiled_run(policy_name: str, how: str, backend, steps: int = STEPS) -> tuple[torch.Tensor, l2c.CacheRuntime]:
+def compiled_run(
+    policy_name: str, how: str, backend, steps: int = STEPS, blocks: int = 2
+) -> tuple[torch.Tensor, l2c.CacheRuntime]:
     """Sample with the policy applied and the model compiled the way `how` names."""
-    model = tiny_dit()
+    model = tiny_dit(num_layers=blocks)
     x, labels = dit_inputs(batch=2)
     policy = POLICIES[policy_name](model, steps)
     timesteps = ddim_timesteps(steps)
@@ -140,6 +148,19 @@ def test_the_number_of_compiled_graphs_does_not_grow_with_the_step_count(policy_
         counts[steps] = backend.graphs
         runtime.remove()
     assert counts[20] == counts[50] <= 24, counts  # per branch action and block segment, never per step
+
+
+@pytest.mark.parametrize("policy_name", ["static", "l2c plan", "toca", "toca forecast", "taylorseer"])
+def test_the_number_of_compiled_graphs_does_not_grow_with_the_block_count(policy_name):
+    """Decisions differ per block, graphs do not: six blocks compile exactly the graphs two blocks compile."""
+    counts = {}
+    for blocks in (2, 6):
+        torch._dynamo.reset()
+        backend = CountingBackend()
+        _, runtime = compiled_run(policy_name, "compile after apply", backend, steps=20, blocks=blocks)
+        counts[blocks] = backend.graphs
+        runtime.remove()
+    assert counts[2] == counts[6], counts
 
 
 @pytest.mark.slow  # about 150 s on a shared 2-core CPU

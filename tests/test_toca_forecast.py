@@ -134,7 +134,7 @@ def test_bad_orders_are_refused_naming_the_field_and_range(text, message):
 def test_compiled_graph_count_does_not_grow_with_the_step_count():
     counts = {}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             for steps in (20, 50):
                 torch._dynamo.reset()
                 model, backend = tiny_dit(), CountingBackend()
