@@ -375,8 +375,9 @@ def measure(model: DiTTransformer2DModel, setup: OverheadSetup, progress: bool =
     if backend is not None:
         eager_names = list(rows)
         for name in eager_names:
-            runs[compiled_name(name, backend)] = partial(bench.run, name, rows[name], compiled=True)
-            flops[compiled_name(name, backend)] = flops[name]
+            compiled = compiled_name(name, backend)
+            runs[compiled] = partial(bench.run, compiled, rows[name], compiled=True)
+            flops[compiled] = flops[name]
     timer = Interleaved("abba", warmup=0 if backend is None else 1)  # whole runs; a compiled row compiles first
     rounds = setup.repeats + timer.warmup
     with tqdm(total=rounds * len(runs), desc="sampling runs", unit="run", disable=not progress) as bar:

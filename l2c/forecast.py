@@ -198,10 +198,12 @@ def soft_history(history: Sequence[Computed], output: torch.Tensor, keep: int) -
 def soft_value(history: Sequence[SoftComputed], weights: torch.Tensor) -> torch.Tensor:
     """Σ_k w_k · h_k of a soft history (h_k = Σ_j share_j[k] · output_j), newest output first."""
     output = None
-    for computed in history:
+    for computed in history:  # one fused pass per kept output (the history grows with the steps between full ones)
         weight = (computed.share * weights).sum()
-        term = map_streams(lambda stream, w=weight: w * stream, computed.output)
-        output = term if output is None else map_streams(torch.add, output, term)
+        if output is None:
+            output = map_streams(lambda stream, w=weight: w * stream, computed.output)
+        else:
+            output = map_streams(lambda sum_, stream, w=weight: torch.addcmul(sum_, w, stream), output, computed.output)
     return output
 
 

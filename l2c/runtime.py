@@ -572,14 +572,11 @@ class BranchHook(ModelHook):
         history = soft_history(store.history, store.output, len(gates.weights))
         newest = torch.zeros_like(gates.weights)
         newest[0] = 1
-        cached = soft_value(history, newest)
-        predicted = soft_value(history, gates.weights)
         fresh = original(*args, **kwargs)
         compute, forecast = gates.compute, gates.forecast
-        mixed = map_streams(
-            lambda new, ahead, kept: compute * new + forecast * ahead + (1 - compute - forecast) * kept,
-            fresh, predicted, cached,
-        )  # fmt: skip
+        # The forecast and the cache are both linear in the history: one pass over it, with their weights combined.
+        rest = soft_value(history, forecast * gates.weights + (1 - compute - forecast) * newest)
+        mixed = map_streams(lambda new, other: torch.addcmul(other, compute, new), fresh, rest)
         if run.refresh:
             step = self.runtime.running.step
             computed = Computed(step, float(self.runtime.timesteps[step]), fresh)

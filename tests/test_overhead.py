@@ -55,6 +55,7 @@ def test_compiled_rows_and_the_runtime_cost_per_branch_call(tmp_path, capsys):
     for name in eager:
         compiled = rows[overhead.compiled_name(name, "eager")]
         assert compiled["flops_ratio"] == rows[name]["flops_ratio"]  # the same work, compiled
+        assert compiled["cache_bytes_per_sample"] == rows[name]["cache_bytes_per_sample"]  # and the same cache
         assert compiled["compiled_gain"] == pytest.approx(rows[name]["wall_s"] / compiled["wall_s"])
     cost = result["setup"]["runtime_cost"]
     assert cost["branch_calls_per_run"] == 4 * 2 * 2  # steps × blocks × (attn1, ff)
