@@ -42,10 +42,8 @@ def model_card(policy: CachePolicy, plan: Plan, name: str | None = None) -> str:
         "",
         f"- model: {model.family}, {model.num_blocks} blocks, branches {', '.join(model.branches)}, "
         f"hidden size {model.hidden_size}" + (f", {model.num_tokens} tokens" if model.num_tokens else ""),
-        f"- scheduler: {target.scheduler or 'any (not recorded)'}"
-        + (f" (`{flag.strip()}`)" if flag else "")
-        + f", {steps} steps "
-        f"(timesteps {_timesteps(target.timesteps)})",
+        f"- scheduler: {target.scheduler or 'any (not recorded)'}, {steps} steps "
+        f"(timesteps {_timesteps(target.timesteps)})" + (f"; `{flag.strip()}` in infer.py" if flag else ""),
         "",
         "## How it was made",
         "",

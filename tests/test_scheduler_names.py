@@ -78,7 +78,8 @@ def test_infer_reports_and_saves_the_scheduler_that_ran_on_a_flow_model(tmp_path
         assert saved.target.scheduler == "FlowMatchEulerDiscreteScheduler"
         assert saved.provenance["metrics"]["scheduler"] == "flow-euler"
         card = (out / "policy" / "README.md").read_text()
-        assert "- scheduler: FlowMatchEulerDiscreteScheduler (`--scheduler flow-euler`), 4 steps" in card
+        assert "- scheduler: FlowMatchEulerDiscreteScheduler, 4 steps" in card
+        assert "; `--scheduler flow-euler` in infer.py" in card
         assert "--steps 4 --scheduler flow-euler --out out/" in card and "ddim" not in card
 
 
