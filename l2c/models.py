@@ -150,7 +150,7 @@ def resolve_scheduler(name: str, config: dict, flag: str = "--scheduler") -> str
     if name not in SCHEDULER_CHOICES:
         raise ValueError(f"{flag} {name!r}: expected one of {list(SCHEDULER_CHOICES)}")
     if is_flow_matching(config):
-        if name != FLOW_SAMPLER and name not in FLOW_ALIASES:
+        if name not in (FLOW_SAMPLER, *FLOW_ALIASES):
             raise ValueError(
                 f"{flag} {name!r}: the model is flow-matching (FlowMatchEulerDiscreteScheduler); it samples with "
                 f"{FLOW_SAMPLER} only (or {', '.join(FLOW_ALIASES)}, which mean it)"

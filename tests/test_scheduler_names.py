@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import get_args, get_type_hints
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from l2c import Action
 from l2c.adapters import model_spec
 from l2c.evaluate import SamplingSetup, SideBySide, report
 from l2c.models import load_model, make_scheduler, model_scheduler_config, resolve_scheduler
+from l2c.options import SCHEDULER_CHOICES
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_FLUX_POLICY = ROOT / "docs" / "bench" / "policies" / "flux-forecast-050"  # written before the names were fixed
@@ -114,7 +116,11 @@ def test_compare_names_the_scheduler_that_runs_and_refuses_an_incompatible_one()
 
 
 def test_a_trainer_records_the_scheduler_that_ran(flux_digits):
+    from predictors.frozen_teacher import FrozenTeacherModule
     from predictors.l2c_trainer import RolloutRouterTrainer
+
+    hint = get_type_hints(FrozenTeacherModule.__init__)["scheduler"]
+    assert get_args(hint) == SCHEDULER_CHOICES  # the trainers' choices are infer.py's
 
     module = RolloutRouterTrainer(teacher="embedded:digits-flux", steps=4, scheduler="ddim", export_budget=0.5)
     assert type(module.sampler) is FlowMatchEulerDiscreteScheduler
