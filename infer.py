@@ -1,7 +1,7 @@
 """Sample with a caching policy and report what it costs and what it changes.
 
     python infer.py sample --model embedded:digits --policy static:interval=2 --steps 20 \
-        --scheduler ddim --num-samples 64 --seed 0 --out out/static2
+        --num-samples 64 --seed 0 --out out/static2
     python infer.py fid --model embedded:digits --policy static:interval=2 --num-samples 50000 --devices 8 --out out/fid
     python infer.py compare --quick --json out/compare.json   # every policy and peer side by side (BENCHMARKS.md)
 """
@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING
 
 # Only light modules here: `--help` and a bad flag answer without torch; each command imports what it runs.
 from l2c.options import (
+    AUTO_SCHEDULER,
     DTYPE_NAMES,
+    SCHEDULER_CHOICES,
+    SCHEDULER_HELP,
     SCHEDULERS,
     check_policy_source,
     class_spec,
@@ -48,7 +51,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int, ba
     parser.add_argument("--model", default="embedded:digits", help="embedded:digits, a diffusers directory or a hub id")
     parser.add_argument("--policy", default="full", help="full | static:interval=2 | a policy directory | a hub id")
     parser.add_argument("--steps", type=positive_int, default=20)
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=AUTO_SCHEDULER, help=SCHEDULER_HELP)
     parser.add_argument("--num-samples", type=positive_int, default=num_samples)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=1.5)
@@ -146,8 +149,9 @@ def check_out_dir(out: Path) -> None:
         raise ValueError(f"--out {out}: is an existing file, expected a directory (new or existing)")
 
 
-def sampling_setup(args: argparse.Namespace) -> SamplingSetup:
-    """What `sample` and `fid` sample, from their shared options."""
+def sampling_setup(args: argparse.Namespace, bundle: ModelBundle) -> SamplingSetup:
+    """What `sample` and `fid` sample from `bundle`, from their shared options (`--scheduler` resolved: the one that
+    runs)."""
     from l2c.evaluate import SamplingSetup
 
     return SamplingSetup(
@@ -160,7 +164,7 @@ def sampling_setup(args: argparse.Namespace) -> SamplingSetup:
         batch_size=args.batch_size,
         flops_samples=getattr(args, "flops_samples", 0),
         classes=args.classes,
-    )
+    ).for_model(bundle)
 
 
 def ready_policy(
@@ -203,7 +207,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     bundle = load_model(args.model, device=device, dtype=torch_dtype(args.dtype))
-    setup = sampling_setup(args)
+    setup = sampling_setup(args, bundle)
     policy, calibration = ready_policy(args, policy, bundle, setup)
     quality = quality_for(bundle)
     bench = SideBySide(bundle, setup, progress=not args.no_progress)
@@ -227,7 +231,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"  beside it, from the same noise: {result['beside'][0]['rule']} ({took:.1f}s more; --no-beside skips)")
     print(f"  wrote {args.out / 'report.json'}, samples.png, comparison.png, plan.png")
     if args.save_policy is not None:
-        bound = policy.bind(bundle.transformer, bench.timesteps, SCHEDULERS[args.scheduler])
+        bound = policy.bind(bundle.transformer, bench.timesteps, SCHEDULERS[setup.scheduler])  # the one that ran
         print(f"  wrote {bound.save_pretrained(args.save_policy, metrics=measured(result))} (with its model card)")
     return 0
 
@@ -262,8 +266,8 @@ def cmd_fid(args: argparse.Namespace) -> int:
     from l2c.evaluate import SideBySide
     from l2c.models import load_model
 
-    setup = sampling_setup(args)
     bundle = load_model(args.model, dtype=torch_dtype(args.dtype))
+    setup = sampling_setup(args, bundle)
     policy, _ = ready_policy(args, policy, bundle, setup)
     SideBySide(bundle, setup, progress=False).check(policy)
     from l2c.distributed_eval import FIDUnavailable, fid_metric, quality_report, sample_sharded, sharded_trainer

@@ -18,13 +18,18 @@ import sys
 if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
     import _checkout  # noqa: F401
 
-from l2c.compare import add_arguments, run_from_args
+from l2c.compare import add_arguments, config_from_args, run_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ValueError, FileNotFoundError) as error:  # e.g. --scheduler ddpm on a flow-matching model
+        parser.error(str(error))
+    return run_from_args(args, config)
 
 
 if __name__ == "__main__":

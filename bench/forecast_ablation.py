@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def done(result: dict) -> None:
         results.append(result)
-        write_results(args.json, setup, results)
+        write_results(args.json, setup.for_model(bundle), results)  # the scheduler that ran, not `auto`
 
     measure_rows(SideBySide(bundle, setup, progress=not args.no_progress), rows, quality_for(bundle), on_row=done)
     print(format_table(results, COLUMNS))

@@ -86,6 +86,7 @@ class OverheadSetup(SamplingSetup):
     num_samples: int = 2
     batch_size: int = 2
     guidance_scale: float = 1.0
+    scheduler: str = "ddim"
     layers: int = 28
     heads: int = 16
     head_dim: int = 72
@@ -134,7 +135,7 @@ class FluxOverheadSetup(OverheadSetup):
     text_tokens: int = 32
     text_dim: int = 4096  # joint_attention_dim
     pooled_dim: int = 768  # pooled_projection_dim
-    scheduler: str = "euler"
+    scheduler: str = "flow-euler"
     family: Family = "flux"
 
     def __post_init__(self) -> None:

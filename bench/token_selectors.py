@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = SamplingSetup(
         model=args.model, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
         flops_samples=args.flops_samples,
-    )  # fmt: skip
+    ).for_model(bundle)  # fmt: skip
     record = {**dataclasses.asdict(setup), "interval": args.interval, "ratio": args.ratio, "flat": args.flat}
     if predictor is not None:
         record["tokencache"] = {"policy": str(args.tokencache), "provenance": predictor.provenance}

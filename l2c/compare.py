@@ -27,8 +27,8 @@ import torch
 from .adapters import ModelSpec, model_spec
 from .evaluate import CacheMethod, Row, SamplingSetup, SideBySide, measure_rows, quality_for
 from .metrics import psnr_db
-from .models import ModelBundle, load_model
-from .options import SCHEDULERS, class_spec
+from .models import ModelBundle, load_model, model_scheduler_config, resolve_scheduler
+from .options import SCHEDULER_CHOICES, SCHEDULER_HELP, class_spec
 from .peers import DBCache, FBCache, Peer, TaylorSeer
 from .policies import FullPolicy, StaticPolicy
 from .policies.taylorseer import compute_steps
@@ -432,7 +432,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="CI: 4 samples, 10 steps, one compute point")
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--steps", type=int, default=None, help=f"default {defaults.steps} (quick: 10)")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=defaults.scheduler)
+    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=defaults.scheduler, help=SCHEDULER_HELP)
     parser.add_argument("--num-samples", type=int, default=None, help=f"default {defaults.num_samples} (quick: 4)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
@@ -467,7 +467,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     return CompareConfig(
         model=args.model,
         steps=args.steps or (10 if quick else CompareConfig.steps),
-        scheduler=args.scheduler,
+        scheduler=resolve_scheduler(args.scheduler, model_scheduler_config(args.model)),  # the one that runs
         num_samples=args.num_samples or (4 if quick else CompareConfig.num_samples),
         seed=args.seed,
         guidance_scale=args.guidance_scale,
@@ -485,10 +485,11 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     )
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace, config: CompareConfig | None = None) -> int:
+    """Run the comparison `args` describe (`config`: `config_from_args(args)`, when the caller made it already)."""
     from .plots import save_pareto
 
-    config = config_from_args(args)
+    config = config or config_from_args(args)
 
     def write(rows: list[dict]) -> None:
         write_results(args.json, config, rows, margins=margins(rows, config.compute_points))

@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .metrics import DigitsQuality, count_flops, psnr_db, ssim
-from .models import ModelBundle, make_scheduler
-from .options import parse_classes
+from .models import ModelBundle, make_scheduler, resolve_scheduler
+from .options import AUTO_SCHEDULER, parse_classes
 from .plan import Action, Plan
 from .policies import BlockCachePolicy, CachePolicy
 from .sampling import balanced_labels, initial_noise, sample
@@ -37,7 +37,7 @@ class SamplingSetup:
 
     model: str = "embedded:digits"
     steps: int = 20
-    scheduler: str = "ddim"
+    scheduler: str = AUTO_SCHEDULER  # a `--scheduler` name; `for_model` turns it into the one that samples
     num_samples: int = 64
     seed: int = 0
     guidance_scale: float = 1.5
@@ -67,6 +67,11 @@ class SamplingSetup:
     def trained_like(cls, policy: CachePolicy, **knobs) -> SamplingSetup:
         """Sampling as a trained policy was trained: its step count and guidance scale (1.5 if unrecorded)."""
         return cls(steps=len(policy.timesteps), guidance_scale=policy.provenance.get("guidance_scale", 1.5), **knobs)
+
+    def for_model(self, bundle: ModelBundle) -> SamplingSetup:
+        """This run with `scheduler` the name of what samples `bundle` (`auto` → `flow-euler` on a flow-matching
+        model, `ddim` on others; ddim and euler → flow-euler on a flow model): what reports write."""
+        return dataclasses.replace(self, scheduler=resolve_scheduler(self.scheduler, bundle.scheduler_config))
 
     def new_scheduler(self, scheduler_config: dict) -> SchedulerMixin:
         """A fresh scheduler of this setup's kind and step count, built from the model's scheduler config."""
@@ -128,7 +133,7 @@ class SideBySide:
     """One model, one set of noises and labels; each policy is timed batch by batch beside the uncached run."""
 
     def __init__(self, bundle: ModelBundle, setup: SamplingSetup, progress: bool = True) -> None:
-        self.bundle, self.setup, self.progress = bundle, setup, progress
+        self.bundle, self.setup, self.progress = bundle, setup.for_model(bundle), progress
         self.noise = initial_noise(setup.num_samples, bundle.sample_shape, setup.seed)
         self.labels = setup.labels(bundle.num_classes)
         self.denoiser = bundle.denoiser(setup.guidance_scale)

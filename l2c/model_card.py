@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .options import SCHEDULERS
+
 if TYPE_CHECKING:
     from .plan import Plan
     from .policies import CachePolicy
@@ -27,6 +29,7 @@ def model_card(policy: CachePolicy, plan: Plan, name: str | None = None) -> str:
     source = name or "<this directory or hub id>"
     provenance = {k: v for k, v in policy.provenance.items() if k != METRICS}
     metrics = policy.provenance.get(METRICS)
+    flag = _scheduler_flag(target.scheduler)  # how infer.py samples with it: the card's command repeats it
     lines = [
         "---",
         "library_name: l2c",
@@ -40,7 +43,7 @@ def model_card(policy: CachePolicy, plan: Plan, name: str | None = None) -> str:
         f"- model: {model.family}, {model.num_blocks} blocks, branches {', '.join(model.branches)}, "
         f"hidden size {model.hidden_size}" + (f", {model.num_tokens} tokens" if model.num_tokens else ""),
         f"- scheduler: {target.scheduler or 'any (not recorded)'}, {steps} steps "
-        f"(timesteps {_timesteps(target.timesteps)})",
+        f"(timesteps {_timesteps(target.timesteps)})" + (f"; `{flag.strip()}` in infer.py" if flag else ""),
         "",
         "## How it was made",
         "",
@@ -68,7 +71,7 @@ def model_card(policy: CachePolicy, plan: Plan, name: str | None = None) -> str:
         f"images = pipe(..., num_inference_steps={steps}).images",
         "```",
         "",
-        f"or `python infer.py sample --model <the model> --policy {source} --steps {steps} --out out/`.",
+        f"or `python infer.py sample --model <the model> --policy {source} --steps {steps}{flag} --out out/`.",
         "",
     ]
     return "\n".join(lines)
@@ -80,6 +83,12 @@ def write_model_card(directory: Path, policy: CachePolicy, plan: Plan, name: str
 
     (directory / CARD_NAME).write_text(model_card(policy, plan, name))
     save_plan(plan, policy.target.model.branches, directory / PLAN_PICTURE, policy.describe())
+
+
+def _scheduler_flag(scheduler_class: str | None) -> str:
+    """` --scheduler NAME` that samples with `scheduler_class` in infer.py, or "" when it has no name there."""
+    names = [name for name, cls in SCHEDULERS.items() if cls == scheduler_class]
+    return f" --scheduler {names[0]}" if names else ""
 
 
 def _decides_at_run_time(policy: CachePolicy) -> bool:

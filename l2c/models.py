@@ -19,13 +19,15 @@ from diffusers.configuration_utils import ConfigMixin
 from torch import nn
 
 from .flux_digits import CLASS_TABLE_FILE, PACK, ClassTable
-from .options import SCHEDULERS
+from .options import AUTO_SCHEDULER, SCHEDULER_CHOICES, SCHEDULERS
 from .sampling import GuidedDenoiser
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED = {"embedded:digits": EMBEDDED_DIR / "digits", "embedded:digits-flux": EMBEDDED_DIR / "digits-flux"}
 TRANSFORMERS = {cls.__name__: cls for cls in (DiTTransformer2DModel, PixArtTransformer2DModel, FluxTransformer2DModel)}
-FLOW_SAMPLERS = ("ddim", "euler")  # --scheduler names that mean FlowMatchEulerDiscreteScheduler on a flow model
+FLOW_SAMPLER = "flow-euler"  # the --scheduler name of FlowMatchEulerDiscreteScheduler
+FLOW_ALIASES = (AUTO_SCHEDULER, "ddim", "euler")  # also mean flow-euler on a flow model (ddim: older commands)
+DEFAULT_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear"}  # a directory without scheduler/
 
 
 @dataclass
@@ -98,11 +100,7 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
         raise FileNotFoundError(f"{transformer_dir}: no config.json; expected a diffusers transformer directory")
     transformer = _transformer_class(transformer_dir).from_pretrained(transformer_dir, torch_dtype=dtype)
     transformer = transformer.to(device).eval().requires_grad_(False)
-    scheduler_dir = path / "scheduler"
-    if scheduler_dir.is_dir():
-        scheduler_config = dict(DDPMScheduler.load_config(scheduler_dir))
-    else:
-        scheduler_config = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
+    scheduler_config = scheduler_config_at(path)
     vae = None
     if (path / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype).to(device).eval().requires_grad_(False)
@@ -125,23 +123,51 @@ def _transformer_class(directory: Path) -> type[nn.Module]:
     return TRANSFORMERS[name]
 
 
-def make_scheduler(name: str, config: dict) -> SchedulerMixin:
-    """A fresh scheduler of the named kind, built from the model's own scheduler config.
+def scheduler_config_at(path: Path) -> dict:
+    """The scheduler config of a model directory (`scheduler/`), or DDPM's linear betas when it has none."""
+    scheduler_dir = path / "scheduler"
+    return dict(DDPMScheduler.load_config(scheduler_dir)) if scheduler_dir.is_dir() else dict(DEFAULT_SCHEDULER_CONFIG)
 
-    A flow-matching model (its config a `FlowMatchEulerDiscreteScheduler`'s) samples with that scheduler for
-    `ddim` and `euler`: on a rectified flow, DDIM's deterministic step from the predicted x₀ and noise is exactly
-    the Euler step of the flow ODE. The other names are refused for it.
+
+def model_scheduler_config(name: str) -> dict:
+    """The scheduler config `load_model(name)` samples with, without loading the model (e.g. to resolve `auto`)."""
+    return scheduler_config_at(resolve_model_path(name))
+
+
+def is_flow_matching(config: dict) -> bool:
+    return config.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__
+
+
+def resolve_scheduler(name: str, config: dict, flag: str = "--scheduler") -> str:
+    """The `--scheduler` name of what samples when `name` is asked for a model with scheduler config `config`.
+
+    A flow-matching model (its config a `FlowMatchEulerDiscreteScheduler`'s) samples with that scheduler,
+    `flow-euler`, for `auto` and also for `ddim` and `euler`, which older commands pass: on a rectified flow,
+    DDIM's deterministic step from the predicted x₀ and noise is exactly the Euler step of the flow ODE. Any other
+    model samples with `name`, `auto` meaning `ddim`. An incompatible pair raises one line naming `flag`, the value
+    and what the model supports.
     """
+    if name not in SCHEDULER_CHOICES:
+        raise ValueError(f"{flag} {name!r}: expected one of {list(SCHEDULER_CHOICES)}")
+    if is_flow_matching(config):
+        if name not in (FLOW_SAMPLER, *FLOW_ALIASES):
+            raise ValueError(
+                f"{flag} {name!r}: the model is flow-matching (FlowMatchEulerDiscreteScheduler); it samples with "
+                f"{FLOW_SAMPLER} only (or {', '.join(FLOW_ALIASES)}, which mean it)"
+            )
+        return FLOW_SAMPLER
+    if name == FLOW_SAMPLER:
+        kind = config.get("_class_name", "DDPM-style, no class recorded")
+        others = [n for n in SCHEDULER_CHOICES if n != FLOW_SAMPLER]
+        raise ValueError(
+            f"{flag} {name!r}: the model is not flow-matching (scheduler config: {kind}); expected one of {others}"
+        )
+    return "ddim" if name == AUTO_SCHEDULER else name
+
+
+def make_scheduler(name: str, config: dict, flag: str = "--scheduler") -> SchedulerMixin:
+    """A fresh scheduler of the kind `resolve_scheduler(name, config)` names, built from the model's own config."""
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise ValueError(f"--scheduler {name!r}: expected one of {sorted(SCHEDULERS)}")
-    if config.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__:
-        if name not in FLOW_SAMPLERS:
-            raise ValueError(
-                f"--scheduler {name!r}: the model is flow-matching (FlowMatchEulerDiscreteScheduler); "
-                f"expected one of {list(FLOW_SAMPLERS)}"
-            )
-        return FlowMatchEulerDiscreteScheduler.from_config(config)
-    cls: type[ConfigMixin] = getattr(diffusers, SCHEDULERS[name])
+    cls: type[ConfigMixin] = getattr(diffusers, SCHEDULERS[resolve_scheduler(name, config, flag)])
     return cls.from_config(config)

@@ -14,7 +14,14 @@ SCHEDULERS = {  # --scheduler name → diffusers class name
     "ddpm": "DDPMScheduler",
     "dpm": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",  # flow-matching models (Flux, SD3, Wan, Qwen-Image) only
 }
+AUTO_SCHEDULER = "auto"  # the default: flow-euler on a flow-matching model, ddim on any other
+SCHEDULER_CHOICES = (AUTO_SCHEDULER, *sorted(SCHEDULERS))
+SCHEDULER_HELP = (
+    "auto (default): the model's own kind, flow-euler (FlowMatchEulerDiscreteScheduler) for a flow-matching model, "
+    "ddim otherwise; reports name the scheduler that ran"
+)
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 # The preset names `l2c.policies.POLICY_KINDS` registers (tests/test_cli.py checks they agree): a misspelt `--policy`
 # is refused from these before torch, diffusers or a model loads.

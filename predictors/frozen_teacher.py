@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from l2c.adapters import find_blocks, model_spec, read_outside_their_block
-from l2c.models import ModelBundle, make_scheduler
+from l2c.models import ModelBundle, make_scheduler, resolve_scheduler
 from l2c.policies import CachePolicy, FullPolicy
 from l2c.runtime import CacheRuntime, GateSource
 from l2c.sampling import Condition, denoise, noise_from_seeds
@@ -94,7 +94,7 @@ class FrozenTeacherModule(L.LightningModule):
         self,
         teacher: str = "embedded:digits",
         steps: int = 20,
-        scheduler: Literal["ddim", "ddpm", "dpm", "euler"] = "ddim",
+        scheduler: Literal["auto", "ddim", "ddpm", "dpm", "euler", "flow-euler"] = "auto",
         guidance_scale: float = 1.5,
         export_dir: str | None = None,
         shard_teacher: bool = False,
@@ -106,7 +106,9 @@ class FrozenTeacherModule(L.LightningModule):
         Args:
             teacher: The frozen model: an embedded name (`embedded:digits`), a local diffusers directory or a hub id.
             steps: Sampling steps of the schedule the predictor is trained for (at least 2).
-            scheduler: The sampler (dpm: DPM-Solver++), built from the teacher's scheduler config.
+            scheduler: The sampler (dpm: DPM-Solver++), built from the teacher's scheduler config; auto: flow-euler
+                (FlowMatchEulerDiscreteScheduler) for a flow-matching teacher, which ddim and euler also mean there,
+                ddim for others. The provenance records the one that ran.
             guidance_scale: Classifier-free guidance scale of the teacher's trajectories (1: no guidance).
             export_dir: Where global rank 0 writes the policy at the end of fit (none: no export).
             shard_teacher: Under DDP with several processes, shard the frozen teacher with FSDP2 over the ranks
@@ -123,7 +125,9 @@ class FrozenTeacherModule(L.LightningModule):
         object.__setattr__(self, "_bundle", bundle)  # not a submodule: see the module docstring
         self.teacher.requires_grad_(False).eval()
         self.guidance = bundle.denoiser(guidance_scale)  # conditioned as the model is (labels, prompts, class table)
-        self.sampler = make_scheduler(scheduler, bundle.scheduler_config)
+        field = f"{self.kind} trainer: field 'scheduler'"
+        self.scheduler_name = resolve_scheduler(scheduler, bundle.scheduler_config, field)  # the one that runs
+        self.sampler = make_scheduler(self.scheduler_name, bundle.scheduler_config, field)
         self.guidance.set_timesteps(self.sampler, steps)
         self.spec = model_spec(self.teacher)
         self.trajectories = TrajectoryCache()
@@ -295,6 +299,7 @@ class FrozenTeacherModule(L.LightningModule):
         tokens = getattr(self.bundle, "image_tokens", None)  # the families whose scheduler shift depends on it
         policy = self.trained_policy().bind(self.teacher, self.timesteps, type(self.sampler).__name__, tokens)
         settings = {name: list(value) if isinstance(value, tuple) else value for name, value in self.hparams.items()}
+        settings["scheduler"] = self.scheduler_name  # not `auto`, nor `ddim` for a flow model's Euler
         steps = self.global_step if steps_trained is None else steps_trained
         policy.provenance = {"trainer": self.kind, **settings, "global_steps": int(steps), **self.extra_provenance()}
         return policy

@@ -30,6 +30,7 @@ import torch
 from ..evaluate import SamplingSetup, SideBySide
 from ..metrics import count_flops, psnr_db
 from ..models import ModelBundle, load_model
+from ..options import AUTO_SCHEDULER, SCHEDULER_CHOICES, SCHEDULER_HELP
 from ..sampling import sample
 from .dato import DaToPolicy, format_schedule
 from .static import StaticPolicy
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded:digits")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--scheduler", default="ddim")
+    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=AUTO_SCHEDULER, help=SCHEDULER_HELP)
     parser.add_argument("--interval", type=int, default=2)
     parser.add_argument("--ratios", default="0,0.2,0.4,0.6", help="comma-separated prune ratios (0 included)")
     parser.add_argument("--generations", type=int, default=6)
