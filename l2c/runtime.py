@@ -258,7 +258,6 @@ class BranchHook(ModelHook):
         self.branch_index = branch_index
         self.states = states
         self.partial_ok = token_partial_supported(branch)
-        self._kept: tuple[Plan | None, int] | None = None  # (plan, computations kept): see `_remember`
         # `partial_keys="cached"` reads attn1's key/value projections through temporary forward hooks.
         self.hooks_projections = branch.name == "attn1" and runtime.partial_keys == "cached"
         self.key = (branch.block, branch.name)  # of its store in `TrajectoryState.stores`
@@ -283,9 +282,10 @@ class BranchHook(ModelHook):
         if probe is None and not self.hooks_projections:
             if eager:
                 return self._execute(original, call, run)
-            run = _uncompiled_tokens(self, call, run)
+            if run.action == Action.PARTIAL or self.runtime.prunes:
+                run = _uncompiled_tokens(self, call, run)
             output = self.RUNNERS[run.action](self, original, call, run)  # compiled
-            if run.action == Action.COMPUTE:
+            if run.action == Action.COMPUTE and self.runtime.keeps[self.branch.block][self.branch_index]:
                 _uncompiled_remember(self, call, run, output)
             return output
         with probe if probe is not None else nullcontext():
@@ -293,7 +293,8 @@ class BranchHook(ModelHook):
 
     def _execute(self, original, call: BranchCall, run: Execution) -> torch.Tensor:
         """Eagerly: the tokens this call computes, the action's runner, the history."""
-        run = self._tokens(call, run)
+        if run.action == Action.PARTIAL or self.runtime.prunes:
+            run = self._tokens(call, run)
         output = self.RUNNERS[run.action](self, original, call, run)
         if run.action == Action.COMPUTE:
             self._remember(call, run, output)
@@ -441,11 +442,7 @@ class BranchHook(ModelHook):
         Per-row computations (their rows mix steps, see `_rows`) and training blends are not history entries."""
         if run.gate is not None or run.rows is not None:
             return
-        plan = self.runtime.plan
-        if self._kept is None or self._kept[0] is not plan:
-            forecaster = or_default(self.runtime.policy.forecaster)
-            self._kept = (plan, kept_history(plan, forecaster, self.branch.block, self.branch_index))
-        keep = self._kept[1]
+        keep = self.runtime.keeps[self.branch.block][self.branch_index]
         if keep:
             timestep = float(self.runtime.timesteps[call.step])
             call.store.remember(Computed(call.step, timestep, output), keep)
@@ -717,6 +714,11 @@ class CacheRuntime:
         self._plan = self.policy.plan_for(self.spec, self._timesteps)
         self._actions = [[[Action(a) for a in branches] for branches in step] for step in self._plan.actions.tolist()]
         self._ratios = self._plan.token_ratio.tolist()
+        self._timestep_values = self._timesteps.tolist()
+        # Per (block, branch): how many computations its history keeps (`kept_history`; 0: it keeps only its output).
+        forecaster = or_default(self.policy.forecaster)
+        blocks, branches = self._plan.actions.shape[1:]
+        self.keeps = [[kept_history(self._plan, forecaster, b, i) for i in range(branches)] for b in range(blocks)]
         self._executions = [  # a plan entry's execution is the same at every call: made once, not per call
             [[Execution(a, r) for a, r in zip(*slots, strict=True)] for slots in zip(*step, strict=True)]
             for step in zip(self._actions, self._ratios, strict=True)
@@ -741,12 +743,12 @@ class CacheRuntime:
         return self._paused
 
     def step_of(self, timestep: torch.Tensor) -> int:
-        values = timestep.detach().flatten().to("cpu", torch.float64)
+        values = timestep.detach().flatten()
         if values.numel() == 0:
             raise ValueError("empty timestep tensor")
-        if not bool((values == values[0]).all()):
+        if values.numel() > 1 and not bool((values == values[0]).all()):
             raise ValueError(f"samples in one batch are at different timesteps {values.unique().tolist()}")
-        value = float(values[0]) * self.timestep_scale
+        value = float(values[0]) * self.timestep_scale  # the one host read per denoiser call
         self._follow_pipeline()
         index = self._record(value) if self._recording else self._lookup(value)
         if index is None:
@@ -784,8 +786,10 @@ class CacheRuntime:
         if self._timesteps is None:
             return None
         tolerance = 1e-4 * self.timestep_scale  # the pipeline's float32 `timestep / 1000`, scaled back
-        hits = torch.nonzero(torch.isclose(self._timesteps, torch.tensor(value, dtype=torch.float64), atol=tolerance))
-        return int(hits[0, 0]) if len(hits) else None
+        for index, known in enumerate(self._timestep_values):  # `torch.isclose`'s rule, without building tensors
+            if abs(known - value) <= tolerance + 1e-5 * abs(value):
+                return index
+        return None
 
     def image_tokens(self, args: tuple, kwargs: dict) -> int | None:
         """The image token count of a denoiser call (None: the model family does not say); checked against the
