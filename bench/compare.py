@@ -4,10 +4,14 @@
         --l2c 0.75=out/l2c-r2-long --l2c 0.5=out/l2c-r3 --l2c 0.33=out/l2c-r4 \
         --l2c-label "L2C forecast, Taylor weights=0.5=out/l2c-forecast-taylor"   # a labelled row (ablations)
     python bench/compare.py --quick --json out/bench/compare-quick.json   # CI: well under a minute
+    python bench/compare.py --json docs/bench/compare_tokenwise.json --targets 0.58 0.5 0.44 0.35 \
+        --tokencache out/tokencache-digits --only uncached "static every-N" "TaylorSeer (native)" ToCa DuCa \
+        "ToCa + TaylorSeer forecast" "DuCa + TaylorSeer forecast" TokenCache "TokenCache + TaylorSeer forecast"
 
 Compute points 0.75, 0.5, 0.35, 0.25, 0.2 (`--targets`); after the table, the learned row against the best other
-at each point (JSON key `margins`). The logic lives in `l2c/compare.py` (also `python infer.py compare`); see
-BENCHMARKS.md for the latest table.
+at each point (JSON key `margins`). The "+ TaylorSeer forecast" rows are ToCa, DuCa and each TokenCache directory
+with `taylor_order=1` (the third command: BENCHMARKS.md's token-wise table). The logic lives in `l2c/compare.py`
+(also `python infer.py compare`); see BENCHMARKS.md for the latest table.
 """
 
 from __future__ import annotations

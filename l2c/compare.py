@@ -1,7 +1,9 @@
 """Every policy and every peer side by side: one model, one set of noises and conditions, rows at equal compute.
 
 Rows: the uncached model (`full`: hooks on, nothing reused), fewer sampling steps of the same scheduler, static
-every-N, ToCa, DuCa, DaTo, trained L2C and TokenCache policy directories, native TaylorSeer, and the peers users
+every-N, ToCa, DuCa, DaTo, trained L2C and TokenCache policy directories, ToCa, DuCa and TokenCache each also with
+the tokens they do not recompute forecast (`taylor_order=1`, the "+ TaylorSeer forecast" rows: the same plan, so the
+same compute), native TaylorSeer, and the peers users
 would pick instead (`l2c.peers`: diffusers' FBCache and TaylorSeer, cache-dit's DBCache). Methods with a knob are set
 to the compute points in `targets` (FLOPs ratio), always on a calibration noise set apart from the evaluation's:
 peers with a threshold by bisection of their FLOPs ratio; TaylorSeer (native and diffusers') by the best calibration
@@ -14,6 +16,7 @@ thin command lines over `run_comparison`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -117,9 +120,30 @@ def static_presets(config: CompareConfig) -> list[str]:
     return list(dict.fromkeys(static_preset_at(t, config.steps) for t in config.compute_points))
 
 
-def interval_presets(kind: str, config: CompareConfig) -> list[str]:
-    """Every-N for N = 2, 3, 4 (a quick run: N = 2 only)."""
-    return [f"{kind}:interval={n}" for n in ((2,) if config.quick else (2, 3, 4))]
+def interval_presets(kind: str, config: CompareConfig, knobs: str = "") -> list[str]:
+    """Every-N for N = 2, 3, 4 (a quick run: N = 2 only), with `knobs` (",key=value…") after the interval."""
+    return [f"{kind}:interval={n}{knobs}" for n in ((2,) if config.quick else (2, 3, 4))]
+
+
+# The token-wise rows with the tokens a step between full steps does not recompute forecast (TaylorSeer's rule of
+# this order from the branch's full computations; `l2c/policies/token_forecast.py`) instead of reused.
+FORECAST_ORDER = 1
+FORECAST_SUFFIX = " + TaylorSeer forecast"  # "ToCa" -> "ToCa + TaylorSeer forecast"
+
+
+def tokenwise_presets(config: CompareConfig) -> list[tuple[str, list[str]]]:
+    """(method, presets) of ToCa and DuCa at every-N, each followed by its forecast variant at the same intervals
+    (a quick run leaves out DuCa and its variant)."""
+    kinds = [("ToCa", "toca")] + ([] if config.quick else [("DuCa", "duca")])
+    forecast = f",taylor_order={FORECAST_ORDER}"
+    return [
+        item
+        for method, kind in kinds
+        for item in (
+            (method, interval_presets(kind, config)),
+            (method + FORECAST_SUFFIX, interval_presets(kind, config, forecast)),
+        )
+    ]
 
 
 def parse_l2c_label(text: str) -> tuple[str, str]:
@@ -153,9 +177,13 @@ def tokencache_rows(config: CompareConfig, notes: list[str]) -> list[Row]:
     rows = []
     for directory in config.tokencache:
         try:
-            rows.append(Row("TokenCache", directory, load_policy(directory)))
+            policy = load_policy(directory)
         except ValueError as error:
             notes.append(f"skipped TokenCache ({directory}): {error}")
+            continue
+        forecast = dataclasses.replace(policy, taylor_order=FORECAST_ORDER)
+        rows.append(Row("TokenCache", directory, policy))
+        rows.append(Row("TokenCache" + FORECAST_SUFFIX, f"{directory} (taylor_order={FORECAST_ORDER})", forecast))
     return rows
 
 
@@ -323,9 +351,8 @@ def build_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> 
     rows = [Row("uncached", "full (hooks on, nothing reused)", FullPolicy())]
     rows += fewer_steps_rows(config)
     rows += preset_rows("static every-N", static_presets(config), notes, spec)
-    rows += preset_rows("ToCa", interval_presets("toca", config), notes, spec)
-    if not config.quick:  # a quick run leaves out ToCa's variant
-        rows += preset_rows("DuCa", interval_presets("duca", config), notes, spec)
+    for method, presets in tokenwise_presets(config):
+        rows += preset_rows(method, presets, notes, spec)
     rows += preset_rows("DaTo", interval_presets("dato", config), notes, spec)
     rows += l2c_rows(config, notes)
     rows += tokencache_rows(config, notes)

@@ -200,6 +200,13 @@ def test_quick_compare_writes_rows_notes_and_the_pareto_plot(tmp_path, capsys):
         assert methods.count(method) == 1  # one row per compute point (one point in a quick run)
     seer = next(row for row in rows if row["method"] == compare.NATIVE_TAYLORSEER)
     assert seer["flops_ratio"] == pytest.approx(0.5, abs=0.03) and "chosen of 12 settings" in seer["note"]
+    # ToCa with its unrecomputed tokens forecast: the same plan (so the same FLOPs), forecasting where ToCa reuses.
+    toca, filled = (next(row for row in rows if row["method"] == m) for m in ("ToCa", "ToCa + TaylorSeer forecast"))
+    assert filled["setting"] == "toca:interval=2,taylor_order=1"
+    assert filled["flops_ratio"] == pytest.approx(toca["flops_ratio"], rel=1e-6)
+    assert filled["executed"]["forecast"] == toca["executed"]["reuse"] > 0 and "reuse" not in filled["executed"]
+    assert filled["executed"]["partial"] == toca["executed"]["partial"] > 0
+    assert filled["psnr_db"] != toca["psnr_db"]
     assert not set(methods) & {"L2C", "TokenCache"}  # no policy directories given: absent, and said so
     printed = capsys.readouterr().out
     assert "skipped L2C" in printed and "skipped TokenCache" in printed and "margin_db" in printed
@@ -228,6 +235,18 @@ def test_a_preset_that_fails_is_noted_and_the_rows_built_before_and_after_it_are
                                notes, model_spec(tiny_dit()))  # fmt: skip
     assert [row.setting for row in rows] == ["static:interval=2", "static:interval=3"]
     assert len(notes) == 1 and "nosuchkind" in notes[0]
+
+
+def test_toca_and_duca_rows_come_with_their_forecast_variants_at_the_same_intervals():
+    presets = dict(compare.tokenwise_presets(compare.CompareConfig()))
+    assert list(presets) == ["ToCa", "ToCa + TaylorSeer forecast", "DuCa", "DuCa + TaylorSeer forecast"]
+    for kind, method in (("toca", "ToCa"), ("duca", "DuCa")):
+        assert presets[method] == [f"{kind}:interval={n}" for n in (2, 3, 4)]
+        assert presets[f"{method} + TaylorSeer forecast"] == [f"{kind}:interval={n},taylor_order=1" for n in (2, 3, 4)]
+    assert compare.tokenwise_presets(compare.CompareConfig(quick=True)) == [
+        ("ToCa", ["toca:interval=2"]),
+        ("ToCa + TaylorSeer forecast", ["toca:interval=2,taylor_order=1"]),
+    ]
 
 
 def test_interval_presets_follow_the_config():

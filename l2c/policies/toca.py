@@ -36,7 +36,6 @@ import torch
 
 from ..adapters import ModelSpec, model_spec
 from ..extension import BranchCall, SelectionRequest, TokenSelector
-from ..forecast import PolynomialForecaster
 from ..plan import Action, Plan
 from .base import CachePolicy
 from .knobs import FINITE, FRACTION, NON_NEGATIVE, Range, at_least
@@ -51,6 +50,7 @@ from .scores import (
     top_tokens,
     value_norm_score,
 )
+from .token_forecast import TAYLOR_ORDER, TokenForecast
 
 if TYPE_CHECKING:
     from torch import nn
@@ -120,7 +120,7 @@ PIXART_ALPHA = dict(
 
 
 @dataclass
-class ToCaPolicy(CachePolicy):
+class ToCaPolicy(TokenForecast, CachePolicy):
     kind = "toca"
     presets: ClassVar[dict[str, dict]] = {"dit": DIT_DDIM50, "pixart": PIXART_ALPHA, "flux": FLUX}
     knob_ranges: ClassVar[dict[str, Range]] = {
@@ -140,7 +140,7 @@ class ToCaPolicy(CachePolicy):
         "proj_out_factor": NON_NEGATIVE,
         "interval_weight": Range(0, 1, high_open=True),
         "sensitive_gap": at_least(0),
-        "taylor_order": at_least(0),
+        "taylor_order": TAYLOR_ORDER,
     }
 
     interval: int = 3  # N: a full step every N steps (step 0 first)
@@ -166,8 +166,7 @@ class ToCaPolicy(CachePolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.taylor_order:
-            self.forecaster = PolynomialForecaster("taylor", self.taylor_order, fill_partial=True)
+        self.init_token_forecast()
         if self.score is not None and self.score not in SCORES:
             raise ValueError(f"{self.kind} policy: field 'score' must be one of {list(SCORES)}, got {self.score!r}")
         if self.preset is not None and self.preset not in self.presets:
@@ -261,7 +260,7 @@ class ToCaPolicy(CachePolicy):
         if spec.num_tokens:  # exact token counts, as the reference: floor(ratio · tokens); 0 tokens → reuse
             count = torch.floor(ratio * spec.num_tokens + 1e-9)
             ratio = count / spec.num_tokens
-        plan.actions[reuse | (partial & (ratio <= 0))] = Action.FORECAST if self.taylor_order else Action.REUSE
+        plan.actions[reuse | (partial & (ratio <= 0))] = self.not_recomputed_action
         fresh = partial & (ratio > 0) & (ratio < 1)
         plan.actions[fresh] = Action.PARTIAL
         plan.token_ratio[fresh] = ratio[fresh].float()

@@ -13,13 +13,17 @@ Both tables come from statistics measured at export (`TokenCacheCalibration`), n
 - TPRR: among all two-phase schedules with at most `full_steps` full steps, the one whose worst accumulated
   per-step change since the last full step is smallest (the measured per-step error or the predictor's mean
   per-step importance, `tprr_signal`). See docs/tokencache.md for the choices and their measurements.
+
+`taylor_order=m` (m ≥ 1; off by default) forecasts, instead of reusing, the tokens a cache step does not recompute
+(a partial block's unselected tokens and the blocks under the floor) with TaylorSeer's order-m rule from the
+branch's last m+1 full computations: ToCa's option (`token_forecast.py`), on TokenCache's schedule and scores.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 from weakref import WeakKeyDictionary
 
 import torch
@@ -29,7 +33,9 @@ from ..extension import BlockInput, PartialKeys, SelectionRequest, TokenSelector
 from ..plan import Action, Plan
 from ..token_importance import TokenImportancePredictor
 from .base import CachePolicy, PolicyTarget
+from .knobs import Range
 from .scores import top_tokens
+from .token_forecast import TAYLOR_ORDER, TokenForecast
 
 if TYPE_CHECKING:
     from torch import nn
@@ -142,8 +148,9 @@ def single_interval(num_steps: int, max_full: int) -> int:
 
 # -- the policy ------------------------------------------------------------------------------------------------------
 @dataclass
-class TokenCachePolicy(CachePolicy):
+class TokenCachePolicy(TokenForecast, CachePolicy):
     kind = "tokencache"
+    knob_ranges: ClassVar[dict[str, Range]] = {"taylor_order": TAYLOR_ORDER}
     token_budget: float = 0.3  # share of all (block, token) pairs recomputed on a cache step, before the floor
     floor: float = 0.05  # blocks whose ratio is under this are cached whole on cache steps
     full_steps: int = 6  # at most this many full (independent) steps, step 0 included
@@ -152,12 +159,16 @@ class TokenCachePolicy(CachePolicy):
     tprr: bool = True  # False (ablation): one interval for the whole run
     partial_keys: PartialKeys = "cached"  # what partial self-attention's queries see (l2c.extension.PartialKeys)
     ff_inner_dim: int | None = None  # the predictor's MLP width (None: the teacher's)
+    # m ≥ 1: forecast the tokens a cache step does not recompute (TaylorSeer order m; `token_forecast.py`).
+    taylor_order: int | None = None  # None or 0: reuse them
     predictor_state: dict[str, torch.Tensor] | None = field(default=None, kw_only=True, repr=False)
     calibration: TokenCacheCalibration | None = field(default=None, kw_only=True, repr=False)
     # The predictor of each model the policy is applied to (built by `prepare`, dropped with the model).
     _predictors: WeakKeyDictionary = field(default_factory=WeakKeyDictionary, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.init_token_forecast()
         name = self.kind
         for key in ("token_budget", "floor"):
             value = getattr(self, key)
@@ -216,7 +227,7 @@ class TokenCachePolicy(CachePolicy):
         cache = ~self.step_types(num_steps).bool()
         per_slot = ratios.view(1, -1, 1).expand(shape)
         cache_slots = cache.view(-1, 1, 1).expand(shape)
-        plan.actions[cache_slots & (per_slot <= 0)] = Action.REUSE
+        plan.actions[cache_slots & (per_slot <= 0)] = self.not_recomputed_action
         partial = cache_slots & (per_slot > 0) & (per_slot < 1)
         plan.actions[partial] = Action.PARTIAL
         plan.token_ratio[partial] = per_slot[partial]
