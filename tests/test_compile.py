@@ -14,7 +14,7 @@ from l2c_testing import ddim_sample, ddim_timesteps, dit_inputs, tiny_dit, tiny_
 from test_tokencache import tiny_policy as tiny_tokencache
 
 import l2c
-from l2c.policies import LayerRouterPolicy
+from l2c.policies import BlockCachePolicy, LayerRouterPolicy
 
 STEPS = 6
 
@@ -56,6 +56,12 @@ POLICIES = {
     "l2c plan": router_policy,
     "toca": lambda model, steps: l2c.load_policy("toca"),
     "toca forecast": lambda model, steps: l2c.load_policy("toca:taylor_order=2"),
+    "duca": lambda model, steps: l2c.load_policy("duca"),
+    "dato": lambda model, steps: l2c.load_policy("dato:interval=2,prune=0.4"),
+    "adacache": lambda model, steps: l2c.load_policy("adacache"),
+    "blockcache": lambda model, steps: BlockCachePolicy(threshold=0.3).calibrate(
+        model, lambda: ddim_sample(model, *dit_inputs(batch=2), steps)
+    ),
     "tokencache": lambda model, steps: tiny_tokencache(model, steps),
     "taylorseer": lambda model, steps: l2c.load_policy("taylorseer:interval=3,order=2,warmup=1"),
 }
