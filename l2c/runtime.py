@@ -282,6 +282,8 @@ class BranchHook(ModelHook):
         if probe is None and not self.hooks_projections:
             if eager:
                 return self._execute(original, call, run)
+            # `_execute`'s steps, written here because this frame is never traced: a method called from it would
+            # be, and would specialise on the block it reads; the Python parts run uncompiled, the runner compiled.
             if run.action == Action.PARTIAL or self.runtime.prunes:
                 run = _uncompiled_tokens(self, call, run)
             output = self.RUNNERS[run.action](self, original, call, run)  # compiled
@@ -296,7 +298,7 @@ class BranchHook(ModelHook):
         if run.action == Action.PARTIAL or self.runtime.prunes:
             run = self._tokens(call, run)
         output = self.RUNNERS[run.action](self, original, call, run)
-        if run.action == Action.COMPUTE:
+        if run.action == Action.COMPUTE and self.runtime.keeps[self.branch.block][self.branch_index]:
             self._remember(call, run, output)
         return output
 
@@ -315,10 +317,7 @@ class BranchHook(ModelHook):
         store = state.stores.get(self.key)
         if store is None:
             store = state.stores[self.key] = BranchStore()
-        if runtime._blend is None and not runtime._decides:  # the plan's entry (the common case, inlined)
-            run = runtime._executions[state.step][branch.block][self.branch_index]
-        else:
-            run = runtime.execution(state, branch, self.branch_index, store)
+        run = runtime.execution(state, branch, self.branch_index, store)
         if (run.action != Action.COMPUTE or run.rows is not None) and store.output is None:
             verb = "reuse rows of" if run.rows is not None else run.action.name.lower()
             raise RuntimeError(
