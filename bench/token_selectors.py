@@ -34,19 +34,20 @@ if not __package__:  # run as a file: this checkout's packages first (see bench/
 
 import torch
 
+from l2c.adapters import model_spec
 from l2c.evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_for
 from l2c.extension import BranchCall, SelectionRequest, TokenSelector
 from l2c.models import load_model
 from l2c.plan import Action
 from l2c.policies import StaticPolicy, ToCaPolicy, TokenCachePolicy
 from l2c.policies.selectors import (
-    TRUE_OUTPUT,
     SelectorPolicy,
-    moved,
+    measured_change,
     predictor_scores,
     spearman,
     true_output_measured,
 )
+from l2c.policies.toca import SCORE_SOURCE
 from l2c.policy_io import load_policy
 from l2c.results import format_table, write_results
 
@@ -60,6 +61,9 @@ def gap_closed(psnr: float, psnr_static: float) -> float:
     return 1.0 - 10.0 ** (-(psnr - psnr_static) / 10.0)
 
 
+FLAT = dict(step_weight=0.0, layer_weight=0.0, bonus=0.0, grid=1)  # no step/depth weighting, no spatial bonus
+FLAT_DIT = dict(FLAT, attn1_factor=1.0, ff_factor=1.0)
+
 Log = list  # (step, block, branch, mean Spearman) per partial execution
 
 
@@ -67,8 +71,7 @@ def rank_logged(score, pick: TokenSelector, log: Log) -> TokenSelector:
     """`pick`, logging the Spearman correlation of `score`'s token scores with the oracle's ‖true − cached‖."""
 
     def select(request: SelectionRequest) -> torch.Tensor:
-        true = request.state.signals[(TRUE_OUTPUT, request.block, request.branch)]
-        rho = spearman(score(request), moved(true, request.store.output))
+        rho = spearman(score(request), measured_change(request))
         log.append((request.step, request.block, request.branch, float(rho.mean())))
         return pick(request)
 
@@ -113,8 +116,11 @@ def rank_by_step(probe: RankProbe | PredictorRankProbe) -> dict[int, float]:
     return {step: sum(values) / len(values) for step, values in sorted(steps.items())}
 
 
-def rows_for(knobs: dict, seed: int, predictor: TokenCachePolicy | None = None) -> list[Row]:
-    """Static every-N, then ToCa's plan with each selector (all with the same fresh-ratio knobs)."""
+def rows_for(
+    knobs: dict, seed: int, predictor: TokenCachePolicy | None = None, branches: tuple[str, ...] = ("attn1",)
+) -> list[Row]:
+    """Static every-N, then ToCa's plan with each selector (all with the same fresh-ratio knobs); a score row only
+    where the model has the branch the score reads (Flux's fused attention exposes no attention score)."""
     interval = knobs["interval"]
     rows = [Row(f"static every-{interval}", f"static:interval={interval}", StaticPolicy(interval=interval))]
     for name in ("oracle", "random", "stalest"):
@@ -123,8 +129,9 @@ def rows_for(knobs: dict, seed: int, predictor: TokenCachePolicy | None = None) 
         for name in ("oracle", "stalest"):
             policy = SelectorPolicy(selector=name, seed=seed, partial_keys="cached", **knobs)
             rows.append(Row(f"{name}, cached keys", f"selector={name},partial_keys=cached", policy))
-    rows.append(Row("toca score", "score=attention", ToCaPolicy(**{**knobs, "score": "attention"})))
-    rows.append(Row("duca score", "score=value_norm", ToCaPolicy(**{**knobs, "score": "value_norm"})))
+    for method, score in SCORED:
+        if SCORE_SOURCE[score] in branches:
+            rows.append(Row(method, f"score={score}", ToCaPolicy(**{**knobs, "score": score})))
     if predictor is not None:
         policy = SelectorPolicy(selector="predictor", predictor=predictor, seed=seed, **knobs)
         rows.append(Row("tokencache predictor", "selector=predictor", policy))
@@ -152,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tokencache {args.tokencache}: a {predictor.kind} policy, expected a tokencache one")
 
     knobs: dict = {"interval": args.interval, "ratio": args.ratio}
-    if args.flat:
-        knobs.update(step_weight=0.0, layer_weight=0.0, attn1_factor=1.0, ff_factor=1.0, bonus=0.0, grid=1)
     bundle = load_model(args.model)
+    branches = model_spec(bundle.transformer).branches
+    if args.flat:  # a DiT's self-attention partial too; Flux's joint attention stays reused (its preset)
+        knobs.update(FLAT_DIT if "attn1" in branches else FLAT)
     setup = SamplingSetup(
         model=args.model, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
         flops_samples=args.flops_samples,
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         write_results(args.json, record, results)
 
     bench = SideBySide(bundle, setup)
-    rows = [row for row in rows_for(knobs, args.seed, predictor) if only is None or row.method in only]
+    rows = [row for row in rows_for(knobs, args.seed, predictor, branches) if only is None or row.method in only]
     measure_rows(bench, rows, quality_for(bundle), on_row=done)
     flops = {r["method"].replace("stalest", "oracle"): r["flops_ratio"] for r in results if "stalest" in r["method"]}
     for row in results:
@@ -184,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rank_samples:
         rank_setup = dataclasses.replace(setup, num_samples=args.rank_samples, batch_size=args.rank_samples)
         record[RANK_STEPS] = {}
-        probes = {label: RankProbe(**{**knobs, "score": score}) for label, score in SCORED}
+        probes = {
+            label: RankProbe(**{**knobs, "score": score}) for label, score in SCORED if SCORE_SOURCE[score] in branches
+        }
         if predictor is not None:
             probes["tokencache predictor"] = PredictorRankProbe(predictor=predictor, **knobs)
         for label, probe in probes.items():

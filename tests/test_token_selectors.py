@@ -52,6 +52,16 @@ def test_oracle_picks_the_tokens_that_moved_most():
         oracle_tokens(request(output=cached))
 
 
+def test_oracle_on_a_joint_branch_ranks_the_image_tokens_of_its_first_stream():
+    """Flux single blocks are [text; image] and the selector sees the image part: the true output's last tokens."""
+    cached = torch.zeros(1, 3, 2)  # the store's image view
+    text = torch.full((1, 2, 2), 100.0)  # text tokens moved most, but are not selectable
+    image = torch.tensor([[[0.0, 1.0], [3.0, 4.0], [0.0, 0.5]]])  # moved 1, 5, 0.5
+    other_stream = torch.zeros(1, 7, 2)
+    chosen = oracle_tokens(request(output=cached, true_output=(torch.cat([text, image], 1), other_stream)))
+    assert chosen.tolist() == [[1, 0]]
+
+
 def test_bad_selector_is_refused():
     with pytest.raises(ValueError, match="field 'selector' must be one of"):
         SelectorPolicy(selector="best")

@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
-from ..extension import BlockInput, BranchCall, PartialKeys, SelectionRequest, TokenSelector, stalest_tokens
+from ..extension import (
+    BlockInput,
+    BranchCall,
+    PartialKeys,
+    SelectionRequest,
+    TokenSelector,
+    first_stream,
+    stalest_tokens,
+)
 from ..plan import Action
 from .scores import top_tokens
 from .toca import ToCaPolicy
@@ -84,8 +92,11 @@ def moved(true_output: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
     return (true_output.float() - cached.float()).norm(dim=-1)
 
 
-def oracle_tokens(request: SelectionRequest) -> torch.Tensor:
-    """The tokens whose true output (measured by `SelectorPolicy`'s probe) moved most from the stored output."""
+def measured_change(request: SelectionRequest) -> torch.Tensor:
+    """‖true − cached‖ of each selectable token [batch, tokens], from the true output `SelectorPolicy`'s probe measured.
+
+    A joint branch (Flux single blocks: [text; image]) selects among its image tokens, the last ones of the output.
+    """
     signals = request.state.signals if request.state is not None else {}
     true_output = signals.get((TRUE_OUTPUT, request.block, request.branch))
     if true_output is None:
@@ -93,7 +104,13 @@ def oracle_tokens(request: SelectionRequest) -> torch.Tensor:
             f"oracle selector: no true output of block {request.block} {request.branch} at step {request.step}; "
             "the oracle runs only under SelectorPolicy(selector='oracle'), whose probe measures it"
         )
-    return top_tokens(moved(true_output, request.store.output), request.num_selected)
+    cached, true_output = request.store.output, first_stream(true_output)
+    return moved(true_output[:, true_output.shape[1] - cached.shape[1] :], cached)
+
+
+def oracle_tokens(request: SelectionRequest) -> torch.Tensor:
+    """The tokens whose true output moved most from the stored output."""
+    return top_tokens(measured_change(request), request.num_selected)
 
 
 def predictor_scores(request: SelectionRequest) -> torch.Tensor:
