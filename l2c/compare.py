@@ -3,11 +3,11 @@
 Rows: the uncached model (`full`: hooks on, nothing reused), fewer sampling steps of the same scheduler, static
 every-N, ToCa, DuCa, DaTo, trained L2C and TokenCache policy directories, ToCa, DuCa and TokenCache each also with
 the tokens they do not recompute forecast (`taylor_order=1`, the "+ TaylorSeer forecast" rows: the same plan, so the
-same compute), native TaylorSeer, and the peers users
+same compute), native TaylorSeer, HiCache (TaylorSeer's schedule, its scaled-Hermite forecast), and the peers users
 would pick instead (`l2c.peers`: diffusers' FBCache and TaylorSeer, cache-dit's DBCache). Methods with a knob are set
 to the compute points in `targets` (FLOPs ratio), always on a calibration noise set apart from the evaluation's:
-peers with a threshold by bisection of their FLOPs ratio; TaylorSeer (native and diffusers') by the best calibration
-PSNR over a grid (orders 1, 2 × every interval and warm-up computing the point's share of steps); static every-N by
+peers with a threshold by bisection of their FLOPs ratio; TaylorSeer (native and diffusers') and HiCache by the best
+calibration PSNR over a grid (orders 1, 2 × every interval and warm-up computing the point's share of steps); static every-N by
 rule. `margins` checks the issue's rule at each point (the learned row ≥ 3 dB ahead of the best other). A method
 that cannot run here is left out and said so in a note, never faked. `bench/compare.py` and `infer.py compare` are
 thin command lines over `run_comparison`.
@@ -204,11 +204,16 @@ class SeerSetting:
     def native(self) -> CacheMethod:
         return parse_preset(f"taylorseer:interval={self.interval},order={self.order},warmup={self.warmup}")
 
+    def hicache(self) -> CacheMethod:
+        """The same schedule forecast by HiCache's scaled-Hermite rule (σ: its code's default)."""
+        return parse_preset(f"taylorseer:interval={self.interval},order={self.order},warmup={self.warmup},rule=hermite")
+
     def peer(self) -> TaylorSeer:
         return TaylorSeer(interval=self.interval, warmup=self.warmup, order=self.order)
 
 
 NATIVE_TAYLORSEER = "TaylorSeer (native)"
+HICACHE = "HiCache (native)"
 SEER_ORDERS = (1, 2)
 SEER_TOLERANCE = 0.03  # a grid setting computes a share of steps this close to the compute point
 
@@ -305,10 +310,12 @@ def _with_threshold(cls: type[Peer], threshold: float) -> Peer:
 
 
 def taylorseer_rows(config: CompareConfig, bench: SideBySide, reference: torch.Tensor) -> list[Row]:
-    """Native TaylorSeer and diffusers' hook, each tuned on the calibration noise at every compute point."""
+    """Native TaylorSeer, diffusers' hook and HiCache (TaylorSeer's schedules, its Hermite rule), each tuned on the
+    calibration noise at every compute point."""
     implementations = [
         (NATIVE_TAYLORSEER, SeerSetting.native, "l2c's runtime (`taylorseer:` preset)"),
         (TaylorSeer.method, SeerSetting.peer, TaylorSeer.note),
+        (HICACHE, SeerSetting.hicache, "l2c's runtime (`taylorseer:rule=hermite`, σ 0.5: HiCache's code default)"),
     ]
     rows = []
     for method, make, note in implementations:
@@ -341,7 +348,7 @@ def peer_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> l
                 peer, ratio = tune_threshold(make, target, bench.flops_ratio, iters=config.tune_iters)
                 note = f"{cls.note}; tuned to {target} (calibration flops_ratio {ratio:.3f})"
             rows.append(Row(cls.method, peer.describe(), peer, note=note))
-    if config.wants(NATIVE_TAYLORSEER) or config.wants(TaylorSeer.method):
+    if any(config.wants(method) for method in (NATIVE_TAYLORSEER, TaylorSeer.method, HICACHE)):
         rows += taylorseer_rows(config, bench, bench.images(None))
     return rows
 

@@ -9,6 +9,11 @@ indices at which the kept outputs were computed (`ForecastRequest.steps`), so un
   at order ≥ 2 it is not the polynomial through the points (F_1 is the slope between the last two, not at s_n).
 - `lagrange`: the polynomial of degree m through the last m+1 computed outputs, evaluated at the current step
   (exact continuation of any polynomial of degree ≤ m, whatever the gaps).
+- `hermite`: HiCache (Feng et al. 2025, "HiCache: Training-free Acceleration of Diffusion Models via Hermite
+  Polynomial-based Feature Caching"): TaylorSeer's factors F_j, each multiplied by σ^j · H_j(σ·(t − s_n)) / j! in
+  place of (t − s_n)^j / j!, with H_j the physicists' Hermite polynomials and σ the "dual scaling" (the authors'
+  code's default 0.5; its FLUX scripts use 0.6–0.7). σ = 1/√2 gives TaylorSeer's first-order term exactly; at
+  σ < 1/√2 every term is damped, and H_2's constant adds −σ²·F_2 even at the computed step's own offset.
 
 `WeightTable` is the learned case: weights looked up per (step, block, branch), saved as a tensor beside the plan.
 """
@@ -25,20 +30,46 @@ import torch
 from .extension import Computed, Forecaster, ForecastRequest, first_stream, map_streams
 from .plan import Action, Plan
 
-StepRule = Literal["taylor", "lagrange"]
-WeightRule = Callable[[int, Sequence[int], int], torch.Tensor]  # (step, history steps, order) -> w [float64]
+StepRule = Literal["taylor", "lagrange", "hermite"]
+# (step, history steps newest first, order, σ) -> w [float64]; σ is read by `hermite` only.
+WeightRule = Callable[[int, Sequence[int], int, float], torch.Tensor]
+HICACHE_SCALE = 0.5  # HiCache's σ: the default of the authors' code
+
+
+def factor_weights(step: int, steps: Sequence[int], order: int, term: Callable[[int, int], float]) -> torch.Tensor:
+    """Σ_j term(j, t − s_n) · F_j over TaylorSeer's factors F_j (order ≤ `order`) of the computations at `steps`
+    (newest first), as weights on those computations."""
+    count = min(order + 1, len(steps))
+    # level[i]: the current order's factor of the computation at steps[i], as coefficients on the kept outputs.
+    level = list(torch.eye(count, dtype=torch.float64))
+    offset = step - steps[0]
+    weights = level[0] * term(0, offset)
+    for j in range(1, count):
+        level = [(level[i] - level[i + 1]) / (steps[i] - steps[i + 1]) for i in range(count - j)]
+        weights += level[0] * term(j, offset)
+    return weights
 
 
 def taylor_weights(step: int, steps: Sequence[int], order: int) -> torch.Tensor:
     """TaylorSeer's order-`order` expansion from the computations at `steps` (newest first), as weights on them."""
-    count = min(order + 1, len(steps))
-    # level[i]: the current order's factor of the computation at steps[i], as coefficients on the kept outputs.
-    level = list(torch.eye(count, dtype=torch.float64))
-    weights, offset = level[0].clone(), step - steps[0]
-    for j in range(1, count):
-        level = [(level[i] - level[i + 1]) / (steps[i] - steps[i + 1]) for i in range(count - j)]
-        weights += level[0] * (offset**j / math.factorial(j))
-    return weights
+    return factor_weights(step, steps, order, lambda j, offset: offset**j / math.factorial(j))
+
+
+def physicists_hermite(j: int, x: float) -> float:
+    """H_j(x): H_0 = 1, H_1 = 2x, H_{k+1} = 2x·H_k − 2k·H_{k−1}."""
+    previous, current = 1.0, 2.0 * x
+    if j == 0:
+        return previous
+    for k in range(1, j):
+        previous, current = current, 2.0 * x * current - 2.0 * k * previous
+    return current
+
+
+def hermite_weights(step: int, steps: Sequence[int], order: int, scale: float = HICACHE_SCALE) -> torch.Tensor:
+    """HiCache's order-`order` scaled-Hermite expansion of TaylorSeer's factors, as weights on the computations."""
+    return factor_weights(
+        step, steps, order, lambda j, offset: scale**j * physicists_hermite(j, scale * offset) / math.factorial(j)
+    )
 
 
 def lagrange_weights(step: int, steps: Sequence[int], order: int) -> torch.Tensor:
@@ -52,7 +83,11 @@ def lagrange_weights(step: int, steps: Sequence[int], order: int) -> torch.Tenso
     return weights
 
 
-RULES: dict[str, WeightRule] = {"taylor": taylor_weights, "lagrange": lagrange_weights}
+RULES: dict[str, WeightRule] = {
+    "taylor": lambda step, steps, order, scale: taylor_weights(step, steps, order),
+    "lagrange": lambda step, steps, order, scale: lagrange_weights(step, steps, order),
+    "hermite": hermite_weights,
+}
 
 
 @dataclass(frozen=True)
@@ -62,19 +97,22 @@ class PolynomialForecaster:
     rule: StepRule = "taylor"
     order: int = 1
     fill_partial: bool = False
+    scale: float = HICACHE_SCALE  # σ of the `hermite` rule
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"forecaster: field 'rule' must be one of {sorted(RULES)}, got {self.rule!r}")
         if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 0:
             raise ValueError(f"forecaster: field 'order' must be an integer ≥ 0, got {self.order!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not 0 < self.scale < math.inf:
+            raise ValueError(f"forecaster: field 'scale' must be a number > 0, got {self.scale!r}")
 
     @property
     def history(self) -> int:
         return self.order + 1
 
     def weights(self, request: ForecastRequest) -> torch.Tensor:
-        return RULES[self.rule](request.step, request.steps, self.order)
+        return RULES[self.rule](request.step, request.steps, self.order, self.scale)
 
 
 @dataclass(frozen=True, eq=False)

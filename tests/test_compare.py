@@ -200,6 +200,10 @@ def test_quick_compare_writes_rows_notes_and_the_pareto_plot(tmp_path, capsys):
         assert methods.count(method) == 1  # one row per compute point (one point in a quick run)
     seer = next(row for row in rows if row["method"] == compare.NATIVE_TAYLORSEER)
     assert seer["flops_ratio"] == pytest.approx(0.5, abs=0.03) and "chosen of 12 settings" in seer["note"]
+    # HiCache: tuned on the same grid, TaylorSeer's schedules, its own forecast (so other samples at the same FLOPs).
+    hicache = next(row for row in rows if row["method"] == compare.HICACHE)
+    assert hicache["setting"].endswith(",rule=hermite,scale=0.5") and "chosen of 12 settings" in hicache["note"]
+    assert hicache["executed"]["forecast"] > 0 and hicache["flops_ratio"] == pytest.approx(0.5, abs=0.03)
     # ToCa with its unrecomputed tokens forecast: the same plan (so the same FLOPs), forecasting where ToCa reuses.
     toca, filled = (next(row for row in rows if row["method"] == m) for m in ("ToCa", "ToCa + TaylorSeer forecast"))
     assert filled["setting"] == "toca:interval=2,taylor_order=1"

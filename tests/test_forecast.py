@@ -4,6 +4,7 @@ forecast-filled partial steps, learned weight tables in policy files, and the re
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -28,6 +29,7 @@ from l2c.forecast import (
     PolynomialForecaster,
     WeightTable,
     forecast,
+    hermite_weights,
     lagrange_weights,
     rule_table,
     taylor_weights,
@@ -97,6 +99,39 @@ def test_taylor_weights_equal_diffusers_taylorseer_state_on_unequal_gaps(order):
         state.current_step = target
         expected = state.predict()[0]
         ours = forecast(kept, taylor_weights(target, [c.step for c in kept], order))
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_hermite_weights_of_known_expansions():
+    # Equal gaps, one step ahead, σ 0.5: F0 + F1·σ·H1(σ) + F2·σ²·H2(σ)/2 = F0 + 0.5·F1 − 0.125·F2
+    # with F1 = h0 − h1, F2 = h0 − 2h1 + h2: weights 1.375, −0.25, −0.125 (they sum to 1: a constant is kept).
+    assert hermite_weights(3, [2, 1, 0], 2, 0.5).tolist() == [1.375, -0.25, -0.125]
+    # σ = 1/√2 makes the first-order term TaylorSeer's: 2σ²·x = x.
+    torch.testing.assert_close(hermite_weights(7, [4, 2], 1, 2**-0.5), taylor_weights(7, [4, 2], 1))
+    assert hermite_weights(5, [3], 2).tolist() == [1.0]  # one computation: the value itself
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_hermite_weights_apply_hicaches_formula_to_diffusers_taylorseer_factors(order):
+    """HiCache's forecast, F0 + Σ_k F_k · σ^k · H_k(σ·x) / k!, on the factors of diffusers' own `TaylorSeerState`,
+    with H_k written out by its three-term recursion (an implementation apart from `physicists_hermite`)."""
+    steps, scale, generator = [0, 1, 3, 4, 8], 0.6, torch.Generator().manual_seed(order)
+    values = {s: torch.randn(2, 5, 3, generator=generator, dtype=torch.float64) for s in steps}
+    state = TaylorSeerState(taylor_factors_dtype=torch.float64, max_order=order)
+    kept: list[Computed] = []
+    for s in steps:
+        state.current_step = s
+        state.update((values[s],))
+        kept = [Computed(s, 0.0, values[s]), *kept][: order + 1]
+    for target in (9, 12):
+        x = scale * (target - steps[-1])
+        hermite = [1.0, 2 * x]
+        while len(hermite) <= order:
+            k = len(hermite) - 1
+            hermite.append(2 * x * hermite[k] - 2 * k * hermite[k - 1])
+        factors = state.taylor_factors[0]
+        expected = sum(factors[k] * scale**k * hermite[k] / math.factorial(k) for k in range(order + 1))
+        ours = forecast(kept, hermite_weights(target, [c.step for c in kept], order, scale))
         torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
 

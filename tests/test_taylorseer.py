@@ -71,26 +71,36 @@ def test_the_schedule_is_diffusers_and_forecasts_everything_else(interval, warmu
     assert plan.compute_fraction() == pytest.approx(len(computed) / 20)
 
 
-def test_lagrange_rule_keeps_the_schedule_and_agrees_with_taylor_at_order_one():
+def test_lagrange_and_hermite_rules_keep_the_schedule_and_agree_with_taylor_where_they_should():
     model, steps = tiny_dit(num_layers=2), 10
     latents, labels = dit_inputs(batch=2)
-    runs = {}
+    runs, executed = {}, {}
     for preset in (
         "interval=3,order=1,warmup=2",
         "interval=3,order=1,warmup=2,rule=lagrange",
         "interval=3,order=2,warmup=2",
         "interval=3,order=2,warmup=2,rule=lagrange",
+        f"interval=3,order=1,warmup=2,rule=hermite,scale={2**-0.5}",  # σ = 1/√2: TaylorSeer's first order
+        "interval=3,order=2,warmup=2,rule=hermite",
     ):
-        with l2c.load_policy(f"taylorseer:{preset}").apply(model, ddim_timesteps(steps)):
+        with l2c.load_policy(f"taylorseer:{preset}").apply(model, ddim_timesteps(steps)) as runtime:
             runs[preset], _ = ddim_sample(model, latents, labels, steps)
+            executed[preset] = dict(runtime.executed)
     torch.testing.assert_close(runs["interval=3,order=1,warmup=2,rule=lagrange"], runs["interval=3,order=1,warmup=2"])
     assert (runs["interval=3,order=2,warmup=2,rule=lagrange"] - runs["interval=3,order=2,warmup=2"]).abs().max() > 1e-4
+    torch.testing.assert_close(
+        runs[f"interval=3,order=1,warmup=2,rule=hermite,scale={2**-0.5}"], runs["interval=3,order=1,warmup=2"]
+    )
+    assert (runs["interval=3,order=2,warmup=2,rule=hermite"] - runs["interval=3,order=2,warmup=2"]).abs().max() > 1e-4
+    assert len({tuple(sorted(e.items())) for e in executed.values()}) == 1  # the same schedule for every rule
 
 
 def test_knobs_are_checked_and_the_published_settings_are_presets():
     assert DIT_XL_2_DDIM50.describe() == "taylorseer:interval=4,order=4,warmup=2,rule=taylor"
     assert len(compute_steps(50, DIT_XL_2_DDIM50.interval, DIT_XL_2_DDIM50.warmup)) == 14  # 50/14 = 3.57×
     assert DIT_XL_2_DDIM50.forecaster.history == 5
-    for bad in ("interval=0", "order=-1", "warmup=0", "rule=hermite"):
+    hicache = l2c.load_policy("taylorseer:interval=3,order=2,warmup=1,rule=hermite,scale=0.7")
+    assert l2c.load_policy(hicache.describe()) == hicache and hicache.forecaster.scale == 0.7
+    for bad in ("interval=0", "order=-1", "warmup=0", "rule=bessel", "scale=0"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             l2c.load_policy(f"taylorseer:{bad}")

@@ -6,7 +6,8 @@ Taylor expansion of its last `order`+1 computed outputs (`l2c.forecast.taylor_we
 `diffusers.TaylorSeerCacheConfig` as `interval` = `cache_interval`, `order` = `max_order`, `warmup` =
 `disable_cache_before_step`; with `taylor_factors_dtype=torch.float32` and the branch modules as
 `cache_identifiers` (what `l2c.peers.TaylorSeer` applies) the samples equal diffusers' within float rounding.
-`rule="lagrange"` keeps the schedule and forecasts by exact polynomial extrapolation instead (not TaylorSeer).
+`rule="lagrange"` keeps the schedule and forecasts by exact polynomial extrapolation instead (not TaylorSeer);
+`rule="hermite"` is HiCache (its scaled-Hermite expansion of the same factors, σ = `scale`; `l2c.forecast`).
 
 Published DiT-XL/2 settings (`DIT_XL_2_DDIM50`), from the TaylorSeer repository's `TaylorSeer-DiT.md` and
 `TaylorSeer-DiT/cache_functions`: DDIM 50 steps, `interval=4, max_order=4` (recommended: 3.57× fewer FLOPs, FID
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..adapters import ModelSpec
-from ..forecast import RULES, PolynomialForecaster
+from ..forecast import HICACHE_SCALE, RULES, PolynomialForecaster
 from ..plan import Action, Plan
 from .base import CachePolicy
 from .knobs import Range, at_least
@@ -37,17 +38,28 @@ def compute_steps(num_steps: int, interval: int, warmup: int) -> list[int]:
 @dataclass
 class TaylorSeerPolicy(CachePolicy):
     kind = "taylorseer"
-    knob_ranges: ClassVar[dict[str, Range]] = {"interval": at_least(1), "order": at_least(0), "warmup": at_least(1)}
+    knob_ranges: ClassVar[dict[str, Range]] = {
+        "interval": at_least(1),
+        "order": at_least(0),
+        "warmup": at_least(1),
+        "scale": Range(0, low_open=True),
+    }
     interval: int = 5  # N: diffusers' `cache_interval`
     order: int = 1  # m: diffusers' `max_order`
     warmup: int = 3  # diffusers' `disable_cache_before_step`: steps before it always compute (≥ 1)
-    rule: str = "taylor"  # a `StepRule`: "taylor" (TaylorSeer) or "lagrange" (exact polynomial extrapolation)
+    rule: str = "taylor"  # a `StepRule`: "taylor" (TaylorSeer), "lagrange" (exact extrapolation), "hermite" (HiCache)
+    scale: float = HICACHE_SCALE  # HiCache's σ (rule "hermite" only)
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the knob ranges; warmup ≥ 1: step 0 must compute
         if self.rule not in RULES:
             raise ValueError(f"{self.kind} policy: field 'rule' must be one of {sorted(RULES)}, got {self.rule!r}")
-        self.forecaster = PolynomialForecaster(self.rule, self.order)
+        self.forecaster = PolynomialForecaster(self.rule, self.order, scale=self.scale)
+
+    def describe(self) -> str:
+        """The preset; `scale` only where it acts (rule "hermite"), so TaylorSeer's settings read as before."""
+        params = {k: v for k, v in self.params().items() if k != "scale" or self.rule == "hermite"}
+        return f"{self.kind}:" + ",".join(f"{k}={v}" for k, v in params.items())
 
     def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
         plan = Plan.full(num_steps, spec.num_blocks, len(spec.branches))
