@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     setup = SamplingSetup(
-        model=args.model, steps=args.steps, num_samples=args.num_samples, batch_size=args.batch_size,
+        model=args.model,
+        steps=args.steps,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
         flops_samples=args.flops_samples,
     )
     rows = [row for directory in args.policy for row in ablation_rows(directory, args.steps)]

@@ -148,7 +148,12 @@ def peak_above_now(call, interval_s: float = 0.002) -> int:
 
 def xl_trainer(teacher: str, steps: int, budget: float) -> ForecastRouterTrainer:
     module = ForecastRouterTrainer(
-        teacher=teacher, steps=steps, guidance_scale=1.0, refresh_interval=steps, export_budget=budget, init="even",
+        teacher=teacher,
+        steps=steps,
+        guidance_scale=1.0,
+        refresh_interval=steps,
+        export_budget=budget,
+        init="even",
         checkpoint_steps=True,
     )
     module.log_dict = lambda *a, **k: None  # no Trainer attached: logging is not what is timed
