@@ -8,9 +8,9 @@ would pick instead (`l2c.peers`: diffusers' FBCache and TaylorSeer, cache-dit's 
 to the compute points in `targets` (FLOPs ratio), always on a calibration noise set apart from the evaluation's:
 peers with a threshold by bisection of their FLOPs ratio; TaylorSeer (native and diffusers') and HiCache by the best
 calibration PSNR over a grid (orders 1, 2 × every interval and warm-up computing the point's share of steps);
-static every-N by rule. `margins` checks the issue's rule at each point (the learned row ≥ 3 dB ahead of the best other). A method
-that cannot run here is left out and said so in a note, never faked. `bench/compare.py` and `infer.py compare` are
-thin command lines over `run_comparison`.
+static every-N by rule. `margins` checks the issue's rule at each point (the learned row ≥ 3 dB ahead of the best
+other). A method that cannot run here is left out and said so in a note, never faked. `bench/compare.py` and
+`infer.py compare` are thin command lines over `run_comparison`.
 """
 
 from __future__ import annotations
