@@ -401,20 +401,84 @@ def test_cond_and_uncond_contexts_keep_their_own_cache_and_step(name):
     runtime.remove()
 
 
-def test_flux_token_partial_on_image_tokens_ratio_one_equals_full():
-    pipe = _pipe(FAMILIES["flux"])
-    reference = _flux_call(pipe)
-    runtime = partial_policy(1.0, STEPS, branches=("ff", "proj_mlp", "proj_out")).apply(pipe)
-    assert torch.allclose(_flux_call(pipe), reference, atol=1e-5, rtol=0)
-    assert runtime.executed[Action.PARTIAL] == (STEPS - 1) * 3
+# The per-token branches on image (video) tokens; the joint attentions, the text MLPs, SD3.5's image self-attention,
+# Wan's self-attention and Flux.2's fused single-block module compute or reuse (see l2c/adapters.py).
+PARTIAL_BRANCHES = {
+    "flux": ("ff", "proj_mlp", "proj_out"),
+    "flux2": ("ff",),
+    "sd3": ("ff",),
+    "wan": ("attn2", "ffn"),
+    "qwenimage": ("img_mlp",),
+}
+NOT_PARTIAL = {
+    "flux": "attn",
+    "flux2": "attn",
+    "sd3": "attn2",
+    "wan": "attn1",
+    "qwenimage": "attn",
+}
+
+
+class OutputRecorder:
+    """Plain forward hooks on the named branches: each call's returned output, and what the class's own forward
+    (which bypasses the runtime's hook on the instance) computes from the same input, i.e. a fresh computation."""
+
+    def __init__(self, model: torch.nn.Module, names: tuple[str, ...]) -> None:
+        self.calls: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.handles = []
+        for branch in find_branches(model):
+            if branch.name in names:
+                self.calls[(branch.block, branch.name)] = []
+                hook = self._hook((branch.block, branch.name))
+                self.handles.append(branch.module.register_forward_hook(hook, with_kwargs=True))
+
+    def _hook(self, key):
+        def hook(module, args, kwargs, output):
+            self.calls[key].append((output, type(module).forward(module, *args, **kwargs)))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_token_partial_on_image_tokens_ratio_one_equals_full_and_a_ratio_below_recomputes_only_the_selected(name):
+    family = FAMILIES[name]
+    pipe = _pipe(family)
+    branches = PARTIAL_BRANCHES[name]
+    reference = family.call(pipe)
+    runtime = partial_policy(1.0, STEPS, branches=branches).apply(pipe)
+    assert (family.call(pipe) - reference).abs().max() <= 1e-6
+    hooked = sum(b.name in branches for b in runtime.branches)
+    assert runtime.executed[Action.PARTIAL] == (STEPS - 1) * family.calls_per_step * hooked
     runtime.remove()
-    runtime = partial_policy(0.5, STEPS, branches=("ff", "proj_mlp", "proj_out")).apply(pipe)
-    cached = _flux_call(pipe)
+
+    runtime = partial_policy(0.5, STEPS, branches=branches).apply(pipe)
+    recorder = OutputRecorder(pipe.transformer, branches)
+    cached = family.call(pipe)
+    recorder.remove()
+    runtime.remove()
     assert torch.isfinite(cached).all() and (cached - reference).abs().max() > 1e-6
-    runtime.remove()
+    per_step = family.calls_per_step  # the calls of one step: one per cache context, each with its own store
+    assert len(recorder.calls) == hooked
+    for key, calls in recorder.calls.items():
+        assert len(calls) == STEPS * per_step, key
+        for index in range(per_step, len(calls)):
+            output, fresh = calls[index]
+            before = calls[index - per_step][0]
+            kept = (output == before).all(-1)  # [batch, tokens]: rows returned as the cache held them
+            recomputed = (output == fresh).all(-1) & ~kept
+            assert (kept | recomputed).all(), key  # every row is either its cached value or a fresh computation
+            text = 5 if key[1] in ("proj_mlp", "proj_out") else 0  # Flux single blocks: [text; image], text recomputed
+            image = output.shape[1] - text
+            selected = round(0.5 * image)
+            assert (recomputed.sum(1) == text + selected).all(), key
+            assert (kept.sum(1) == image - selected).all(), key
     with pytest.raises(RuntimeError, match="cannot be recomputed token by token"):
-        partial_policy(0.5, STEPS, branches=("attn",)).apply(pipe)
-        _flux_call(pipe)
+        partial_policy(0.5, STEPS, branches=(NOT_PARTIAL[name],)).apply(pipe)
+        family.call(pipe)
 
 
 def test_a_saved_flux_plan_loads_and_another_resolution_needs_step_match_index(tmp_path):
