@@ -87,7 +87,7 @@ def flux2_pipeline() -> Flux2Pipeline:
             num_single_layers=1,
             attention_head_dim=16,
             num_attention_heads=2,
-            joint_attention_dim=16,
+            joint_attention_dim=24,  # three stacked layers of a width-8 text encoder, as Flux2Pipeline encodes
             timestep_guidance_channels=256,
             axes_dims_rope=(4, 4, 4, 4),
         )
@@ -202,7 +202,7 @@ def _flux_call(pipe, batch=1, size=32, steps=STEPS):
 def _flux2_call(pipe, batch=1, size=32, steps=STEPS):
     g = torch.Generator().manual_seed(0)
     return pipe(
-        prompt_embeds=_embeds(g, batch, 5, 16),
+        prompt_embeds=_embeds(g, batch, 5, 24),
         height=size,
         width=size,
         num_inference_steps=steps,
