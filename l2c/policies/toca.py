@@ -14,7 +14,8 @@ computed in that branch. s is measured only on full steps whose block has a part
 step, by reading the attention module's own q/k (or v) projections (see `scores.py`).
 
 Fields left `None` take the settings of the model family the policy is applied to (`presets`: the paper's DiT-XL/2
-and PixArt-α settings), or those of the preset named by `preset`. `toca:score=none` ranks by staleness alone.
+and PixArt-α settings, and untuned ones for Flux.1, Flux.2, SD3/3.5, Qwen-Image and Wan, see `FLUX` and below), or
+those of the preset named by `preset`. `toca:score=none` ranks by staleness alone.
 
 `taylor_order=m` (m ≥ 1; off by default) forecasts, instead of reusing, every token a step between full steps does not
 recompute (TaylorSeer's combination with ToCa): the unselected tokens of partial slots and the slots with nothing to
