@@ -95,6 +95,9 @@ BLOCK_FAMILIES: tuple[BlockFamily, ...] = (
         BasicTransformerBlock, ("attn1", "attn2", "ff"), _width("attn1.to_q"), partial=("attn1", "attn2", "ff")
     ),
     # Flux.1 double-stream: `attn` returns (image, text); `ff` on image tokens, `ff_context` on text tokens.
+    # Token-partial (all families): the per-token branches on image (video) tokens only. A joint attention mixes the
+    # streams (every image and text query reads every key, one processor call for both) and computes or reuses on a
+    # partial step, as do the text-stream MLPs (`ff_context`, `txt_mlp`): the text stream is never partial.
     BlockFamily(FluxTransformerBlock, ("attn", "ff", "ff_context"), _width("attn.to_q"), partial=("ff",)),
     # Flux.1 single-stream on [text; image]: attention, the MLP input projection (`act_mlp` follows it) and the fused
     # output projection whose output the block gates.
@@ -106,12 +109,17 @@ BLOCK_FAMILIES: tuple[BlockFamily, ...] = (
         joint=("proj_mlp", "proj_out"),
     ),
     BlockFamily(Flux2TransformerBlock, ("attn", "ff", "ff_context"), _width("attn.to_q"), partial=("ff",)),
-    # Flux.2 single-stream: one parallel attention + MLP module (fused projections in and out).
+    # Flux.2 single-stream: one parallel attention + MLP module (fused projections in and out): the MLP runs inside the
+    # attention processor on [text; image], so the block has no per-token branch and is never token-partial.
     BlockFamily(Flux2SingleTransformerBlock, ("attn",), _width("attn.to_qkv_mlp_proj")),
-    # SD3/3.5 MMDiT: `attn` (image, text), SD3.5's dual image-only `attn2`; the last block has no `ff_context`.
+    # SD3/3.5 MMDiT: `attn` (image, text), SD3.5's dual image-only `attn2`; the last block has no `ff_context`. `attn2`
+    # is image self-attention through the joint processor, which has no queries-only call: it computes or reuses.
     BlockFamily(JointTransformerBlock, ("attn", "attn2", "ff", "ff_context"), _width("attn.to_q"), partial=("ff",)),
-    # Wan 2.x: self-attention on video tokens, cross-attention to the text (added ungated), FFN.
-    BlockFamily(WanTransformerBlock, ("attn1", "attn2", "ffn"), _width("attn1.to_q"), partial=("ffn",)),
+    # Wan 2.x: self-attention on video tokens, cross-attention to the text (added ungated), FFN. The cross-attention's
+    # output for a video token depends on that token and the text only, so it runs token-partial as the FFN does; the
+    # self-attention (rotary positions of the queries) computes or reuses.
+    BlockFamily(WanTransformerBlock, ("attn1", "attn2", "ffn"), _width("attn1.to_q"), partial=("attn2", "ffn")),
+    # Qwen-Image dual stream: the joint `attn` (image, text), `img_mlp` on image tokens, `txt_mlp` on text tokens.
     BlockFamily(QwenImageTransformerBlock, ("attn", "img_mlp", "txt_mlp"), _width("attn.to_q"), partial=("img_mlp",)),
 )
 

@@ -1,11 +1,12 @@
-"""The model families' teachers (Flux.1, SD3/3.5, Wan 2.x, Qwen-Image) as their pipelines call them.
+"""The model families' teachers (Flux.1, Flux.2, SD3/3.5, Wan 2.x, Qwen-Image) as their pipelines call them.
 
 One `FamilyConditions` entry per `l2c.adapters.ModelFamily` name says what differs between the families: the
 pipeline class (whose own `encode_prompt` caches the text conditions, `data.prompts`), the pooled condition, how
-guidance is applied (`embedded`: Flux's guidance embedding, one row per sample; `batched`: SD3's [cond; null] rows
-in one call; `separate`: Wan's and Qwen-Image's two calls per step in `cache_context("cond")` / `("uncond")`), and
-the timestep table (`shifted`: the pipeline's sigmas 1 … 1/N with the image-size-dependent shift mu). The one
-`FamilyDenoiser` runs any entry in `l2c.sampling.denoise`, so trajectories, rollouts and the pipeline agree.
+guidance is applied (`embedded`: Flux's and Flux.2's guidance embedding, one row per sample; `batched`: SD3's
+[cond; null] rows in one call; `separate`: Wan's and Qwen-Image's two calls per step in `cache_context("cond")` /
+`("uncond")`), the position ids the Flux transformers take, and the timestep table (`mu`: the pipeline's sigmas
+1 … 1/N with the image-size-dependent shift mu, Flux.1's and Qwen-Image's linear rule or Flux.2's empirical one).
+The one `FamilyDenoiser` runs any entry in `l2c.sampling.denoise`, so trajectories, rollouts and the pipeline agree.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import numpy as np
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
     FluxPipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
     WanPipeline,
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import nn
 
 from l2c.adapters import ModelFamily, model_family
@@ -40,6 +43,12 @@ Encoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # embeds [B, L
 def _flux_encode(pipe, prompts: list[str], max_length: int) -> Encoded:
     embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=max_length)
     return embeds, torch.ones(embeds.shape[:2], dtype=torch.long), pooled
+
+
+def _flux2_encode(pipe, prompts: list[str], max_length: int) -> Encoded:
+    """Flux.2 pads every prompt to `max_length` and passes no text mask: the transformer attends to every row."""
+    embeds, _ = pipe.encode_prompt(prompt=prompts, max_sequence_length=max_length)
+    return embeds, torch.ones(embeds.shape[:2], dtype=torch.long), None
 
 
 def _sd3_encode(pipe, prompts: list[str], max_length: int) -> Encoded:
@@ -63,6 +72,29 @@ def _qwen_encode(pipe, prompts: list[str], max_length: int) -> Encoded:
     return torch.nn.functional.pad(embeds, (0, 0, 0, pad)), torch.nn.functional.pad(mask.long(), (0, pad)), None
 
 
+def _linear_mu(tokens: int, num_steps: int, config: dict) -> float:
+    """Flux.1's and Qwen-Image's shift: linear in the image token count, from the scheduler config."""
+    return calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
+
+
+def _empirical_mu(tokens: int, num_steps: int, config: dict) -> float:
+    """Flux.2's shift: fitted to the image token count and the step count (the pipeline's `compute_empirical_mu`)."""
+    return compute_empirical_mu(image_seq_len=tokens, num_steps=num_steps)
+
+
+def _flux_ids(grid: tuple[int, ...], x: torch.Tensor, embeds: torch.Tensor) -> dict:
+    return {"img_ids": FluxPipeline._prepare_latent_image_ids(1, *grid, x.device, x.dtype),
+            "txt_ids": torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)}  # fmt: skip
+
+
+def _flux2_ids(grid: tuple[int, ...], x: torch.Tensor, embeds: torch.Tensor) -> dict:
+    """Flux.2's (T, H, W, L) coordinates per row, integer, as its pipeline makes them (it reads the latents' shape)."""
+    shape = x.new_empty(len(x), 0, *grid)
+    return {"img_ids": Flux2Pipeline._prepare_latent_ids(shape).to(x.device),
+            "txt_ids": Flux2Pipeline._prepare_text_ids(embeds).to(x.device)}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class FamilyConditions:
     """How one model family is conditioned, guided and scheduled, as its diffusers pipeline does it."""
@@ -71,17 +103,23 @@ class FamilyConditions:
     encode: Callable[[object, list[str], int], Encoded]  # the pipeline's own encoders: (embeds, mask, pooled)
     guidance: Literal["embedded", "batched", "separate"]
     layout: Literal["packed", "image", "video"]  # the latents: 2×2-packed tokens, [C, H, W] or [C, F, H, W]
-    shifted: bool = False  # sigmas 1 … 1/N and the shift mu of the image token count (Flux, Qwen-Image)
+    # sigmas 1 … 1/N and the shift mu(image tokens, steps, scheduler config) (Flux, Flux.2, Qwen-Image); None: the
+    # scheduler's own table
+    mu: Callable[[int, int, dict], float] | None = None
+    positions: Callable[[tuple[int, ...], torch.Tensor, torch.Tensor], dict] | None = None  # img_ids / txt_ids
     masked: bool = False  # the transformer takes the text mask (Qwen-Image)
     cfg_renorm: bool = False  # true CFG rescaled to the conditional prediction's norm (Qwen-Image)
 
 
 FAMILY_CONDITIONS: dict[str, FamilyConditions] = {
-    "flux": FamilyConditions(FluxPipeline, _flux_encode, "embedded", "packed", shifted=True),
+    "flux": FamilyConditions(FluxPipeline, _flux_encode, "embedded", "packed", mu=_linear_mu, positions=_flux_ids),
+    "flux2": FamilyConditions(
+        Flux2Pipeline, _flux2_encode, "embedded", "packed", mu=_empirical_mu, positions=_flux2_ids
+    ),
     "sd3": FamilyConditions(StableDiffusion3Pipeline, _sd3_encode, "batched", "image"),
     "wan": FamilyConditions(WanPipeline, _wan_encode, "separate", "video"),
     "qwenimage": FamilyConditions(
-        QwenImagePipeline, _qwen_encode, "separate", "packed", shifted=True, masked=True, cfg_renorm=True
+        QwenImagePipeline, _qwen_encode, "separate", "packed", mu=_linear_mu, masked=True, cfg_renorm=True
     ),
 }
 
@@ -96,7 +134,8 @@ def pipeline_family(path: Path) -> FamilyConditions | None:
 
 
 def image_tokens(rules: FamilyConditions, grid: tuple[int, ...]) -> int | None:
-    """The packed image token count (it sets Flux's and Qwen-Image's scheduler shift); None for other layouts."""
+    """The packed image token count (it sets Flux's, Flux.2's and Qwen-Image's scheduler shift); None for other
+    layouts."""
     return int(np.prod(grid)) if rules.layout == "packed" else None
 
 
@@ -136,13 +175,10 @@ class FamilyDenoiser:
 
     def set_timesteps(self, scheduler, num_steps: int) -> None:
         """The pipeline's timestep table (`retrieve_timesteps` with its sigmas and mu)."""
-        if not self.rules.shifted:
+        if self.rules.mu is None:
             scheduler.set_timesteps(num_steps)
             return
-        config = self.scheduler_config
-        mu = calculate_shift(image_tokens(self.rules, self.grid), config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))  # fmt: skip
+        mu = self.rules.mu(image_tokens(self.rules, self.grid), num_steps, self.scheduler_config)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
 
     @property
@@ -171,11 +207,10 @@ class FamilyDenoiser:
         if self.rules.masked:
             kwargs["encoder_hidden_states_mask"] = mask
             kwargs["img_shapes"] = [[(1, *self.grid)]] * len(x)
-        if self.family.name == "flux":
-            kwargs["img_ids"] = FluxPipeline._prepare_latent_image_ids(1, *self.grid, x.device, dtype)
-            kwargs["txt_ids"] = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype)
-            if self.transformer.config.guidance_embeds:
-                kwargs["guidance"] = torch.full([len(x)], self.guidance_scale, device=x.device, dtype=torch.float32)
+        if self.rules.positions is not None:
+            kwargs |= self.rules.positions(self.grid, x, embeds)
+        if self.rules.guidance == "embedded" and self.transformer.config.guidance_embeds:
+            kwargs["guidance"] = torch.full([len(x)], self.guidance_scale, device=x.device, dtype=torch.float32)
         with self.transformer.cache_context(context) if context is not None else nullcontext():
             return self.transformer(**kwargs)[0]
 

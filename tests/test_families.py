@@ -6,6 +6,7 @@ are passed to `pipe(...)` directly, as a user with precomputed embeddings calls 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import l2c
 from l2c import Action
-from l2c.adapters import find_blocks, find_branches
+from l2c.adapters import find_blocks, find_branches, model_family
 from l2c.policies.duca import DuCaPolicy
 from l2c.policies.toca import DIT_DDIM50, ToCaPolicy
 
@@ -86,7 +87,7 @@ def flux2_pipeline() -> Flux2Pipeline:
             num_single_layers=1,
             attention_head_dim=16,
             num_attention_heads=2,
-            joint_attention_dim=16,
+            joint_attention_dim=24,  # three stacked layers of a width-8 text encoder, as Flux2Pipeline encodes
             timestep_guidance_channels=256,
             axes_dims_rope=(4, 4, 4, 4),
         )
@@ -201,7 +202,7 @@ def _flux_call(pipe, batch=1, size=32, steps=STEPS):
 def _flux2_call(pipe, batch=1, size=32, steps=STEPS):
     g = torch.Generator().manual_seed(0)
     return pipe(
-        prompt_embeds=_embeds(g, batch, 5, 16),
+        prompt_embeds=_embeds(g, batch, 5, 24),
         height=size,
         width=size,
         num_inference_steps=steps,
@@ -282,6 +283,9 @@ FAMILIES = {
         Family("qwenimage", qwen_pipeline, _qwen_call, ("attn", "img_mlp", "txt_mlp"), 6, 2),
     )
 }
+
+
+_SIZES = {"flux": 32, "flux2": 32, "sd3": 16, "wan": 32, "qwenimage": 32}  # each call's default size
 
 
 def _pipe(family: Family):
@@ -365,7 +369,7 @@ def test_taylorseer_forecasts_the_tuple_and_tensor_branches(name):
     runtime.remove()
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3", "qwenimage"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_batch_independence(name):
     family = FAMILIES[name]
     pipe = _pipe(family)
@@ -401,53 +405,144 @@ def test_cond_and_uncond_contexts_keep_their_own_cache_and_step(name):
     runtime.remove()
 
 
-def test_flux_token_partial_on_image_tokens_ratio_one_equals_full():
-    pipe = _pipe(FAMILIES["flux"])
-    reference = _flux_call(pipe)
-    runtime = partial_policy(1.0, STEPS, branches=("ff", "proj_mlp", "proj_out")).apply(pipe)
-    assert torch.allclose(_flux_call(pipe), reference, atol=1e-5, rtol=0)
-    assert runtime.executed[Action.PARTIAL] == (STEPS - 1) * 3
+# The per-token branches on image (video) tokens; the joint attentions, the text MLPs, SD3.5's image self-attention,
+# Wan's self-attention and Flux.2's fused single-block module compute or reuse (see l2c/adapters.py).
+PARTIAL_BRANCHES = {
+    "flux": ("ff", "proj_mlp", "proj_out"),
+    "flux2": ("ff",),
+    "sd3": ("ff",),
+    "wan": ("attn2", "ffn"),
+    "qwenimage": ("img_mlp",),
+}
+
+
+class OutputRecorder:
+    """Plain forward hooks on the named branches: each call's returned output, and what the class's own forward
+    (which bypasses the runtime's hook on the instance) computes from the same input, i.e. a fresh computation."""
+
+    def __init__(self, model: torch.nn.Module, names: tuple[str, ...]) -> None:
+        self.calls: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.handles = []
+        for branch in find_branches(model):
+            if branch.name in names:
+                self.calls[(branch.block, branch.name)] = []
+                hook = self._hook((branch.block, branch.name))
+                self.handles.append(branch.module.register_forward_hook(hook, with_kwargs=True))
+
+    def _hook(self, key):
+        def hook(module, args, kwargs, output):
+            self.calls[key].append((output, type(module).forward(module, *args, **kwargs)))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_token_partial_on_image_tokens_ratio_one_equals_full_and_a_ratio_below_recomputes_only_the_selected(name):
+    family = FAMILIES[name]
+    pipe = _pipe(family)
+    branches = PARTIAL_BRANCHES[name]
+    reference = family.call(pipe)
+    runtime = partial_policy(1.0, STEPS, branches=branches).apply(pipe)
+    assert (family.call(pipe) - reference).abs().max() <= 1e-6
+    hooked = sum(b.name in branches for b in runtime.branches)
+    assert runtime.executed[Action.PARTIAL] == (STEPS - 1) * family.calls_per_step * hooked
     runtime.remove()
-    runtime = partial_policy(0.5, STEPS, branches=("ff", "proj_mlp", "proj_out")).apply(pipe)
-    cached = _flux_call(pipe)
+
+    runtime = partial_policy(0.5, STEPS, branches=branches).apply(pipe)
+    recorder = OutputRecorder(pipe.transformer, branches)
+    cached = family.call(pipe)
+    recorder.remove()
+    runtime.remove()
     assert torch.isfinite(cached).all() and (cached - reference).abs().max() > 1e-6
+    per_step = family.calls_per_step  # the calls of one step: one per cache context, each with its own store
+    assert len(recorder.calls) == hooked
+    for key, calls in recorder.calls.items():
+        assert len(calls) == STEPS * per_step, key
+        for index in range(per_step, len(calls)):
+            output, fresh = calls[index]
+            before = calls[index - per_step][0]
+            kept = (output == before).all(-1)  # [batch, tokens]: rows returned as the cache held them
+            recomputed = (output == fresh).all(-1) & ~kept
+            assert (kept | recomputed).all(), key  # every row is either its cached value or a fresh computation
+            text = 5 if key[1] in ("proj_mlp", "proj_out") else 0  # Flux single blocks: [text; image], text recomputed
+            image = output.shape[1] - text
+            selected = round(0.5 * image)
+            assert (recomputed.sum(1) == text + selected).all(), key
+            assert (kept.sum(1) == image - selected).all(), key
+    for other in sorted(set(family.branches) - set(branches)):  # every other branch refuses a partial step
+        runtime = partial_policy(0.5, STEPS, branches=(other,)).apply(pipe)
+        with pytest.raises(RuntimeError, match=f"block [0-9]+ {other} cannot be recomputed token by token"):
+            family.call(pipe)
+        runtime.remove()
+    assert torch.equal(family.call(pipe), reference)
+
+
+def _image_tokens(family: Family, pipe, size: int) -> tuple[int, torch.Tensor]:
+    """The image (video) token count the transformer sees at `size`, and the run's timestep table."""
+    seen = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(model_family(module).image_tokens(module, hidden))
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    runtime = l2c.load_policy("full").apply(pipe)
+    family.call(pipe, size=size)
     runtime.remove()
-    with pytest.raises(RuntimeError, match="cannot be recomputed token by token"):
-        partial_policy(0.5, STEPS, branches=("attn",)).apply(pipe)
-        _flux_call(pipe)
+    handle.remove()
+    return seen[0], runtime.timesteps.clone()
 
 
-def test_a_saved_flux_plan_loads_and_another_resolution_needs_step_match_index(tmp_path):
-    pipe = _pipe(FAMILIES["flux"])
+def _table(timesteps: torch.Tensor) -> str:
+    return re.escape(str([round(t, 4) for t in timesteps.tolist()]))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_saved_plan_loads_and_another_resolution_needs_step_match_index(name, tmp_path):
+    family = FAMILIES[name]
+    pipe = _pipe(family)
+    size = _SIZES[name]
+    tokens, timesteps = _image_tokens(family, pipe, size)
+    other_tokens, other_timesteps = _image_tokens(family, pipe, size * 3 // 2)
+    assert other_tokens != tokens
+    shifts = model_family(pipe.transformer).dynamic_shift
+    assert shifts == (not torch.allclose(timesteps, other_timesteps))  # Flux, Flux.2, Qwen-Image: the shift moves
     policy = l2c.load_policy("static:interval=2")
     runtime = policy.apply(pipe)
-    expected = _flux_call(pipe)
-    timesteps = runtime.timesteps.clone()
+    expected = family.call(pipe)
     runtime.remove()
+    reused = STEPS // 2 * family.calls_per_step * family.hooked
 
-    bound = policy.bind(pipe, timesteps, "FlowMatchEulerDiscreteScheduler", num_tokens=64)
+    bound = policy.bind(pipe, timesteps, "FlowMatchEulerDiscreteScheduler", num_tokens=tokens)
     bound.save_pretrained(tmp_path / "policy", model_card=False)
     loaded = l2c.load_policy(tmp_path / "policy")
-    assert loaded.target.model.family == "flux" and loaded.target.model.num_tokens == 64
+    assert loaded.target.model.family == name and loaded.target.model.num_tokens == tokens
     runtime = loaded.apply(pipe)
-    assert torch.equal(_flux_call(pipe), expected) and runtime.executed[Action.REUSE] == 2 * 6
+    assert torch.equal(family.call(pipe), expected) and runtime.executed[Action.REUSE] == reused
     runtime.remove()
 
-    # 48×48 is 144 image tokens (32×32: 64): the dynamic shift moves every timestep; refused, naming both tables ...
+    # Another resolution is refused: where the shift depends on it, naming both timestep tables; else the token count.
+    if shifts:
+        refusal = f"field 'timesteps' is {_table(timesteps)} in the policy, {_table(other_timesteps)} in the run"
+    else:
+        refusal = rf"'num_tokens' \(image tokens\) is {tokens} in the policy, {other_tokens} in the run"
     runtime = loaded.apply(pipe)
-    table = r"\[1000.0, 827.2286, 614.7919, 347.2584\] in the policy, \[1000.0, 829.1555, 617.9938, 350.3342\] in the"
-    with pytest.raises(ValueError, match=r"field 'timesteps' is " + table):
-        _flux_call(pipe, size=48)
+    with pytest.raises(ValueError, match=refusal):
+        family.call(pipe, size=size * 3 // 2)
     runtime.remove()
-    with pytest.raises(ValueError, match=r"'num_tokens' \(image tokens\) is 64 in the policy, 144 in the run"):
-        loaded.check_tokens(144, shifts=True)
     # ... unless matched by step index, explicitly.
-    runtime = l2c.load_policy(tmp_path / "policy", step_match="index").apply(pipe)
-    assert torch.isfinite(_flux_call(pipe, size=48)).all() and runtime.executed[Action.REUSE] == 2 * 6
-    runtime.remove()
-    runtime = loaded.apply(pipe, step_match="index")
-    _flux_call(pipe, size=48)
-    runtime.remove()
+    for apply in (
+        lambda: l2c.load_policy(tmp_path / "policy", step_match="index").apply(pipe),
+        lambda: loaded.apply(pipe, step_match="index"),
+    ):
+        runtime = apply()
+        assert torch.isfinite(family.call(pipe, size=size * 3 // 2)).all()
+        assert runtime.executed[Action.REUSE] == reused
+        runtime.remove()
 
 
 @dataclass
@@ -479,22 +574,33 @@ def test_toca_and_duca_run_token_partial_on_flux_image_tokens(policy):
     runtime.remove()
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("kind", ["toca", "duca"])
-def test_stock_toca_and_duca_run_on_flux_with_the_flux_preset(kind):
-    """The registered presets (not a test subclass) on FluxPipeline: image-token partial steps on the per-token
-    branches, the joint attention reused between full steps."""
-    pipe = _pipe(FAMILIES["flux"])
-    reference = _flux_call(pipe, steps=6)
-    policy = l2c.load_policy(f"{kind}:interval=3")
-    runtime = policy.apply(pipe)
-    cached = _flux_call(pipe, steps=6)
+def test_stock_toca_and_duca_run_on_each_family_with_its_preset(kind, name):
+    """The registered presets (not a test subclass) in each unmodified pipeline: image-token partial steps on the
+    per-token branches only, the joint attentions and text MLPs reused between full steps (l2c/policies/toca.py)."""
+    family = FAMILIES[name]
+    pipe = _pipe(family)
+    reference = family.call(pipe, steps=6)
+    runtime = l2c.load_policy(f"{kind}:interval=3").apply(pipe)
+    cached = family.call(pipe, steps=6)
+    plan = runtime.plan
     runtime.remove()
     assert runtime.executed[Action.PARTIAL] > 0 and runtime.executed[Action.REUSE] > 0
+    partial = {runtime.branch_names[i] for i in (plan.actions == Action.PARTIAL).nonzero()[:, 2].tolist()}
+    assert partial == set(PARTIAL_BRANCHES[name]) & set(runtime.branch_names)
     assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
     assert (cached - reference).abs().max() < 1.0
 
 
-def test_toca_refuses_a_family_it_has_no_branch_factors_for():
+def test_toca_refuses_a_model_it_has_no_branch_factors_for():
+    spec = l2c.ModelSpec("generic", num_blocks=1, branches=("mystery",), hidden_size=8, num_tokens=None)
+    with pytest.raises(ValueError, match=r"no branch factor for \['mystery'\] of this model \(generic\)"):
+        ToCaPolicy().resolved(spec)
+
+
+@pytest.mark.parametrize("score", ["attention", "cross_entropy"])
+def test_toca_refuses_a_query_key_score_on_wan(score):
     pipe = _pipe(FAMILIES["wan"])
-    with pytest.raises(ValueError, match="no branch factor for"):
-        l2c.load_policy("toca").apply(pipe)
+    with pytest.raises(ValueError, match=f"score '{score}' cannot be read on wan"):
+        l2c.load_policy(f"toca:score={score}").apply(pipe)

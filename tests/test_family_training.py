@@ -3,13 +3,14 @@ trainer's export runs in each family's unmodified pipeline as the trainer's hard
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import lightning as L
 import pytest
 import torch
 from l2c_testing import tiny_tokenizer
-from test_families import flux_pipeline, qwen_pipeline, sd3_pipeline, wan_pipeline
+from test_families import flux2_pipeline, flux_pipeline, qwen_pipeline, sd3_pipeline, wan_pipeline
 
 import l2c
 from data.prompts import PromptDataModule
@@ -96,6 +97,33 @@ def flux_with_encoders():
     return pipe
 
 
+def _mistral3(tokenizer, hidden: int):
+    """A Mistral-3 text tower deep enough for the layers Flux2Pipeline stacks (10, 20, 30)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=16,
+                num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    vision = dict(model_type="pixtral", hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, head_dim=4, image_size=16, patch_size=4)  # fmt: skip
+    config = Mistral3Config(text_config=text, vision_config=vision, vocab_size=len(tokenizer))
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def flux2_with_encoders():
+    """Flux2Pipeline calls its tokenizer's `apply_chat_template` on [system, user] messages: the tiny one's template
+    renders the user's text only (the system message's words are not in its vocabulary)."""
+    pipe = flux2_pipeline()
+    tokenizer = _tokenizer()
+    tokenizer.chat_template = (
+        "{% for message in messages %}{% if message['role'] == 'user' %}{% for part in message['content'] %}"
+        "{{ part['text'] }}{% endfor %}{% endif %}{% endfor %}"
+    )
+    torch.manual_seed(0)
+    pipe.register_modules(text_encoder=_mistral3(tokenizer, 8), tokenizer=tokenizer)
+    return pipe
+
+
 def sd3_with_encoders():
     pipe = sd3_pipeline()
     torch.manual_seed(0)
@@ -137,6 +165,10 @@ def _user_call(name: str, pipe, condition, noise: torch.Tensor):
     if name == "flux":  # guidance-distilled: embedded guidance, one row per sample
         return pipe(prompt_embeds=condition.embeds, pooled_prompt_embeds=condition.pooled, guidance_scale=GUIDANCE,
                     **common).images  # fmt: skip
+    if name == "flux2":  # guidance-distilled (embedded); the pipeline takes its latents unpacked, [C, h, w]
+        side = math.isqrt(noise.shape[1])
+        unpacked = noise.transpose(1, 2).reshape(n, noise.shape[2], side, side)
+        return pipe(prompt_embeds=condition.embeds, guidance_scale=GUIDANCE, **{**common, "latents": unpacked}).images
     if name == "sd3":  # true CFG, batched
         return pipe(prompt_embeds=condition.embeds, pooled_prompt_embeds=condition.pooled,
                     negative_prompt_embeds=null, negative_pooled_prompt_embeds=condition.null_pooled.expand(n, -1),
@@ -152,8 +184,8 @@ def _user_call(name: str, pipe, condition, noise: torch.Tensor):
 
 
 GUIDANCE = 3.0
-BUILDERS = {"flux": flux_with_encoders, "sd3": sd3_with_encoders, "wan": wan_with_encoders,
-            "qwenimage": qwen_with_encoders}  # fmt: skip
+BUILDERS = {"flux": flux_with_encoders, "flux2": flux2_with_encoders, "sd3": sd3_with_encoders,
+            "wan": wan_with_encoders, "qwenimage": qwen_with_encoders}  # fmt: skip
 
 
 @pytest.mark.parametrize("trainer_class", [RolloutRouterTrainer, ForecastRouterTrainer], ids=["rollout", "forecast"])

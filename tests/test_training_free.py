@@ -624,7 +624,10 @@ def test_presets_load_through_load_policy(preset, cls, params):
     ("preset", "word"),
     [
         ("toca:score=bogus", "score"),
-        ("toca:preset=dit-xl", r"field 'preset' must be one of \['dit', 'flux', 'pixart'\]"),
+        (
+            "toca:preset=dit-xl",
+            r"field 'preset' must be one of \['dit', 'flux', 'flux2', 'pixart', 'qwenimage', 'sd3', 'wan'\]",
+        ),
         ("toca:interval=0", "interval"),
         ("duca:ratio=-1", "ratio"),
         ("toca:bogus=1", "unknown option"),

@@ -17,20 +17,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .toca import DIT_DDIM50, FLUX, PIXART_ALPHA, ToCaPolicy
+from .toca import DIT_DDIM50, PIXART_ALPHA, WAN, ToCaPolicy
 
 # DuCa repository: DiT-XL/2 DDIM-50 with N=3, ratio 0.05 and a spatial bonus of 0.8 on 2×2 cells; PixArt-α with
 # N=3, ratio 0.75 (ToCa's PixArt schedule). Both use V-caching here (the issue's DuCa; the reference DiT script
 # passes `--cache-type attention`, which `duca:score=attention` reproduces).
 DUCA_DIT = {**DIT_DDIM50, "ratio": 0.05, "score": "value_norm", "bonus": 0.8}
 DUCA_PIXART = {**PIXART_ALPHA, "ratio": 0.75, "score": "value_norm"}
-# FLUX.1: ToCa's plain Flux setting (l2c.policies.toca.FLUX, untuned), ranked by staleness as there.
+# FLUX.1: ToCa's plain Flux setting (l2c.policies.toca.FLUX, untuned), ranked by staleness as there; the other MMDiTs
+# take ToCa's presets for them (derived from it, see toca.py). Wan: ToCa's (DiT's factors, no spatial bonus) with
+# DuCa-DiT's ratio and V-caching (Wan's `to_v` is plain: its value norms are what the model attends with).
+DUCA_WAN = {**WAN, "ratio": DUCA_DIT["ratio"], "score": "value_norm"}
 
 
 @dataclass
 class DuCaPolicy(ToCaPolicy):
     kind = "duca"
-    presets: ClassVar[dict[str, dict]] = {"dit": DUCA_DIT, "pixart": DUCA_PIXART, "flux": FLUX}
+    presets: ClassVar[dict[str, dict]] = {**ToCaPolicy.presets, "dit": DUCA_DIT, "pixart": DUCA_PIXART, "wan": DUCA_WAN}
 
     def between_kind(self, gap: int, position: int) -> str:
         """Between full steps, `partial` (conservative) and `reuse` (aggressive) alternate, the last one partial."""

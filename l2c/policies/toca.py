@@ -14,7 +14,8 @@ computed in that branch. s is measured only on full steps whose block has a part
 step, by reading the attention module's own q/k (or v) projections (see `scores.py`).
 
 Fields left `None` take the settings of the model family the policy is applied to (`presets`: the paper's DiT-XL/2
-and PixArt-α settings), or those of the preset named by `preset`. `toca:score=none` ranks by staleness alone.
+and PixArt-α settings, and untuned ones for Flux.1, Flux.2, SD3/3.5, Qwen-Image and Wan, see `FLUX` and below), or
+those of the preset named by `preset`. `toca:score=none` ranks by staleness alone.
 
 `taylor_order=m` (m ≥ 1; off by default) forecasts, instead of reusing, every token a step between full steps does not
 recompute (TaylorSeer's combination with ToCa): the unselected tokens of partial slots and the slots with nothing to
@@ -74,6 +75,9 @@ TUNABLE = (
     "ff_context_factor",
     "proj_mlp_factor",
     "proj_out_factor",
+    "img_mlp_factor",
+    "txt_mlp_factor",
+    "ffn_factor",
 )
 
 # The reference code's recommended settings (ToCa repository, `ToCa-ddim50` for DiT-XL/2 DDIM-50 with N=3,
@@ -106,6 +110,20 @@ FLUX = dict(
     proj_mlp_factor=1.0,
     proj_out_factor=1.0,
 )
+# Families with no published ToCa setting take one of the two above, untuned and stated as such: the Flux.1 preset for
+# the MMDiTs (Flux.2, SD3/3.5, Qwen-Image), DiT's for the single-stream video blocks (Wan 2.x), each branch given the
+# factor of its counterpart there. MMDiTs: the joint attention as Flux's `attn` (SD3.5's image self-attention `attn2`
+# too: reused), the image-token MLP as `ff` (Qwen-Image's `img_mlp`), the text MLP as `ff_context` (`txt_mlp`);
+# Flux.2's single blocks are one fused `attn` module (reused). Wan: `attn1` and `attn2` as DiT's, `ffn` as its `ff`,
+# with two changes: ranked by staleness, as Flux is (Wan normalises q and k over all heads and rotates them inside its
+# processor, so the DiT attention score read from `to_q`/`to_k` is not what the model attends with, and is refused),
+# and no spatial bonus (its cells assume a square image of tokens; Wan's are frames × height × width).
+FLUX2 = FLUX
+SD3 = {**FLUX, "attn2_factor": 0.0}
+QWEN_IMAGE = {**FLUX, "img_mlp_factor": FLUX["ff_factor"], "txt_mlp_factor": FLUX["ff_context_factor"]}
+WAN = {**DIT_DDIM50, "ffn_factor": DIT_DDIM50["ff_factor"], "score": "none", "bonus": 0.0}
+# Scores read from q/k projections: a family whose attention transforms them in ways `split_heads` does not reproduce.
+QK_SCORES_UNREAD = {"wan": "Wan normalises q/k over all heads and applies rotary positions inside its processor"}
 PIXART_ALPHA = dict(
     ratio=0.30,
     score="cross_entropy",
@@ -122,7 +140,15 @@ PIXART_ALPHA = dict(
 @dataclass
 class ToCaPolicy(TokenForecast, CachePolicy):
     kind = "toca"
-    presets: ClassVar[dict[str, dict]] = {"dit": DIT_DDIM50, "pixart": PIXART_ALPHA, "flux": FLUX}
+    presets: ClassVar[dict[str, dict]] = {
+        "dit": DIT_DDIM50,
+        "pixart": PIXART_ALPHA,
+        "flux": FLUX,
+        "flux2": FLUX2,
+        "sd3": SD3,
+        "qwenimage": QWEN_IMAGE,
+        "wan": WAN,
+    }
     knob_ranges: ClassVar[dict[str, Range]] = {
         "interval": at_least(1),
         "ratio": FRACTION,
@@ -138,6 +164,9 @@ class ToCaPolicy(TokenForecast, CachePolicy):
         "ff_context_factor": NON_NEGATIVE,
         "proj_mlp_factor": NON_NEGATIVE,
         "proj_out_factor": NON_NEGATIVE,
+        "img_mlp_factor": NON_NEGATIVE,
+        "txt_mlp_factor": NON_NEGATIVE,
+        "ffn_factor": NON_NEGATIVE,
         "interval_weight": Range(0, 1, high_open=True),
         "sensitive_gap": at_least(0),
         "taylor_order": TAYLOR_ORDER,
@@ -158,6 +187,9 @@ class ToCaPolicy(TokenForecast, CachePolicy):
     ff_context_factor: float | None = None
     proj_mlp_factor: float | None = None
     proj_out_factor: float | None = None
+    img_mlp_factor: float | None = None  # Qwen-Image's (the `qwenimage` preset)
+    txt_mlp_factor: float | None = None
+    ffn_factor: float | None = None  # Wan's (the `wan` preset)
     interval_weight: float = 0.0  # varying N (force scheduler): gap after step s is round(N / (1 − w + 2w·s/S))
     sensitive_gap: int = 0  # > 0: a full step at 60–80% of the steps is followed by this gap (DiT reference: 2)
     preset: str | None = None  # whose settings fill the unset fields: a key of `presets` (None: the model family's)
@@ -192,6 +224,11 @@ class ToCaPolicy(TokenForecast, CachePolicy):
             raise ValueError(
                 f"{self.kind} policy: score {policy.score!r} reads branch {source!r}, which this model "
                 f"({spec.family}, branches {list(spec.branches)}) does not have"
+            )
+        if source is not None and policy.score != "value_norm" and spec.family in QK_SCORES_UNREAD:
+            raise ValueError(
+                f"{self.kind} policy: score {policy.score!r} cannot be read on {spec.family} "
+                f"({QK_SCORES_UNREAD[spec.family]}); use score 'value_norm' or 'none'"
             )
         return policy
 
