@@ -4,7 +4,7 @@ One `FamilyConditions` entry per `l2c.adapters.ModelFamily` name says what diffe
 pipeline class (whose own `encode_prompt` caches the text conditions, `data.prompts`), the pooled condition, how
 guidance is applied (`embedded`: Flux's and Flux.2's guidance embedding, one row per sample; `batched`: SD3's
 [cond; null] rows in one call; `separate`: Wan's and Qwen-Image's two calls per step in `cache_context("cond")` /
-`("uncond")`), the position ids the Flux transformers take, and the timestep table (`mu`: the pipeline's sigmas
+`("uncond")`, which is also Flux.1's true CFG, `true_cfg_scale` > 1, on top of its embedded guidance), the position ids the Flux transformers take, and the timestep table (`mu`: the pipeline's sigmas
 1 … 1/N with the image-size-dependent shift mu, Flux.1's and Qwen-Image's linear rule or Flux.2's empirical one).
 The one `FamilyDenoiser` runs any entry in `l2c.sampling.denoise`, so trajectories, rollouts and the pipeline agree.
 """
@@ -35,7 +35,7 @@ from torch import nn
 
 from l2c.adapters import ModelFamily, model_family
 from l2c.models import ModelBundle, load_model, resolve_model_path
-from l2c.sampling import TextCondition
+from l2c.sampling import GuidedDenoiser, TextCondition
 
 Encoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # embeds [B, L, D], mask [B, L], pooled [B, P]
 
@@ -108,11 +108,16 @@ class FamilyConditions:
     mu: Callable[[int, int, dict], float] | None = None
     positions: Callable[[tuple[int, ...], torch.Tensor, torch.Tensor], dict] | None = None  # img_ids / txt_ids
     masked: bool = False  # the transformer takes the text mask (Qwen-Image)
+    # the pipeline also offers true CFG (FluxPipeline's `true_cfg_scale` > 1 with a negative prompt): separate cond /
+    # uncond calls, each with the embedded guidance
+    true_cfg: bool = False
     cfg_renorm: bool = False  # true CFG rescaled to the conditional prediction's norm (Qwen-Image)
 
 
 FAMILY_CONDITIONS: dict[str, FamilyConditions] = {
-    "flux": FamilyConditions(FluxPipeline, _flux_encode, "embedded", "packed", mu=_linear_mu, positions=_flux_ids),
+    "flux": FamilyConditions(
+        FluxPipeline, _flux_encode, "embedded", "packed", mu=_linear_mu, positions=_flux_ids, true_cfg=True
+    ),
     "flux2": FamilyConditions(
         Flux2Pipeline, _flux2_encode, "embedded", "packed", mu=_empirical_mu, positions=_flux2_ids
     ),
@@ -164,6 +169,8 @@ class FamilyDenoiser:
     """A family's transformer called as its pipeline calls it, with the family's guidance (`FamilyConditions`).
 
     `raw` returns the rows of one step ([cond; null] under batched or separate guidance); `guide` combines them.
+    With `true_cfg_scale` > 1 (a family whose pipeline offers it: Flux.1) the step is the separate cond / uncond calls,
+    combined by `true_cfg_scale`, while `guidance_scale` stays the embedded guidance of both calls, as in FluxPipeline.
     """
 
     transformer: nn.Module
@@ -172,6 +179,32 @@ class FamilyDenoiser:
     rules: FamilyConditions
     grid: tuple[int, ...]  # the latent grid: (height, width) of the packed patches, or the latents' spatial shape
     scheduler_config: dict
+    true_cfg_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.true_cfg_scale == 1.0:
+            return
+        name = self.rules.pipeline.__name__
+        if not self.rules.true_cfg:
+            raise ValueError(
+                f"field 'true_cfg_scale': {name} has no true-CFG mode on top of its guidance (only FluxPipeline "
+                f"does); its guidance is 'guidance_scale'. Got true_cfg_scale={self.true_cfg_scale}, expected 1"
+            )
+        if self.true_cfg_scale < 1.0:
+            raise ValueError(
+                f"field 'true_cfg_scale' must be ≥ 1 ({name} runs true CFG only above 1, and 1 is off), "
+                f"got {self.true_cfg_scale}"
+            )
+
+    @property
+    def mode(self) -> Literal["embedded", "batched", "separate"]:
+        """How this teacher's steps are guided: the family's way, or true CFG's separate calls when asked."""
+        return "separate" if self.true_cfg_scale > 1.0 else self.rules.guidance
+
+    @property
+    def cfg_scale(self) -> float:
+        """The scale combining a step's cond and null rows."""
+        return self.true_cfg_scale if self.true_cfg_scale > 1.0 else self.guidance_scale
 
     def set_timesteps(self, scheduler, num_steps: int) -> None:
         """The pipeline's timestep table (`retrieve_timesteps` with its sigmas and mu)."""
@@ -183,7 +216,7 @@ class FamilyDenoiser:
 
     @property
     def _two_rows(self) -> bool:
-        return self.rules.guidance != "embedded" and self.guidance_scale != 1.0
+        return self.mode != "embedded" and self.cfg_scale != 1.0
 
     def raw(self, x: torch.Tensor, t: torch.Tensor, condition: TextCondition) -> torch.Tensor:
         x = x.to(next(self.transformer.parameters()).dtype)
@@ -193,7 +226,7 @@ class FamilyDenoiser:
         n = len(x)
         null = (condition.null_embeds.expand(n, -1, -1), condition.null_mask.expand(n, -1),
                 None if condition.null_pooled is None else condition.null_pooled.expand(n, -1))  # fmt: skip
-        if self.rules.guidance == "separate":
+        if self.mode == "separate":
             return torch.cat([self._call(x, t, *rows, "cond"), self._call(x, t, *null, "uncond")])
         both = [None if a is None else torch.cat([a, b]) for a, b in zip(rows, null, strict=True)]
         return self._call(torch.cat([x, x]), t, *both, None)
@@ -219,7 +252,7 @@ class FamilyDenoiser:
         if halves.shape[0] == 1:
             return halves[0]
         cond, null = halves[0], halves[1]
-        combined = null + self.guidance_scale * (cond - null)
+        combined = null + self.cfg_scale * (cond - null)
         if self.rules.cfg_renorm:
             combined = combined * (cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
         return combined
@@ -254,9 +287,25 @@ class FamilyBundle(ModelBundle):
     def image_tokens(self) -> int | None:
         return image_tokens(self.rules, self.grid)
 
-    def denoiser(self, guidance_scale: float) -> FamilyDenoiser:
+    def denoiser(self, guidance_scale: float, true_cfg_scale: float = 1.0) -> FamilyDenoiser:
         family = model_family(self.transformer)
-        return FamilyDenoiser(self.transformer, guidance_scale, family, self.rules, self.grid, self.scheduler_config)
+        return FamilyDenoiser(
+            self.transformer, guidance_scale, family, self.rules, self.grid, self.scheduler_config, true_cfg_scale
+        )
+
+
+def teacher_denoiser(
+    bundle: ModelBundle, guidance_scale: float, true_cfg_scale: float
+) -> GuidedDenoiser | FamilyDenoiser:
+    """The teacher's denoiser with its guidance; `true_cfg_scale` ≠ 1 only for a family pipeline that offers it."""
+    if isinstance(bundle, FamilyBundle):
+        return bundle.denoiser(guidance_scale, true_cfg_scale)
+    if true_cfg_scale != 1.0:
+        raise ValueError(
+            f"field 'true_cfg_scale': teacher {bundle.name!r} is not a Flux pipeline (true CFG on top of embedded "
+            f"guidance); its guidance is 'guidance_scale'. Got true_cfg_scale={true_cfg_scale}, expected 1"
+        )
+    return bundle.denoiser(guidance_scale)
 
 
 def latent_layout(

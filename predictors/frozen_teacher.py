@@ -29,7 +29,7 @@ from l2c.policies import CachePolicy, FullPolicy
 from l2c.runtime import CacheRuntime, GateSource
 from l2c.sampling import Condition, denoise, noise_from_seeds
 
-from .families import load_teacher
+from .families import load_teacher, teacher_denoiser
 
 
 @dataclass
@@ -96,6 +96,7 @@ class FrozenTeacherModule(L.LightningModule):
         steps: int = 20,
         scheduler: Literal["auto", "ddim", "ddpm", "dpm", "euler", "flow-euler"] = "auto",
         guidance_scale: float = 1.5,
+        true_cfg_scale: float = 1.0,
         export_dir: str | None = None,
         shard_teacher: bool = False,
         height: int = 1024,
@@ -109,7 +110,11 @@ class FrozenTeacherModule(L.LightningModule):
             scheduler: The sampler (dpm: DPM-Solver++), built from the teacher's scheduler config; auto: flow-euler
                 (FlowMatchEulerDiscreteScheduler) for a flow-matching teacher, which ddim and euler also mean there,
                 ddim for others. The provenance records the one that ran.
-            guidance_scale: Classifier-free guidance scale of the teacher's trajectories (1: no guidance).
+            guidance_scale: Classifier-free guidance scale of the teacher's trajectories (1: no guidance); a Flux
+                teacher's embedded guidance.
+            true_cfg_scale: Flux.1's true CFG (FluxPipeline's `true_cfg_scale`, with the null prompt as the negative):
+                above 1, two teacher calls per step in `cache_context("cond")` / `("uncond")`, combined
+                null + true_cfg_scale·(cond − null), each with the embedded guidance `guidance_scale`; 1: off.
             export_dir: Where global rank 0 writes the policy at the end of fit (none: no export).
             shard_teacher: Under DDP with several processes, shard the frozen teacher with FSDP2 over the ranks
                 (for a teacher too large for one GPU); the predictor stays replicated.
@@ -124,7 +129,8 @@ class FrozenTeacherModule(L.LightningModule):
         bundle = load_teacher(teacher, height, width, num_frames)
         object.__setattr__(self, "_bundle", bundle)  # not a submodule: see the module docstring
         self.teacher.requires_grad_(False).eval()
-        self.guidance = bundle.denoiser(guidance_scale)  # conditioned as the model is (labels, prompts, class table)
+        # conditioned as the model is (labels, prompts, class table), guided as its pipeline does
+        self.guidance = teacher_denoiser(bundle, guidance_scale, true_cfg_scale)
         field = f"{self.kind} trainer: field 'scheduler'"
         self.scheduler_name = resolve_scheduler(scheduler, bundle.scheduler_config, field)  # the one that runs
         self.sampler = make_scheduler(self.scheduler_name, bundle.scheduler_config, field)

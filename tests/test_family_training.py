@@ -165,6 +165,10 @@ def _user_call(name: str, pipe, condition, noise: torch.Tensor):
     if name == "flux":  # guidance-distilled: embedded guidance, one row per sample
         return pipe(prompt_embeds=condition.embeds, pooled_prompt_embeds=condition.pooled, guidance_scale=GUIDANCE,
                     **common).images  # fmt: skip
+    if name == "flux-true-cfg":  # true CFG as two calls per step, each with the embedded guidance
+        return pipe(prompt_embeds=condition.embeds, pooled_prompt_embeds=condition.pooled,
+                    negative_prompt_embeds=null, negative_pooled_prompt_embeds=condition.null_pooled.expand(n, -1),
+                    true_cfg_scale=TRUE_CFG, guidance_scale=GUIDANCE, **common).images  # fmt: skip
     if name == "flux2":  # guidance-distilled (embedded); the pipeline takes its latents unpacked, [C, h, w]
         side = math.isqrt(noise.shape[1])
         unpacked = noise.transpose(1, 2).reshape(n, noise.shape[2], side, side)
@@ -183,17 +187,20 @@ def _user_call(name: str, pipe, condition, noise: torch.Tensor):
     raise AssertionError(name)
 
 
-GUIDANCE = 3.0
+GUIDANCE, TRUE_CFG = 3.0, 2.0
 BUILDERS = {"flux": flux_with_encoders, "flux2": flux2_with_encoders, "sd3": sd3_with_encoders,
             "wan": wan_with_encoders, "qwenimage": qwen_with_encoders}  # fmt: skip
+# each case: (family, the trainer's guidance settings besides guidance_scale)
+CASES = {**{name: (name, {}) for name in BUILDERS}, "flux-true-cfg": ("flux", {"true_cfg_scale": TRUE_CFG})}
 
 
 @pytest.mark.parametrize("trainer_class", [RolloutRouterTrainer, ForecastRouterTrainer], ids=["rollout", "forecast"])
-@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("name", list(CASES))
 def test_rollout_trainer_on_a_tiny_family_exports_a_policy_its_pipeline_samples_as_the_hard_gate_rollout(
     name, trainer_class, tmp_path
 ):
-    pipe = BUILDERS[name]()
+    family, guidance = CASES[name]
+    pipe = BUILDERS[family]()
     teacher = tmp_path / "teacher"
     pipe.save_pretrained(teacher)
     prompts = tmp_path / "prompts.txt"
@@ -202,7 +209,8 @@ def test_rollout_trainer_on_a_tiny_family_exports_a_policy_its_pipeline_samples_
                             cache_dir=str(tmp_path / "cache"), embeds_dtype="float32", samples_per_epoch=2,
                             batch_size=2, shuffle=False)  # fmt: skip
     module = trainer_class(teacher=str(teacher), steps=STEPS, export_budget=0.75, lr=0.05,
-                                  guidance_scale=GUIDANCE, height=SIZE, width=SIZE, num_frames=FRAMES)  # fmt: skip
+                                  guidance_scale=GUIDANCE, height=SIZE, width=SIZE, num_frames=FRAMES,
+                                  **guidance)  # fmt: skip
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with warnings.catch_warnings():
