@@ -4,8 +4,9 @@ One `FamilyConditions` entry per `l2c.adapters.ModelFamily` name says what diffe
 pipeline class (whose own `encode_prompt` caches the text conditions, `data.prompts`), the pooled condition, how
 guidance is applied (`embedded`: Flux's and Flux.2's guidance embedding, one row per sample; `batched`: SD3's
 [cond; null] rows in one call; `separate`: Wan's and Qwen-Image's two calls per step in `cache_context("cond")` /
-`("uncond")`, which is also Flux.1's true CFG, `true_cfg_scale` > 1, on top of its embedded guidance), the position ids the Flux transformers take, and the timestep table (`mu`: the pipeline's sigmas
-1 … 1/N with the image-size-dependent shift mu, Flux.1's and Qwen-Image's linear rule or Flux.2's empirical one).
+`("uncond")`, also Flux.1's true CFG, `true_cfg_scale` > 1, on top of its embedded guidance), the position ids the
+Flux transformers take, and the timestep table (`mu`: the pipeline's sigmas 1 … 1/N with the image-size-dependent
+shift mu, Flux.1's and Qwen-Image's linear rule or Flux.2's empirical one).
 The one `FamilyDenoiser` runs any entry in `l2c.sampling.denoise`, so trajectories, rollouts and the pipeline agree.
 """
 
