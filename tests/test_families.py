@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import pytest
@@ -185,11 +186,20 @@ def _noise(batch: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(1) for _ in range(batch)]
 
 
-def _flux_call(pipe, batch=1, size=32, steps=STEPS):
+def _flux_call(pipe, batch=1, size=32, steps=STEPS, true_cfg_scale=1.0):
+    """Embedded guidance, one call per step; with `true_cfg_scale` > 1 also true CFG with a negative prompt, two
+    calls per step in `cache_context("cond")` and `("uncond")`, each with the embedded guidance."""
     g = torch.Generator().manual_seed(0)
+    negative = {}
+    if true_cfg_scale > 1:
+        negative = dict(
+            negative_prompt_embeds=_embeds(g, batch, 5, 16), negative_pooled_prompt_embeds=_embeds(g, batch, 8)
+        )
     return pipe(
         prompt_embeds=_embeds(g, batch, 5, 16),
         pooled_prompt_embeds=_embeds(g, batch, 8),
+        **negative,
+        true_cfg_scale=true_cfg_scale,
         height=size,
         width=size,
         num_inference_steps=steps,
@@ -285,6 +295,10 @@ FAMILIES = {
 }
 
 
+# Flux.1 with true CFG on top of its embedded guidance: the cases that count calls per step and contexts run it too.
+FLUX_TRUE_CFG = Family("flux", flux_pipeline, partial(_flux_call, true_cfg_scale=4.0), FAMILIES["flux"].branches, 6, 2)
+WITH_TRUE_CFG = {**FAMILIES, "flux-true-cfg": FLUX_TRUE_CFG}
+
 _SIZES = {"flux": 32, "flux2": 32, "sd3": 16, "wan": 32, "qwenimage": 32}  # each call's default size
 
 
@@ -305,9 +319,9 @@ def _snapshot(model: torch.nn.Module) -> dict[str, set[str]]:
     return {name: set(module.__dict__) for name, module in model.named_modules()}
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(WITH_TRUE_CFG))
 def test_full_identical_static_saves_its_flops_and_remove_restores(name):
-    family = FAMILIES[name]
+    family = WITH_TRUE_CFG[name]
     pipe = _pipe(family)
     model = pipe.transformer
     reference, full_flops = _flops(lambda: family.call(pipe))
@@ -315,7 +329,7 @@ def test_full_identical_static_saves_its_flops_and_remove_restores(name):
     prefix = type(model).__name__
 
     runtime = l2c.load_policy("full").apply(pipe)
-    assert runtime.spec.family == name and runtime.branch_names == family.branches
+    assert runtime.spec.family == family.name and runtime.branch_names == family.branches
     assert len(runtime.branches) == family.hooked
     assert torch.equal(family.call(pipe), reference)
     assert runtime.executed == Counter({Action.COMPUTE: STEPS * family.calls_per_step * family.hooked})
@@ -369,9 +383,9 @@ def test_taylorseer_forecasts_the_tuple_and_tensor_branches(name):
     runtime.remove()
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(WITH_TRUE_CFG))
 def test_batch_independence(name):
-    family = FAMILIES[name]
+    family = WITH_TRUE_CFG[name]
     pipe = _pipe(family)
     runtime = l2c.load_policy("static:interval=2").apply(pipe)
     alone = family.call(pipe)
@@ -382,9 +396,9 @@ def test_batch_independence(name):
     runtime.remove()
 
 
-@pytest.mark.parametrize("name", ["wan", "qwenimage"])
+@pytest.mark.parametrize("name", ["wan", "qwenimage", "flux-true-cfg"])
 def test_cond_and_uncond_contexts_keep_their_own_cache_and_step(name):
-    family = FAMILIES[name]
+    family = WITH_TRUE_CFG[name]
     pipe = _pipe(family)
     runtime = l2c.load_policy("static:interval=2").apply(pipe)
     states = pipe.transformer._diffusers_hook.get_hook("l2c_step").states

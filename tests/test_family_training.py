@@ -4,6 +4,7 @@ trainer's export runs in each family's unmodified pipeline as the trainer's hard
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import lightning as L
@@ -262,3 +263,23 @@ def test_checkpointed_rollout_gradients_equal_the_plain_ones_with_two_cache_cont
         grads.append(module.router.logits.grad)
     assert bool((grads[0][1:] != 0).any())
     torch.testing.assert_close(grads[1], grads[0], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "value", "message"),
+    [
+        ("embedded:digits", 2.0, "teacher 'embedded:digits' is not a Flux pipeline"),
+        ("sd3", 2.0, "StableDiffusion3Pipeline has no true-CFG mode on top of its guidance"),
+        ("qwenimage", 4.0, "QwenImagePipeline has no true-CFG mode on top of its guidance"),
+        ("flux", 0.5, "field 'true_cfg_scale' must be ≥ 1"),
+    ],
+)
+def test_true_cfg_scale_is_refused_where_the_teachers_pipeline_has_no_such_mode(family, value, message, tmp_path):
+    teacher = family
+    if family in BUILDERS:
+        teacher = str(tmp_path / "teacher")
+        BUILDERS[family]().save_pretrained(teacher)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RolloutRouterTrainer(
+            teacher=teacher, steps=STEPS, export_budget=0.75, height=SIZE, width=SIZE, true_cfg_scale=value
+        )
