@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # recipe → (family, hub id, sharded teacher, steps)
 RECIPES = {
     "flux1-dev-1024": ("flux", "black-forest-labs/FLUX.1-dev", True, 28),
+    "flux2-dev-1024": ("flux2", "black-forest-labs/FLUX.2-dev", True, 50),
     "sd35-medium-1024": ("sd3", "stabilityai/stable-diffusion-3.5-medium", False, 40),
     "wan21-t2v-1.3b-480p": ("wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", False, 50),
     "qwen-image-1024": ("qwenimage", "Qwen/Qwen-Image", True, 50),
