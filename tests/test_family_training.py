@@ -238,10 +238,13 @@ def test_rollout_trainer_on_a_tiny_family_exports_a_policy_its_pipeline_samples_
     torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
 
 
-def test_checkpointed_rollout_gradients_equal_the_plain_ones_with_two_cache_contexts(tmp_path):
-    """Wan's true CFG keeps a cache per context (cond, uncond): checkpointing restores both before recomputing."""
+@pytest.mark.parametrize("name", ["wan", "flux-true-cfg"])
+def test_checkpointed_rollout_gradients_equal_the_plain_ones_with_two_cache_contexts(name, tmp_path):
+    """True CFG as two calls keeps a cache per context (cond, uncond): checkpointing restores both before
+    recomputing."""
+    family, guidance = CASES[name]
     teacher = tmp_path / "teacher"
-    wan_with_encoders().save_pretrained(teacher)
+    BUILDERS[family]().save_pretrained(teacher)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     data = PromptDataModule(dataset=str(prompts), text_encoder=str(teacher), column="text", max_length=8,
@@ -254,7 +257,7 @@ def test_checkpointed_rollout_gradients_equal_the_plain_ones_with_two_cache_cont
     for checkpointed in (False, True):
         module = RolloutRouterTrainer(teacher=str(teacher), steps=STEPS, export_budget=0.75, guidance_scale=GUIDANCE,
                                       height=SIZE, width=SIZE, num_frames=FRAMES,
-                                      checkpoint_steps=checkpointed)  # fmt: skip
+                                      checkpoint_steps=checkpointed, **guidance)  # fmt: skip
         module.on_fit_start()
         try:
             module.training_step((condition, seeds), 0).backward()
