@@ -191,7 +191,7 @@ class FamilyDenoiser:
                 f"field 'true_cfg_scale': {name} has no true-CFG mode on top of its guidance (only FluxPipeline "
                 f"does); its guidance is 'guidance_scale'. Got true_cfg_scale={self.true_cfg_scale}, expected 1"
             )
-        if self.true_cfg_scale < 1.0:
+        if not self.true_cfg_scale >= 1.0:  # also NaN
             raise ValueError(
                 f"field 'true_cfg_scale' must be ≥ 1 ({name} runs true CFG only above 1, and 1 is off), "
                 f"got {self.true_cfg_scale}"
