@@ -60,6 +60,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
         export_floor: float = 0.05,
         export_full_steps: int = 6,
         export_tprr_signal: Literal["error", "importance"] = "error",
+        export_staleness: Literal["none", "age"] = "age",
         calibration_samples: int = 32,
         seed: int = 0,
         **kwargs,
@@ -78,6 +79,8 @@ class TokenCacheTrainer(FrozenTeacherModule):
             export_floor: Blocks whose calibrated ratio falls below this are cached whole.
             export_full_steps: Full steps of the exported schedule (TPRR).
             export_tprr_signal: What places the full steps: the calibrated step-to-step `error` or the `importance`.
+            export_staleness: How the exported policy ranks tokens on a cache step: `none`, by the score alone (the
+                paper's rule), or `age`, by score × steps since the token was last computed (TokenCachePolicy).
             calibration_samples: Teacher trajectories the predictor is calibrated on at export.
             seed: Seed of the (step, gap) each optimizer step trains (a pure function of seed and step: resumable).
             **kwargs: The frozen teacher's settings (`FrozenTeacherModule`).
@@ -181,6 +184,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
             floor=hp.export_floor,
             full_steps=hp.export_full_steps,
             tprr_signal=hp.export_tprr_signal,
+            staleness=hp.export_staleness,
             ff_inner_dim=hp.ff_inner_dim,
             predictor_state={k: v.detach().float().cpu().clone() for k, v in self.predictor.state_dict().items()},
             calibration=self.calibrate(hp.calibration_samples),

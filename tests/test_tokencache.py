@@ -118,15 +118,17 @@ def test_plan_full_steps_partial_block_and_floored_block():
     assert (plan.actions[cache, 1] == l2c.Action.REUSE).all()
 
 
-def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops():
+@pytest.mark.parametrize("staleness", ["none", "age"])
+def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops(staleness):
     model = tiny_dit()
-    policy = tiny_policy(model)
+    policy = tiny_policy(model, staleness=staleness)
     latents, labels = dit_inputs(batch=2)
     timesteps = ddim_timesteps(6)
     counter = ComputeCounter(model)
     chosen = []
+    ages_at_selection = {}
     with policy.apply(model, timesteps=timesteps) as runtime, torch.no_grad():
-        runtime.selector = record(runtime.selector, chosen)
+        runtime.selector = record(runtime.selector, chosen, ages_at_selection)
         for t in timesteps:
             model(latents, timestep=t.expand(2), class_labels=labels)
     counter.remove()
@@ -134,12 +136,20 @@ def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops():
     # full steps 0, 3, 5: both blocks, all 16 tokens; cache steps 1, 2, 4: block 0 only, 8 tokens; block 1 reused.
     assert computed.count((0, "ff", 8)) == 3 and computed.count((1, "ff", 16)) == 3
     assert not any(block == 1 and n != 16 for block, _, n in computed)
-    # The selected tokens are the top-8 of the predictor's block-0 score on that step's own input.
+    # The selected tokens are the top-8 of the predictor's block-0 score on that step's own input ("none"), or of
+    # score × steps since the token was computed ("age"; the store's age at selection is that count − 1).
     predictor = policy.build_predictor(model)
     for request, index in chosen:
         scores = request.state.signals[SIGNAL][:, 0]
-        assert torch.equal(index, torch.argsort(scores, dim=1, descending=True, stable=True)[:, :8])
+        age = ages_at_selection[(request.step, request.branch)]
+        ranked = scores * (age + 1) if staleness == "age" else scores
+        assert torch.equal(index, torch.argsort(ranked, dim=1, descending=True, stable=True)[:, :8])
     assert len(chosen) == 3 * 2  # 3 cache steps × (attn1, ff) of block 0
+    step_2 = ages_at_selection[(2, "ff")]  # after partial step 1: its 8 tokens have age 0, the others 1
+    assert sorted(step_2.flatten().tolist()) == [0] * 16 + [1] * 16
+    reselected = [int((step_2.gather(1, index) == 0).sum()) for request, index in chosen if request.step == 2]
+    if staleness == "age":  # scores are in (0, 1): a stale token's doubled score beats every fresh one
+        assert reselected == [0, 0]
     # FLOPs: the same plan without the predictor costs exactly the predictor's FLOPs × 3 scored steps less.
     plan_only = FixedPlanPolicy(lambda spec, n: policy.build_plan(spec, n))
     plan_only.partial_keys = "cached"
@@ -160,8 +170,10 @@ def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops():
     assert one_call > 0 and with_predictor - without == 3 * one_call
 
 
-def record(selector, chosen: list):
+def record(selector, chosen: list, ages: dict | None = None):
     def wrapped(request):
+        if ages is not None:  # the store's ages as the selector saw them (the store is updated after selection)
+            ages[(request.step, request.branch)] = request.store.age.clone()
         index = selector(request)
         chosen.append((request, index))
         return index
@@ -183,6 +195,13 @@ def test_round_trip_keeps_tables_and_weights_and_refuses_tampering(tmp_path):
     assert torch.equal(
         loaded.plan_for(spec, ddim_timesteps(6)).actions, policy.plan_for(spec, ddim_timesteps(6)).actions
     )
+    assert loaded.staleness == policy.staleness == "age"
+    # A directory saved before `staleness` existed loads with the rule it was saved with: the score alone.
+    shutil.copytree(tmp_path / "tc", tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["params"]["staleness"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert l2c.load_policy(tmp_path / "old").staleness == "none"
     shutil.copytree(tmp_path / "tc", tmp_path / "bad")
     tensors["tprr.step_type"] = torch.tensor([1, 1, 1, 0, 1, 0], dtype=torch.int8)
     save_file(tensors, str(tmp_path / "bad" / "policy.safetensors"))
@@ -200,7 +219,12 @@ def test_ablation_switches_change_only_their_table():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"token_budget": 1.5}, "token_budget"), ({"full_steps": 0}, "full_steps"), ({"tprr_signal": "x"}, "tprr_signal")],
+    [
+        ({"token_budget": 1.5}, "token_budget"),
+        ({"full_steps": 0}, "full_steps"),
+        ({"tprr_signal": "x"}, "tprr_signal"),
+        ({"staleness": "steps"}, "staleness"),
+    ],
 )
 def test_bad_fields_are_named(kwargs, field):
     with pytest.raises(ValueError, match=field):
