@@ -29,7 +29,7 @@ from l2c.policies.tokencache import (
 )
 from l2c.policy_io import PolicyFormatError
 from l2c.token_importance import TokenImportancePredictor
-from predictors.tokencache_trainer import TokenCacheTrainer
+from predictors.tokencache_trainer import TokenCacheTrainer, change_rate
 
 NUM_TOKENS = 16
 
@@ -297,3 +297,46 @@ def test_the_export_loads_and_samples_with_infer(fitted, tmp_path):
     assert infer.main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["executed"].get("partial", 0) > 0 and report["flops_ratio"] < 1.0
+
+
+# -- the rate objective ------------------------------------------------------------------------------------------------
+def test_change_rate_is_the_per_step_change_over_the_samples_mean_output_norm():
+    later = {
+        (0, "attn1"): torch.tensor([[[3.0, 4.0], [0.0, 0.0]]]),
+        (0, "ff"): torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]),
+        (1, "ff"): torch.tensor([[[0.0, 2.0], [0.0, 0.0]]]),
+    }
+    earlier = {key: torch.zeros_like(value) for key, value in later.items()}
+    earlier[(0, "attn1")] = torch.tensor([[[3.0, 0.0], [0.0, 0.0]]])  # moved 4 at token 0
+    # output norms per (block, token): block 0: 5 + 1, 0 + 1; block 1: 2, 0 → mean 9 / 4. Change: block 0: 4 + 1,
+    # 0 + 1; block 1: 2, 0 (its earlier output is 0).
+    rate = change_rate(earlier, later, gap=2)
+    torch.testing.assert_close(rate, torch.tensor([[[5.0, 1.0], [2.0, 0.0]]]) / 2 / 2.25)
+
+
+def test_rate_objective_fits_scores_to_measured_change_and_exports_age_ranking(tmp_path):
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(0)
+    DiTTransformer2DModel(**TEACHER).save_pretrained(teacher / "transformer")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(teacher / "scheduler")
+    module = TokenCacheTrainer(
+        teacher=str(teacher), steps=4, guidance_scale=2.0, ff_inner_dim=16, lr=0.01, objective="rate",
+        init_score=0.05, export_dir=str(tmp_path / "policy"), export_full_steps=2, export_token_budget=0.5,
+        calibration_samples=4,
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    trainer = L.Trainer(
+        max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    data = ClassConditionDataModule(num_classes=10, samples_per_epoch=8, batch_size=4, seed=100)
+    losses = []
+    module.log_dict = lambda values, **_: losses.append(float(values["train/loss"].detach()))
+    trainer.fit(module, data)
+    assert len(losses) == 12 and min(losses[-3:]) < losses[0]  # log-space error from init_score 0.05 shrinks
+    assert all(torch.equal(module.teacher.state_dict()[k], v) for k, v in before.items())
+    policy = l2c.load_policy(tmp_path / "policy")
+    assert isinstance(policy, TokenCachePolicy) and policy.staleness == "age"
+    config = json.loads((tmp_path / "policy" / "config.json").read_text())
+    assert config["provenance"]["objective"] == "rate"
