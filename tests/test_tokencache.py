@@ -340,3 +340,32 @@ def test_rate_objective_fits_scores_to_measured_change_and_exports_age_ranking(t
     assert isinstance(policy, TokenCachePolicy) and policy.staleness == "age"
     config = json.loads((tmp_path / "policy" / "config.json").read_text())
     assert config["provenance"]["objective"] == "rate"
+
+
+def test_random_tokens_ablation_runs_the_same_plan_without_the_predictor():
+    from l2c.policies.random_tokens import random_tokens
+
+    model = tiny_dit()
+    policy = tiny_policy(model, tokens="random")
+    latents, labels = dit_inputs(batch=2)
+    timesteps = ddim_timesteps(6)
+    chosen = []
+
+    def run(p, log=None):
+        with p.apply(model, timesteps=timesteps) as runtime, torch.no_grad():
+            if log is not None:
+                runtime.selector = record(runtime.selector, log)
+            for t in timesteps:
+                model(latents, timestep=t.expand(2), class_labels=labels)
+            return dict(runtime.executed)
+
+    _, flops = count_flops(lambda: run(policy, chosen))
+    plan_only = FixedPlanPolicy(lambda spec, n: policy.build_plan(spec, n))
+    plan_only.partial_keys = "cached"
+    _, without = count_flops(lambda: run(plan_only))
+    assert flops == without  # no predictor call counted
+    assert len(chosen) == 3 * 2
+    for request, index in chosen:
+        assert SIGNAL not in request.state.signals
+        assert torch.equal(index, random_tokens(0)(request))
+    assert run(policy) == run(tiny_policy(model))  # the same executions as the predictor's policy

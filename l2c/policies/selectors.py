@@ -20,7 +20,6 @@ to the original forward and leaves the store untouched.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch
 
 from ..extension import BlockInput, BranchCall, PartialKeys, SelectionRequest, TokenSelector, stalest_tokens
 from ..plan import Action
+from .random_tokens import random_tokens
 from .scores import top_tokens
 from .toca import ToCaPolicy
 from .tokencache import TokenCachePolicy
@@ -40,19 +40,6 @@ if TYPE_CHECKING:
 SelectorName = Literal["oracle", "random", "stalest", "predictor"]
 SELECTORS: tuple[str, ...] = get_args(SelectorName)
 TRUE_OUTPUT = "oracle.true_output"  # state.signals[(TRUE_OUTPUT, block, branch)] -> [batch, tokens, channels]
-
-
-def random_tokens(seed: int) -> TokenSelector:
-    """A selector of `num_selected` distinct tokens per sample, uniform, reproducible per (step, block, branch)."""
-
-    def select(request: SelectionRequest) -> torch.Tensor:
-        key = zlib.crc32(f"{seed}/{request.step}/{request.block}/{request.branch}".encode())
-        generator = torch.Generator().manual_seed(key)
-        batch, tokens = request.inputs.shape[:2]
-        draw = torch.rand(batch, tokens, generator=generator)
-        return top_tokens(draw, request.num_selected).to(request.inputs.device)
-
-    return select
 
 
 @contextmanager

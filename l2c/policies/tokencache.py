@@ -13,6 +13,7 @@ a token recomputed on the previous cache step from one cached since the last ful
 (how fast the token's output changes per step) and ranks score × (steps since the token was last computed), the
 drift its cached output has accumulated at that rate; on the first cache step after a full step every token has the
 same age and the two rules agree. A policy directory without the field loads as `"none"` (what it was saved with).
+`tokens="random"` (the ablation of the predictor) picks seeded uniform tokens on the same plan, the predictor not run.
 
 Both tables come from statistics measured at export (`TokenCacheCalibration`), not from constants:
 - per-block ratios (adaptive block selection): every calibration score of every (block, token) is pooled, the top
@@ -42,6 +43,7 @@ from ..plan import Action, Plan
 from ..token_importance import TokenImportancePredictor
 from .base import CachePolicy, PolicyTarget
 from .knobs import Range
+from .random_tokens import random_tokens
 from .scores import top_tokens
 from .token_forecast import TAYLOR_ORDER, TokenForecast
 
@@ -53,6 +55,8 @@ TPRR_SIGNALS = ("error", "importance")
 Staleness = Literal["none", "age"]  # selection score: the predictor's score, or score × steps since last computed
 STALENESS: tuple[str, ...] = get_args(Staleness)
 STALENESS_OF_OLD_FILES = "none"  # what a policy directory saved before the field existed selected by
+TokenChoice = Literal["predictor", "random"]  # who picks a cache step's tokens ("random": the ablation)
+TOKEN_CHOICES: tuple[str, ...] = get_args(TokenChoice)
 PREDICTOR_PREFIX = "predictor."
 
 
@@ -171,6 +175,7 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
     partial_keys: PartialKeys = "cached"  # what partial self-attention's queries see (l2c.extension.PartialKeys)
     ff_inner_dim: int | None = None  # the predictor's MLP width (None: the teacher's)
     staleness: Staleness = "age"  # "none": rank by the score (the paper); "age": by score × steps since computed
+    tokens: TokenChoice = "predictor"  # "random" (ablation): seeded uniform tokens, the predictor not run
     # m ≥ 1: forecast the tokens a cache step does not recompute (TaylorSeer order m; `token_forecast.py`).
     taylor_order: int | None = None  # None or 0: reuse them
     predictor_state: dict[str, torch.Tensor] | None = field(default=None, kw_only=True, repr=False)
@@ -195,6 +200,8 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
         for key in ("adaptive", "tprr"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{name} policy: field '{key}' must be true or false, got {getattr(self, key)!r}")
+        if self.tokens not in TOKEN_CHOICES:
+            raise ValueError(f"{name} policy: field 'tokens' must be one of {list(TOKEN_CHOICES)}, got {self.tokens!r}")
         if self.staleness not in STALENESS:
             raise ValueError(
                 f"{name} policy: field 'staleness' must be one of {list(STALENESS)}, got {self.staleness!r}"
@@ -270,6 +277,8 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
         return score
 
     def token_selector(self) -> TokenSelector:
+        if self.tokens == "random":
+            return random_tokens(0)
         score = self.token_scores()
 
         def select(request: SelectionRequest) -> torch.Tensor:
@@ -293,11 +302,14 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
 
     def prepare(self, model: nn.Module) -> None:
         """Build the predictor on the model's unhooked first block (`before_blocks` runs it on every scored step)."""
-        self._predictors[model] = self.build_predictor(model)
+        if self.tokens == "predictor":
+            self._predictors[model] = self.build_predictor(model)
 
     def before_blocks(self, point: BlockInput) -> None:
         """Score the step's tokens from the first block's input, on steps with partial slots only."""
-        if point.plan is None or not bool((point.plan.actions[point.step] == Action.PARTIAL).any()):
+        if self.tokens != "predictor" or point.plan is None:
+            return
+        if not bool((point.plan.actions[point.step] == Action.PARTIAL).any()):
             return
         with torch.no_grad():
             point.state.signals[SIGNAL] = self._predictors[point.model](point.args, point.kwargs)
