@@ -1,13 +1,14 @@
 """TokenCache: train a `TokenImportancePredictor` against a frozen DiT and export a `tokencache` policy.
 
-One training step draws a step s ≥ 1 and a gap g (1 … `max_gap`); the cache runtime stores every branch output of
-the teacher's own step s−g (no grad), then the student runs step s with every branch of every block returning,
-token by token, w⊙f(z_s) + (1−w)⊙cached with w = the predictor's score for that (block, token) on step s's input.
-Loss: MSE between the student's and the teacher's model output at step s, plus the budget term
-(`budget_loss="ratio"`: (mean w − target_ratio)², or `"l1"`: mean w), times `budget_weight`. The teacher is frozen as
-in the Learning-to-Cache trainer (outside the module tree, trajectories cached from noise); only the predictor trains.
+With `objective="blend"` (the paper's), one training step draws a step s ≥ 1 and a gap g (1 … `max_gap`); the cache
+runtime stores every branch output of the teacher's own step s−g (no grad), then the student runs step s with every
+branch of every block returning, token by token, w⊙f(z_s) + (1−w)⊙cached with w = the predictor's score for that
+(block, token) on step s's input. Loss: MSE between the student's and the teacher's model output at step s, plus the
+budget term (`budget_loss="ratio"`: (mean w − target_ratio)², or `"l1"`: mean w), times `budget_weight`. The teacher
+is frozen as in the Learning-to-Cache trainer (outside the module tree, trajectories cached from noise); only the
+predictor trains.
 
-`objective="rate"` (an option, not the paper's) trains the scores as rates instead, for the policy's
+`objective="rate"` (the default; not the paper's) trains the scores as rates instead, for the policy's
 `staleness="age"` ranking (score × steps since computed): the teacher runs steps s−g and s unhooked (no grad) and the
 predictor's score for (block b, token i) on step s's input regresses, in log space, the token's measured change per
 step Σ_branches ‖f(z_s)ᵢ − f(z_{s−g})ᵢ‖ / g of block b, divided by the mean over the sample's blocks and tokens of
@@ -59,7 +60,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
 
     def __init__(
         self,
-        objective: Literal["blend", "rate"] = "blend",
+        objective: Literal["blend", "rate"] = "rate",
         max_gap: int = 2,
         ff_inner_dim: int | None = 128,
         init_score: float = 0.9,
@@ -78,9 +79,9 @@ class TokenCacheTrainer(FrozenTeacherModule):
     ) -> None:
         """
         Args:
-            objective: What the scores learn: `blend`, the paper's blend gates (output MSE plus the budget term), or
-                `rate`, each token's measured output change per step (log-space regression, no budget term; for
-                `export_staleness: age`).
+            objective: What the scores learn: `rate` (the default), each token's measured output change per step
+                (log-space regression, no budget term; ranked by `export_staleness: age`), or `blend`, the paper's
+                blend gates (output MSE plus the budget term; the budget settings apply to it only).
             max_gap: The cached step is 1 … max_gap steps before the trained one (the intervals met at inference).
             ff_inner_dim: The predictor's MLP width (the teacher's first units of its first block's MLP); none: the
                 whole MLP.

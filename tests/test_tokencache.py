@@ -251,7 +251,8 @@ def fitted(tmp_path_factory):
     DiTTransformer2DModel(**TEACHER).save_pretrained(teacher / "transformer")
     DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(teacher / "scheduler")
     module = TokenCacheTrainer(
-        teacher=str(teacher), steps=4, guidance_scale=2.0, ff_inner_dim=16, lr=0.01, export_dir=str(root / "policy"),
+        teacher=str(teacher), steps=4, guidance_scale=2.0, ff_inner_dim=16, lr=0.01, objective="blend",
+        export_dir=str(root / "policy"),
         export_full_steps=2, export_token_budget=0.5, calibration_samples=4,
     )  # fmt: skip
     before_teacher = {k: v.clone() for k, v in module.teacher.state_dict().items()}
