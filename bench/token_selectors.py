@@ -10,7 +10,9 @@ same FLOPs); only the selector differs:
 - `toca score`: attention received + cache frequency + spatial bonus (ToCa's published DiT settings);
 - `duca score`: DuCa's value-norm score, on ToCa's schedule (the `duca` row itself alternates reuse steps);
 - `tokencache predictor` (with `--tokencache DIR`, a trained TokenCache policy): its predictor's scores, run as
-  TokenCache runs it (its FLOPs are counted: this row costs the predictor on every partial step).
+  TokenCache runs it (its FLOPs are counted: this row costs the predictor on every partial step), ranked by the
+  score alone (`staleness="none"`, the paper's rule); `tokencache predictor × age`: the same scores ranked by
+  score × steps since the token was last computed (`staleness="age"`).
 Beside them: `static every-N` (the same full steps, the steps between reused: ToCa's plan at ratio 0) and the full
 recompute (the uncached run, PSNR ∞ against itself).
 
@@ -18,7 +20,9 @@ recompute (the uncached run, PSNR ∞ against itself).
 selector removes; a full recompute closes 1, static 0. From PSNR: 1 − 10^(−(psnr_sel − psnr_static)/10).
 The attribution (`--rank-samples`; the JSON's setup, key `rank_by_step`) adds, per step, the mean Spearman rank
 correlation between each scored selector's token scores and the oracle's ‖true − cached‖, on that scored
-selector's own trajectory.
+selector's own trajectory, and (key `reselected_by_step`) the share of each selection, the oracle's included, that
+the previous step had just recomputed: on a cache step that follows a partial one, the tokens whose age is 0 while
+others are older (random: about the previous step's token share; stalest: 0).
 """
 
 from __future__ import annotations
@@ -43,15 +47,17 @@ from l2c.policies import StaticPolicy, ToCaPolicy, TokenCachePolicy
 from l2c.policies.selectors import (
     SelectorPolicy,
     measured_change,
-    predictor_scores,
     spearman,
     true_output_measured,
 )
 from l2c.policies.toca import SCORE_SOURCE
+from l2c.policies.tokencache import STALENESS
 from l2c.policy_io import load_policy
 from l2c.results import format_table, write_results
 
 RANK_STEPS = "rank_by_step"  # JSON key: {row: {step: mean Spearman}}
+RESELECTED_STEPS = "reselected_by_step"  # JSON key: {row: {step: share of the selection the previous step computed}}
+PREDICTOR_ROWS = {"none": "tokencache predictor", "age": "tokencache predictor × age"}  # by staleness
 SCORED = (("toca score", "attention"), ("duca score", "value_norm"))
 COLUMNS = ("method", "flops_ratio", "speedup_wall", "psnr_db", "gap_closed", "ssim", "digit_accuracy")
 
@@ -64,16 +70,29 @@ def gap_closed(psnr: float, psnr_static: float) -> float:
 FLAT = dict(step_weight=0.0, layer_weight=0.0, bonus=0.0, grid=1)  # no step/depth weighting, no spatial bonus
 FLAT_DIT = dict(FLAT, attn1_factor=1.0, ff_factor=1.0)
 
-Log = list  # (step, block, branch, mean Spearman) per partial execution
+Log = list  # (step, block, branch, mean Spearman or None, reselected share or None) per partial execution
+
+
+def reselected(request: SelectionRequest, index: torch.Tensor) -> float | None:
+    """The share of the selection `index` that the previous step had just recomputed (age 0 while other tokens are
+    older); None when every token has the same age (the first cache step after a full step)."""
+    age = request.store.age
+    if bool((age == age[:, :1]).all()):
+        return None
+    return float((age.gather(1, index.to(age.device)) == 0).float().mean())
 
 
 def rank_logged(score, pick: TokenSelector, log: Log) -> TokenSelector:
-    """`pick`, logging the Spearman correlation of `score`'s token scores with the oracle's ‖true − cached‖."""
+    """`pick`, logging the Spearman correlation of `score`'s token scores (None: not logged) with the oracle's
+    ‖true − cached‖ and the share of the pick the previous step had just recomputed."""
 
     def select(request: SelectionRequest) -> torch.Tensor:
-        rho = spearman(score(request), measured_change(request))
-        log.append((request.step, request.block, request.branch, float(rho.mean())))
-        return pick(request)
+        rho = None
+        if score is not None:
+            rho = float(spearman(score(request), measured_change(request)).mean())
+        index = pick(request)
+        log.append((request.step, request.block, request.branch, rho, reselected(request, index)))
+        return index
 
     return select
 
@@ -105,14 +124,27 @@ class PredictorRankProbe(SelectorPolicy):
         return true_output_measured(call) if call.action == Action.PARTIAL else None
 
     def token_selector(self) -> TokenSelector:
-        return rank_logged(predictor_scores, super().token_selector(), self.log)
+        return rank_logged(self.predictor.token_scores(), super().token_selector(), self.log)
 
 
-def rank_by_step(probe: RankProbe | PredictorRankProbe) -> dict[int, float]:
-    """Mean Spearman per step (over blocks, branches, batches)."""
+@dataclass
+class OracleProbe(SelectorPolicy):
+    """The oracle's selection, logging the share of it the previous step had just recomputed."""
+
+    kind = "oracle-probe"
+    selector: str = "oracle"
+    log: Log = field(default_factory=list, compare=False, repr=False)
+
+    def token_selector(self) -> TokenSelector:
+        return rank_logged(None, super().token_selector(), self.log)
+
+
+def by_step(log: Log, column: int) -> dict[int, float]:
+    """Mean of a logged column per step (over blocks, branches, batches), steps where it was logged."""
     steps: dict[int, list[float]] = {}
-    for step, _, _, rho in probe.log:
-        steps.setdefault(step, []).append(rho)
+    for entry in log:
+        if entry[column] is not None:
+            steps.setdefault(entry[0], []).append(entry[column])
     return {step: sum(values) / len(values) for step, values in sorted(steps.items())}
 
 
@@ -132,9 +164,10 @@ def rows_for(
     for method, score in SCORED:
         if SCORE_SOURCE[score] in branches:
             rows.append(Row(method, f"score={score}", ToCaPolicy(**{**knobs, "score": score})))
-    if predictor is not None:
-        policy = SelectorPolicy(selector="predictor", predictor=predictor, seed=seed, **knobs)
-        rows.append(Row("tokencache predictor", "selector=predictor", policy))
+    for staleness in STALENESS if predictor is not None else ():
+        ranked = dataclasses.replace(predictor, staleness=staleness)
+        policy = SelectorPolicy(selector="predictor", predictor=ranked, seed=seed, **knobs)
+        rows.append(Row(PREDICTOR_ROWS[staleness], f"selector=predictor,staleness={staleness}", policy))
     return rows
 
 
@@ -191,18 +224,21 @@ def main(argv: list[str] | None = None) -> int:
             row["flops_ratio"] = flops[row["method"]]
     if args.rank_samples:
         rank_setup = dataclasses.replace(setup, num_samples=args.rank_samples, batch_size=args.rank_samples)
-        record[RANK_STEPS] = {}
-        probes = {
-            label: RankProbe(**{**knobs, "score": score}) for label, score in SCORED if SCORE_SOURCE[score] in branches
-        }
-        if predictor is not None:
-            probes["tokencache predictor"] = PredictorRankProbe(predictor=predictor, **knobs)
+        record[RANK_STEPS], record[RESELECTED_STEPS] = {}, {}
+        probes = {"oracle": OracleProbe(**knobs)}
+        scored = [(label, score) for label, score in SCORED if SCORE_SOURCE[score] in branches]
+        probes.update({label: RankProbe(**{**knobs, "score": score}) for label, score in scored})
+        for staleness in STALENESS if predictor is not None else ():
+            ranked = dataclasses.replace(predictor, staleness=staleness)
+            probes[PREDICTOR_ROWS[staleness]] = PredictorRankProbe(predictor=ranked, **knobs)
         for label, probe in probes.items():
             if only is not None and label not in only:
                 continue
             SideBySide(bundle, rank_setup, progress=False).run(probe, label=f"rank {label}")
-            record[RANK_STEPS][label] = rank_by_step(probe)
-            print(label, "Spearman by step:", " ".join(f"{s}:{r:+.2f}" for s, r in record[RANK_STEPS][label].items()))
+            for key, column in ((RANK_STEPS, 3), (RESELECTED_STEPS, 4)):
+                record[key][label] = by_step(probe.log, column)
+                values = " ".join(f"{s}:{r:+.2f}" for s, r in record[key][label].items())
+                print(label, key, values or "-")
     write_results(args.json, record, results)
     print(format_table(results, COLUMNS))
     return 0

@@ -1,14 +1,17 @@
-"""TokenCache against the Learning-to-Cache router and static every-2 at about the same FLOPs, with two ablations.
+"""TokenCache against static every-2 (and the Learning-to-Cache router) at about the same FLOPs, with ablations.
 
     python bench/tokencache_compare.py --policy out/tokencache-digits --l2c out/l2c-r3 --l2c-budget 0.5 \
         --num-samples 256 --json out/bench/tokencache_compare.json
 
 Rows, all on the same noise and labels, each timed batch by batch beside the uncached model (ABBA):
 - `tokencache`: the exported policy (optionally with `--token-budget` / `--full-steps` set anew: the tables are
-  re-derived from the calibration saved in the policy, no retraining);
+  re-derived from the calibration saved in the policy, no retraining; `--taylor-order m`: the tokens not recomputed
+  forecast, as ToCa's option);
 - `tokencache, uniform ratios`: every block recomputes the adaptive ratios' mean share (no adaptive selection);
 - `tokencache, single interval`: one round-robin interval for the whole run (no TPRR);
-- `l2c router`: the router exported by budget (fraction of branch slots, full steps included);
+- `tokencache, random tokens`: seeded uniform tokens on the same plan (no predictor, whose FLOPs it saves);
+- `tokencache, staleness X`: the other token ranking (`none`: the score alone; `age`: score × steps since computed);
+- `l2c router` (with `--l2c`): the router exported by budget (fraction of branch slots, full steps included);
 - `static every-2`.
 """
 
@@ -25,6 +28,7 @@ if not __package__:  # run as a file: this checkout's packages first (see bench/
 from l2c.evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_for
 from l2c.models import load_model
 from l2c.policies import LayerRouterPolicy, StaticPolicy, TokenCachePolicy
+from l2c.policies.tokencache import STALENESS
 from l2c.policy_io import load_policy
 from l2c.rebudget import load_router
 from l2c.results import format_table, write_results
@@ -32,31 +36,36 @@ from l2c.results import format_table, write_results
 COLUMNS = ("method", "flops_ratio", "speedup_wall", "psnr_db", "ssim", "digit_accuracy", "fd_digits")
 
 
-def rows_for(tokencache: TokenCachePolicy, router: LayerRouterPolicy) -> list[Row]:
-    """The policy, its two ablations, the router (already exported by budget) and static every-2."""
+def rows_for(tokencache: TokenCachePolicy, router: LayerRouterPolicy | None) -> list[Row]:
+    """The policy, its ablations, the router (already exported by budget; None: no row) and static every-2."""
     steps = len(tokencache.timesteps)
     full = tokencache.step_types(steps).nonzero().flatten().tolist()
     ratios = ", ".join(f"{r:.2f}" for r in tokencache.block_ratios().tolist())
     uniform = dataclasses.replace(tokencache, adaptive=False)
     single = dataclasses.replace(tokencache, tprr=False)
     single_full = single.step_types(steps).nonzero().flatten().tolist()
+    other = next(s for s in STALENESS if s != tokencache.staleness)
     policies = [
-        (f"tokencache (ratios [{ratios}], full steps {full})", tokencache),
+        (f"tokencache (ratios [{ratios}], full steps {full}, staleness {tokencache.staleness})", tokencache),
         (f"tokencache, uniform ratios ({float(uniform.block_ratios()[0]):.2f} every block)", uniform),
         (f"tokencache, single interval (full steps {single_full})", single),
-        (f"l2c router (budget {router.budget}, refresh {router.refresh_interval})", router),
-        ("static every-2", StaticPolicy(interval=2)),
+        ("tokencache, random tokens", dataclasses.replace(tokencache, tokens="random")),
+        (f"tokencache, staleness {other}", dataclasses.replace(tokencache, staleness=other)),
     ]
+    if router is not None:
+        policies.append((f"l2c router (budget {router.budget}, refresh {router.refresh_interval})", router))
+    policies.append(("static every-2", StaticPolicy(interval=2)))
     return [Row(method, method, policy) for method, policy in policies]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True, help="tokencache policy directory")
-    parser.add_argument("--l2c", required=True, help="l2c router policy directory")
+    parser.add_argument("--l2c", default=None, help="l2c router policy directory (none: no router row)")
     parser.add_argument("--l2c-budget", type=float, default=0.5)
     parser.add_argument("--token-budget", type=float, default=None, help="override the policy's token_budget")
     parser.add_argument("--full-steps", type=int, default=None, help="override the policy's full_steps")
+    parser.add_argument("--taylor-order", type=int, default=None, help="override the policy's taylor_order")
     parser.add_argument("--model", default="embedded:digits")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -71,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--policy {args.policy}: a {tokencache.kind} policy, expected a tokencache policy")
     steps = len(tokencache.timesteps)
     try:
-        router = load_router(args.l2c, args.l2c_budget, steps, flag=f"--l2c {args.l2c}")
+        router = None if args.l2c is None else load_router(args.l2c, args.l2c_budget, steps, flag=f"--l2c {args.l2c}")
     except ValueError as error:
         parser.error(str(error))
-    overrides = {k: v for k, v in (("token_budget", args.token_budget), ("full_steps", args.full_steps)) if v}
+    given = (("token_budget", args.token_budget), ("full_steps", args.full_steps), ("taylor_order", args.taylor_order))
+    overrides = {k: v for k, v in given if v}
     tokencache = dataclasses.replace(tokencache, **overrides)
     bundle = load_model(args.model)
     setup = SamplingSetup.trained_like(

@@ -1,11 +1,20 @@
 """TokenCache: train a `TokenImportancePredictor` against a frozen DiT and export a `tokencache` policy.
 
-One training step draws a step s ≥ 1 and a gap g (1 … `max_gap`); the cache runtime stores every branch output of
-the teacher's own step s−g (no grad), then the student runs step s with every branch of every block returning,
-token by token, w⊙f(z_s) + (1−w)⊙cached with w = the predictor's score for that (block, token) on step s's input.
-Loss: MSE between the student's and the teacher's model output at step s, plus the budget term
-(`budget_loss="ratio"`: (mean w − target_ratio)², or `"l1"`: mean w), times `budget_weight`. The teacher is frozen as
-in the Learning-to-Cache trainer (outside the module tree, trajectories cached from noise); only the predictor trains.
+With `objective="blend"` (the paper's), one training step draws a step s ≥ 1 and a gap g (1 … `max_gap`); the cache
+runtime stores every branch output of the teacher's own step s−g (no grad), then the student runs step s with every
+branch of every block returning, token by token, w⊙f(z_s) + (1−w)⊙cached with w = the predictor's score for that
+(block, token) on step s's input. Loss: MSE between the student's and the teacher's model output at step s, plus the
+budget term (`budget_loss="ratio"`: (mean w − target_ratio)², or `"l1"`: mean w), times `budget_weight`. The teacher
+is frozen as in the Learning-to-Cache trainer (outside the module tree, trajectories cached from noise); only the
+predictor trains.
+
+`objective="rate"` (the default; not the paper's) trains the scores as rates instead, for the policy's
+`staleness="age"` ranking (score × steps since computed): the teacher runs steps s−g and s unhooked (no grad) and the
+predictor's score for (block b, token i) on step s's input regresses, in log space, the token's measured change per
+step Σ_branches ‖f(z_s)ᵢ − f(z_{s−g})ᵢ‖ / g of block b, divided by the mean over the sample's blocks and tokens of
+Σ_branches ‖f(z_s)ᵢ‖ (so scores are comparable across blocks, as the pooled calibration cut needs, and mostly in
+(0, 1), the sigmoid's range). No budget term: which share of tokens a cache step recomputes is the export's
+`token_budget`, not the scores' mean.
 
 Export (on fit end): the predictor runs over `calibration_samples` teacher trajectories (seeds apart from the
 training and evaluation seeds) and the measured statistics (`TokenCacheCalibration`) are saved with its weights.
@@ -22,9 +31,10 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 from tqdm.auto import tqdm
 
-from l2c.adapters import find_blocks
-from l2c.extension import BlockInput
+from l2c.adapters import find_blocks, find_branches
+from l2c.extension import BlockInput, first_stream
 from l2c.hooks import on_first_block, record_outputs
+from l2c.policies.selectors import spearman
 from l2c.policies.tokencache import TokenCacheCalibration, TokenCachePolicy
 from l2c.token_importance import TokenImportancePredictor
 
@@ -32,6 +42,7 @@ from .frozen_teacher import FrozenTeacherModule, step_generator
 
 CALIBRATION_SEED = 2_000_000  # calibration noise: apart from training (data seed) and evaluation (0 …) seeds
 HISTOGRAM_BINS = 1000
+RATE_FLOOR = 1e-4  # added to both sides of the rate objective's log: a token that does not move is not −∞
 BUDGET_TERMS = {  # the budget term of the loss, from the global batch's mean score and the target ratio
     "ratio": lambda mean, target: (mean - target) ** 2,
     "l1": lambda mean, target: mean,
@@ -49,6 +60,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
 
     def __init__(
         self,
+        objective: Literal["blend", "rate"] = "rate",
         max_gap: int = 2,
         ff_inner_dim: int | None = 128,
         init_score: float = 0.9,
@@ -60,12 +72,16 @@ class TokenCacheTrainer(FrozenTeacherModule):
         export_floor: float = 0.05,
         export_full_steps: int = 6,
         export_tprr_signal: Literal["error", "importance"] = "error",
+        export_staleness: Literal["none", "age"] = "age",
         calibration_samples: int = 32,
         seed: int = 0,
         **kwargs,
     ) -> None:
         """
         Args:
+            objective: What the scores learn: `rate` (the default), each token's measured output change per step
+                (log-space regression, no budget term; ranked by `export_staleness: age`), or `blend`, the paper's
+                blend gates (output MSE plus the budget term; the budget settings apply to it only).
             max_gap: The cached step is 1 … max_gap steps before the trained one (the intervals met at inference).
             ff_inner_dim: The predictor's MLP width (the teacher's first units of its first block's MLP); none: the
                 whole MLP.
@@ -78,6 +94,8 @@ class TokenCacheTrainer(FrozenTeacherModule):
             export_floor: Blocks whose calibrated ratio falls below this are cached whole.
             export_full_steps: Full steps of the exported schedule (TPRR).
             export_tprr_signal: What places the full steps: the calibrated step-to-step `error` or the `importance`.
+            export_staleness: How the exported policy ranks tokens on a cache step: `none`, by the score alone (the
+                paper's rule), or `age`, by score × steps since the token was last computed (TokenCachePolicy).
             calibration_samples: Teacher trajectories the predictor is calibrated on at export.
             seed: Seed of the (step, gap) each optimizer step trains (a pure function of seed and step: resumable).
             **kwargs: The frozen teacher's settings (`FrozenTeacherModule`).
@@ -109,6 +127,8 @@ class TokenCacheTrainer(FrozenTeacherModule):
         step = int(torch.randint(1, len(self.timesteps), (), generator=generator))
         gap = int(torch.randint(1, min(hp.max_gap, step) + 1, (), generator=generator))
         trajectory = self.trajectories.get(self, *batch)
+        if hp.objective == "rate":
+            return self._rate_step(trajectory, step, gap)
         self.start_cache(trajectory, step - gap)
         with self.blending(self._gates):
             out = self.teacher_output(trajectory, step)
@@ -131,6 +151,30 @@ class TokenCacheTrainer(FrozenTeacherModule):
             },
             prog_bar=True,
         )
+        return loss
+
+    def _rate_step(self, trajectory, step: int, gap: int) -> torch.Tensor:
+        """Log-space regression of the scores on step s's input to each (block, token)'s measured change per step."""
+        seen: dict[str, tuple] = {}
+        scoring = on_first_block(self.teacher, lambda a, k: seen.setdefault("input", (a, k)))
+        try:
+            with torch.no_grad(), self.uncached():
+                earlier = branch_outputs(self.teacher, lambda: self.teacher_output(trajectory, step - gap))
+                seen.clear()  # keep step s's first-block input, not step s − g's
+                later = branch_outputs(self.teacher, lambda: self.teacher_output(trajectory, step))
+        finally:
+            scoring.remove()
+        target = change_rate(earlier, later, gap)  # [batch, blocks, tokens]
+        scores = self.predictor(*seen["input"])
+        loss = F.mse_loss(torch.log(scores + RATE_FLOOR), torch.log(target + RATE_FLOOR))
+        self.check_finite({"train/loss": loss})
+        with torch.no_grad():
+            rho = spearman(scores.flatten(0, 1), target.flatten(0, 1)).mean()
+        self.log_dict(
+            {"train/loss": loss, "scores/mean": scores.detach().mean(), "target/mean": target.mean(),
+             "scores/spearman": rho},
+            prog_bar=True,
+        )  # fmt: skip
         return loss
 
     def configure_optimizers(self):
@@ -181,6 +225,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
             floor=hp.export_floor,
             full_steps=hp.export_full_steps,
             tprr_signal=hp.export_tprr_signal,
+            staleness=hp.export_staleness,
             ff_inner_dim=hp.ff_inner_dim,
             predictor_state={k: v.detach().float().cpu().clone() for k, v in self.predictor.state_dict().items()},
             calibration=self.calibrate(hp.calibration_samples),
@@ -193,6 +238,27 @@ class TokenCacheTrainer(FrozenTeacherModule):
         ratios = ", ".join(f"{r:.2f}" for r in policy.block_ratios().tolist())
         full = policy.step_types(len(policy.timesteps)).nonzero().flatten().tolist()
         return f"block ratios [{ratios}], full steps {full}"
+
+
+def branch_outputs(model: nn.Module, run) -> dict[tuple[int, str], torch.Tensor]:
+    """Every branch's output (its image stream, float) during `run()`: {(block, branch name): [batch, tokens, C]}."""
+    modules = {(branch.block, branch.name): branch.module for branch in find_branches(model)}
+    with record_outputs(modules, keep=lambda output: first_stream(output).detach().float()) as outputs:
+        run()
+    return dict(outputs)
+
+
+def change_rate(earlier: dict, later: dict, gap: int) -> torch.Tensor:
+    """The rate objective's target [batch, blocks, tokens]: per block and token, Σ_branches ‖later − earlier‖ / gap,
+    over the mean (per sample, over blocks and tokens) of Σ_branches ‖later‖."""
+    blocks = 1 + max(block for block, _ in later)
+    moved, size = [], []
+    for block in range(blocks):
+        names = [key for key in later if key[0] == block]
+        moved.append(sum((later[key] - earlier[key]).norm(dim=-1) for key in names))
+        size.append(sum(later[key].norm(dim=-1) for key in names))
+    moved, size = torch.stack(moved, dim=1), torch.stack(size, dim=1)
+    return moved / gap / size.mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
 def without_label_dropout(predictor: nn.Module) -> nn.Module:

@@ -91,7 +91,7 @@ CASES = {
     # differ by 1.8e-5 on it.
     "tokencache": Case(
         TokenCacheTrainer,
-        dict(steps=4, guidance_scale=2.0, max_gap=2, ff_inner_dim=16, lr=0.01, budget_loss="ratio"),
+        dict(steps=4, guidance_scale=2.0, max_gap=2, ff_inner_dim=16, lr=0.01, objective="blend", budget_loss="ratio"),
         "predictor",
         1e-6,
         gradient_free=("predictor.block.attn1.to_k.bias",),

@@ -92,7 +92,7 @@ def test_predictor_selects_its_highest_scores_on_tocas_plan():
     latents, labels = dit_inputs(batch=2)
     knobs = dict(interval=4, ratio=0.25, bonus=0.0, grid=1, step_weight=0.0, layer_weight=0.0, attn1_factor=0.0,
                  ff_factor=1.0)  # fmt: skip
-    policy = SelectorPolicy(selector="predictor", predictor=tiny_policy(model), **knobs)
+    policy = SelectorPolicy(selector="predictor", predictor=tiny_policy(model, staleness="none"), **knobs)
     with policy.apply(model, timesteps=ddim_timesteps(steps)) as runtime:
         ddim_sample(model, latents, labels, steps)
         state = trajectory(model)

@@ -29,7 +29,7 @@ from l2c.policies.tokencache import (
 )
 from l2c.policy_io import PolicyFormatError
 from l2c.token_importance import TokenImportancePredictor
-from predictors.tokencache_trainer import TokenCacheTrainer
+from predictors.tokencache_trainer import TokenCacheTrainer, change_rate
 
 NUM_TOKENS = 16
 
@@ -118,15 +118,17 @@ def test_plan_full_steps_partial_block_and_floored_block():
     assert (plan.actions[cache, 1] == l2c.Action.REUSE).all()
 
 
-def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops():
+@pytest.mark.parametrize("staleness", ["none", "age"])
+def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops(staleness):
     model = tiny_dit()
-    policy = tiny_policy(model)
+    policy = tiny_policy(model, staleness=staleness)
     latents, labels = dit_inputs(batch=2)
     timesteps = ddim_timesteps(6)
     counter = ComputeCounter(model)
     chosen = []
+    ages_at_selection = {}
     with policy.apply(model, timesteps=timesteps) as runtime, torch.no_grad():
-        runtime.selector = record(runtime.selector, chosen)
+        runtime.selector = record(runtime.selector, chosen, ages_at_selection)
         for t in timesteps:
             model(latents, timestep=t.expand(2), class_labels=labels)
     counter.remove()
@@ -134,12 +136,20 @@ def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops():
     # full steps 0, 3, 5: both blocks, all 16 tokens; cache steps 1, 2, 4: block 0 only, 8 tokens; block 1 reused.
     assert computed.count((0, "ff", 8)) == 3 and computed.count((1, "ff", 16)) == 3
     assert not any(block == 1 and n != 16 for block, _, n in computed)
-    # The selected tokens are the top-8 of the predictor's block-0 score on that step's own input.
+    # The selected tokens are the top-8 of the predictor's block-0 score on that step's own input ("none"), or of
+    # score × steps since the token was computed ("age"; the store's age at selection is that count − 1).
     predictor = policy.build_predictor(model)
     for request, index in chosen:
         scores = request.state.signals[SIGNAL][:, 0]
-        assert torch.equal(index, torch.argsort(scores, dim=1, descending=True, stable=True)[:, :8])
+        age = ages_at_selection[(request.step, request.branch)]
+        ranked = scores * (age + 1) if staleness == "age" else scores
+        assert torch.equal(index, torch.argsort(ranked, dim=1, descending=True, stable=True)[:, :8])
     assert len(chosen) == 3 * 2  # 3 cache steps × (attn1, ff) of block 0
+    step_2 = ages_at_selection[(2, "ff")]  # after partial step 1: its 8 tokens have age 0, the others 1
+    assert sorted(step_2.flatten().tolist()) == [0] * 16 + [1] * 16
+    reselected = [int((step_2.gather(1, index) == 0).sum()) for request, index in chosen if request.step == 2]
+    if staleness == "age":  # scores are in (0, 1): a stale token's doubled score beats every fresh one
+        assert reselected == [0, 0]
     # FLOPs: the same plan without the predictor costs exactly the predictor's FLOPs × 3 scored steps less.
     plan_only = FixedPlanPolicy(lambda spec, n: policy.build_plan(spec, n))
     plan_only.partial_keys = "cached"
@@ -160,8 +170,10 @@ def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops():
     assert one_call > 0 and with_predictor - without == 3 * one_call
 
 
-def record(selector, chosen: list):
+def record(selector, chosen: list, ages: dict | None = None):
     def wrapped(request):
+        if ages is not None:  # the store's ages as the selector saw them (the store is updated after selection)
+            ages[(request.step, request.branch)] = request.store.age.clone()
         index = selector(request)
         chosen.append((request, index))
         return index
@@ -183,6 +195,13 @@ def test_round_trip_keeps_tables_and_weights_and_refuses_tampering(tmp_path):
     assert torch.equal(
         loaded.plan_for(spec, ddim_timesteps(6)).actions, policy.plan_for(spec, ddim_timesteps(6)).actions
     )
+    assert loaded.staleness == policy.staleness == "age"
+    # A directory saved before `staleness` existed loads with the rule it was saved with: the score alone.
+    shutil.copytree(tmp_path / "tc", tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["params"]["staleness"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert l2c.load_policy(tmp_path / "old").staleness == "none"
     shutil.copytree(tmp_path / "tc", tmp_path / "bad")
     tensors["tprr.step_type"] = torch.tensor([1, 1, 1, 0, 1, 0], dtype=torch.int8)
     save_file(tensors, str(tmp_path / "bad" / "policy.safetensors"))
@@ -200,7 +219,12 @@ def test_ablation_switches_change_only_their_table():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"token_budget": 1.5}, "token_budget"), ({"full_steps": 0}, "full_steps"), ({"tprr_signal": "x"}, "tprr_signal")],
+    [
+        ({"token_budget": 1.5}, "token_budget"),
+        ({"full_steps": 0}, "full_steps"),
+        ({"tprr_signal": "x"}, "tprr_signal"),
+        ({"staleness": "steps"}, "staleness"),
+    ],
 )
 def test_bad_fields_are_named(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -227,7 +251,8 @@ def fitted(tmp_path_factory):
     DiTTransformer2DModel(**TEACHER).save_pretrained(teacher / "transformer")
     DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(teacher / "scheduler")
     module = TokenCacheTrainer(
-        teacher=str(teacher), steps=4, guidance_scale=2.0, ff_inner_dim=16, lr=0.01, export_dir=str(root / "policy"),
+        teacher=str(teacher), steps=4, guidance_scale=2.0, ff_inner_dim=16, lr=0.01, objective="blend",
+        export_dir=str(root / "policy"),
         export_full_steps=2, export_token_budget=0.5, calibration_samples=4,
     )  # fmt: skip
     before_teacher = {k: v.clone() for k, v in module.teacher.state_dict().items()}
@@ -273,3 +298,75 @@ def test_the_export_loads_and_samples_with_infer(fitted, tmp_path):
     assert infer.main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["executed"].get("partial", 0) > 0 and report["flops_ratio"] < 1.0
+
+
+# -- the rate objective ------------------------------------------------------------------------------------------------
+def test_change_rate_is_the_per_step_change_over_the_samples_mean_output_norm():
+    later = {
+        (0, "attn1"): torch.tensor([[[3.0, 4.0], [0.0, 0.0]]]),
+        (0, "ff"): torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]),
+        (1, "ff"): torch.tensor([[[0.0, 2.0], [0.0, 0.0]]]),
+    }
+    earlier = {key: torch.zeros_like(value) for key, value in later.items()}
+    earlier[(0, "attn1")] = torch.tensor([[[3.0, 0.0], [0.0, 0.0]]])  # moved 4 at token 0
+    # output norms per (block, token): block 0: 5 + 1, 0 + 1; block 1: 2, 0 → mean 9 / 4. Change: block 0: 4 + 1,
+    # 0 + 1; block 1: 2, 0 (its earlier output is 0).
+    rate = change_rate(earlier, later, gap=2)
+    torch.testing.assert_close(rate, torch.tensor([[[5.0, 1.0], [2.0, 0.0]]]) / 2 / 2.25)
+
+
+def test_rate_objective_fits_scores_to_measured_change_and_exports_age_ranking(tmp_path):
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(0)
+    DiTTransformer2DModel(**TEACHER).save_pretrained(teacher / "transformer")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(teacher / "scheduler")
+    module = TokenCacheTrainer(
+        teacher=str(teacher), steps=4, guidance_scale=2.0, ff_inner_dim=16, lr=0.01, objective="rate",
+        init_score=0.05, export_dir=str(tmp_path / "policy"), export_full_steps=2, export_token_budget=0.5,
+        calibration_samples=4,
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    trainer = L.Trainer(
+        max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    data = ClassConditionDataModule(num_classes=10, samples_per_epoch=8, batch_size=4, seed=100)
+    losses = []
+    module.log_dict = lambda values, **_: losses.append(float(values["train/loss"].detach()))
+    trainer.fit(module, data)
+    assert len(losses) == 12 and min(losses[-3:]) < losses[0]  # log-space error from init_score 0.05 shrinks
+    assert all(torch.equal(module.teacher.state_dict()[k], v) for k, v in before.items())
+    policy = l2c.load_policy(tmp_path / "policy")
+    assert isinstance(policy, TokenCachePolicy) and policy.staleness == "age"
+    config = json.loads((tmp_path / "policy" / "config.json").read_text())
+    assert config["provenance"]["objective"] == "rate"
+
+
+def test_random_tokens_ablation_runs_the_same_plan_without_the_predictor():
+    from l2c.policies.random_tokens import random_tokens
+
+    model = tiny_dit()
+    policy = tiny_policy(model, tokens="random")
+    latents, labels = dit_inputs(batch=2)
+    timesteps = ddim_timesteps(6)
+    chosen = []
+
+    def run(p, log=None):
+        with p.apply(model, timesteps=timesteps) as runtime, torch.no_grad():
+            if log is not None:
+                runtime.selector = record(runtime.selector, log)
+            for t in timesteps:
+                model(latents, timestep=t.expand(2), class_labels=labels)
+            return dict(runtime.executed)
+
+    _, flops = count_flops(lambda: run(policy, chosen))
+    plan_only = FixedPlanPolicy(lambda spec, n: policy.build_plan(spec, n))
+    plan_only.partial_keys = "cached"
+    _, without = count_flops(lambda: run(plan_only))
+    assert flops == without  # no predictor call counted
+    assert len(chosen) == 3 * 2
+    for request, index in chosen:
+        assert SIGNAL not in request.state.signals
+        assert torch.equal(index, random_tokens(0)(request))
+    assert run(policy) == run(tiny_policy(model))  # the same executions as the predictor's policy

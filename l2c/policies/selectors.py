@@ -9,8 +9,9 @@ partial step recomputes chosen by one of:
 - `oracle`: the tokens whose true branch output moved most since they were last computed, ‖f(x)ᵢ − cachedᵢ‖.
   The true output is computed with the full branch just before the partial execution (an analysis bound: that
   extra branch call is real work which FLOP counters see, so a benchmark must report the plan's FLOPs for it);
-- `predictor`: the highest scores of a trained TokenCache policy's predictor (`predictor=`, a loaded
-  `TokenCachePolicy`), run as TokenCache runs it (before the blocks, on steps with partial slots; its FLOPs count).
+- `predictor`: the highest selection scores of a trained TokenCache policy (`predictor=`, a loaded
+  `TokenCachePolicy`): its predictor run as TokenCache runs it (before the blocks, on steps with partial slots; its
+  FLOPs count), ranked as that policy ranks (`TokenCachePolicy.staleness`: the score, or score × age).
 
 The oracle reads the full branch through the public surface only: its `observe` probe runs the branch's module
 with the trajectory marked not running (`TrajectoryState.running`), so the branch's hook passes the call through
@@ -19,7 +20,6 @@ to the original forward and leaves the store untouched.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,9 +37,9 @@ from ..extension import (
     stalest_tokens,
 )
 from ..plan import Action
+from .random_tokens import random_tokens
 from .scores import top_tokens
 from .toca import ToCaPolicy
-from .tokencache import SIGNAL as PREDICTOR_SIGNAL
 from .tokencache import TokenCachePolicy
 
 if TYPE_CHECKING:
@@ -48,19 +48,6 @@ if TYPE_CHECKING:
 SelectorName = Literal["oracle", "random", "stalest", "predictor"]
 SELECTORS: tuple[str, ...] = get_args(SelectorName)
 TRUE_OUTPUT = "oracle.true_output"  # state.signals[(TRUE_OUTPUT, block, branch)] -> [batch, tokens, channels]
-
-
-def random_tokens(seed: int) -> TokenSelector:
-    """A selector of `num_selected` distinct tokens per sample, uniform, reproducible per (step, block, branch)."""
-
-    def select(request: SelectionRequest) -> torch.Tensor:
-        key = zlib.crc32(f"{seed}/{request.step}/{request.block}/{request.branch}".encode())
-        generator = torch.Generator().manual_seed(key)
-        batch, tokens = request.inputs.shape[:2]
-        draw = torch.rand(batch, tokens, generator=generator)
-        return top_tokens(draw, request.num_selected).to(request.inputs.device)
-
-    return select
 
 
 @contextmanager
@@ -113,17 +100,6 @@ def oracle_tokens(request: SelectionRequest) -> torch.Tensor:
     return top_tokens(measured_change(request), request.num_selected)
 
 
-def predictor_scores(request: SelectionRequest) -> torch.Tensor:
-    """A TokenCache predictor's scores of this block's tokens at this step [batch, tokens] (see `TokenCachePolicy`)."""
-    scores = request.state.signals.get(PREDICTOR_SIGNAL) if request.state is not None else None
-    if scores is None:
-        raise RuntimeError(
-            f"predictor selector: no predictor scores at step {request.step} (block {request.block}); they are "
-            "measured under SelectorPolicy(selector='predictor', predictor=<a loaded TokenCachePolicy>)"
-        )
-    return scores[:, request.block]
-
-
 @dataclass
 class SelectorPolicy(ToCaPolicy):
     """ToCa's schedule with a reference selector (for analysis; not a registered policy kind)."""
@@ -164,7 +140,7 @@ class SelectorPolicy(ToCaPolicy):
         if self.selector == "random":
             return random_tokens(self.seed)
         if self.selector == "predictor":
-            return lambda request: top_tokens(predictor_scores(request), request.num_selected)
+            return self.predictor.token_selector()
         return stalest_tokens
 
     def observe(self, call: BranchCall):

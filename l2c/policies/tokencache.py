@@ -7,6 +7,14 @@ tokens: the highest scores of a `TokenImportancePredictor` (`l2c/token_importanc
 input inside the model call, at the runtime's before-blocks point (so FlopCounterMode counts it). Blocks whose ratio
 falls under `floor` are cached whole.
 
+`staleness` says how a token's age enters the selection. The predictor reads only the step's input, so it cannot tell
+a token recomputed on the previous cache step from one cached since the last full step: ranking by its score alone
+(`"none"`, the paper's rule) picks the same tokens again on consecutive cache steps. `"age"` reads the score as a rate
+(how fast the token's output changes per step) and ranks score × (steps since the token was last computed), the
+drift its cached output has accumulated at that rate; on the first cache step after a full step every token has the
+same age and the two rules agree. A policy directory without the field loads as `"none"` (what it was saved with).
+`tokens="random"` (the ablation of the predictor) picks seeded uniform tokens on the same plan, the predictor not run.
+
 Both tables come from statistics measured at export (`TokenCacheCalibration`), not from constants:
 - per-block ratios (adaptive block selection): every calibration score of every (block, token) is pooled, the top
   `token_budget` share of the pool is kept, and block b's ratio is the share of its own scores in that top set;
@@ -22,8 +30,9 @@ branch's last m+1 full computations: ToCa's option (`token_forecast.py`), on Tok
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 from weakref import WeakKeyDictionary
 
 import torch
@@ -34,6 +43,7 @@ from ..plan import Action, Plan
 from ..token_importance import TokenImportancePredictor
 from .base import CachePolicy, PolicyTarget
 from .knobs import Range
+from .random_tokens import random_tokens
 from .scores import top_tokens
 from .token_forecast import TAYLOR_ORDER, TokenForecast
 
@@ -42,6 +52,11 @@ if TYPE_CHECKING:
 
 SIGNAL = "tokencache.scores"  # state.signals[SIGNAL] -> [batch, blocks, tokens], the predictor's scores this step
 TPRR_SIGNALS = ("error", "importance")
+Staleness = Literal["none", "age"]  # selection score: the predictor's score, or score × steps since last computed
+STALENESS: tuple[str, ...] = get_args(Staleness)
+STALENESS_OF_OLD_FILES = "none"  # what a policy directory saved before the field existed selected by
+TokenChoice = Literal["predictor", "random"]  # who picks a cache step's tokens ("random": the ablation)
+TOKEN_CHOICES: tuple[str, ...] = get_args(TokenChoice)
 PREDICTOR_PREFIX = "predictor."
 
 
@@ -159,6 +174,8 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
     tprr: bool = True  # False (ablation): one interval for the whole run
     partial_keys: PartialKeys = "cached"  # what partial self-attention's queries see (l2c.extension.PartialKeys)
     ff_inner_dim: int | None = None  # the predictor's MLP width (None: the teacher's)
+    staleness: Staleness = "age"  # "none": rank by the score (the paper); "age": by score × steps since computed
+    tokens: TokenChoice = "predictor"  # "random" (ablation): seeded uniform tokens, the predictor not run
     # m ≥ 1: forecast the tokens a cache step does not recompute (TaylorSeer order m; `token_forecast.py`).
     taylor_order: int | None = None  # None or 0: reuse them
     predictor_state: dict[str, torch.Tensor] | None = field(default=None, kw_only=True, repr=False)
@@ -183,6 +200,12 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
         for key in ("adaptive", "tprr"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{name} policy: field '{key}' must be true or false, got {getattr(self, key)!r}")
+        if self.tokens not in TOKEN_CHOICES:
+            raise ValueError(f"{name} policy: field 'tokens' must be one of {list(TOKEN_CHOICES)}, got {self.tokens!r}")
+        if self.staleness not in STALENESS:
+            raise ValueError(
+                f"{name} policy: field 'staleness' must be one of {list(STALENESS)}, got {self.staleness!r}"
+            )
 
     # -- tables --------------------------------------------------------------------------------------------------------
     def _calibration(self, what: str) -> TokenCacheCalibration:
@@ -234,15 +257,32 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
         return plan
 
     # -- run time --------------------------------------------------------------------------------------------------
-    def token_selector(self) -> TokenSelector:
-        def select(request: SelectionRequest) -> torch.Tensor:
+    def token_scores(self) -> Callable[[SelectionRequest], torch.Tensor]:
+        """Each token's selection score [batch, tokens] at a cache step (the selector takes the highest)."""
+        by_age = self.staleness == "age"
+
+        def score(request: SelectionRequest) -> torch.Tensor:
             scores = request.state.signals.get(SIGNAL) if request.state is not None else None
             if scores is None:
                 raise RuntimeError(
                     f"{self.kind} policy: no predictor scores at step {request.step} (block {request.block} "
                     f"{request.branch} runs partially); the policy's runtime scores every step that has partial slots"
                 )
-            return top_tokens(scores[:, request.block], request.num_selected)
+            block = scores[:, request.block]
+            if not by_age:
+                return block
+            # The store's age is 0 for a token computed on the previous step: steps since computed = age + 1.
+            return block * (request.store.age + 1).to(block)
+
+        return score
+
+    def token_selector(self) -> TokenSelector:
+        if self.tokens == "random":
+            return random_tokens(0)
+        score = self.token_scores()
+
+        def select(request: SelectionRequest) -> torch.Tensor:
+            return top_tokens(score(request), request.num_selected)
 
         return select
 
@@ -262,11 +302,14 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
 
     def prepare(self, model: nn.Module) -> None:
         """Build the predictor on the model's unhooked first block (`before_blocks` runs it on every scored step)."""
-        self._predictors[model] = self.build_predictor(model)
+        if self.tokens == "predictor":
+            self._predictors[model] = self.build_predictor(model)
 
     def before_blocks(self, point: BlockInput) -> None:
         """Score the step's tokens from the first block's input, on steps with partial slots only."""
-        if point.plan is None or not bool((point.plan.actions[point.step] == Action.PARTIAL).any()):
+        if self.tokens != "predictor" or point.plan is None:
+            return
+        if not bool((point.plan.actions[point.step] == Action.PARTIAL).any()):
             return
         with torch.no_grad():
             point.state.signals[SIGNAL] = self._predictors[point.model](point.args, point.kwargs)
@@ -287,6 +330,7 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
         state = {k[len(PREDICTOR_PREFIX) :]: v for k, v in tensors.items() if k.startswith(PREDICTOR_PREFIX)}
         if not state:
             raise ValueError("missing tensors 'predictor.*' (the token importance predictor) in policy.safetensors")
+        params = {"staleness": STALENESS_OF_OLD_FILES, **params}
         policy = cls(
             **params, predictor_state=state, calibration=TokenCacheCalibration.from_tensors(tensors), target=target
         )
