@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from l2c.evaluate import SamplingSetup, SideBySide
-from l2c.extension import BranchCall
+from l2c.extension import BranchCall, ForecastRequest
+from l2c.forecast import WeightTable
 from l2c.models import load_model
 from l2c.plan import Action
 from l2c.policies import LayerRouterPolicy
@@ -91,18 +92,42 @@ class SlotStats:
         return torch.linalg.lstsq(system, rhs.unsqueeze(-1)).solution.squeeze(-1)
 
 
+@dataclass(frozen=True, eq=False)
+class HandedWeights(WeightTable):
+    """A `WeightTable` whose lookups are copies, kept by slot until the call's probe has solved them in place (the
+    runtime reads a FORECAST call's weights before entering its probe, and uses them after)."""
+
+    handed: dict[Slot, torch.Tensor] = field(default_factory=dict)
+
+    def weights(self, request: ForecastRequest) -> torch.Tensor:
+        weights = super().weights(request).clone()
+        self.handed[(request.step, request.block, request.branch_index)] = weights
+        return weights
+
+
 @dataclass
 class CalibratingRouter(LayerRouterPolicy):
     """A forecast router that, at each FORECAST call, also measures the branch's true output and accumulates its
-    slot's `SlotStats` from the history the forecast reads (for analysis; not a registered policy kind)."""
+    slot's `SlotStats` from the history the forecast reads (for analysis; not a registered policy kind).
+
+    With `solve_ridge` (sequential refit, one batch) each slot is solved as the run reaches it, before its forecast
+    is made: every later slot then sees exactly the histories the refit weights make.
+    """
 
     kind = "l2c-refit-calibration"
     stats: dict[Slot, SlotStats] = field(default_factory=dict, kw_only=True, repr=False)
+    solve_ridge: float | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.solve_ridge is not None:
+            self.forecaster = HandedWeights(self.forecast_weights)
 
     @classmethod
-    def of(cls, policy: LayerRouterPolicy) -> CalibratingRouter:
+    def of(cls, policy: LayerRouterPolicy, solve_ridge: float | None = None) -> CalibratingRouter:
         values = {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if f.init}
-        return cls(**values)
+        values["forecast_weights"] = policy.forecast_weights.detach().clone().float()  # solved in place: a copy
+        return cls(**values, solve_ridge=solve_ridge)
 
     def observe(self, call: BranchCall):
         return self._recorded(call) if call.action == Action.FORECAST else None
@@ -113,7 +138,12 @@ class CalibratingRouter(LayerRouterPolicy):
             target = flat(call.state.signals[(TRUE_OUTPUT, call.block, call.branch)])
             history = torch.stack([flat(computed.output) for computed in call.store.history], dim=1)
             slot = (call.step, call.block, self.target.model.branches.index(call.branch))
-            self.stats.setdefault(slot, SlotStats.empty(history.shape[1])).add(history, target)
+            stats = self.stats.setdefault(slot, SlotStats.empty(history.shape[1]))
+            stats.add(history, target)
+            if self.solve_ridge is not None:
+                kept = self.forecast_weights[slot][: history.shape[1]]
+                kept.copy_(stats.solve(kept, self.solve_ridge))
+                self.forecaster.handed.pop(slot).copy_(kept)
             yield
 
 
@@ -122,6 +152,19 @@ def record(policy: LayerRouterPolicy, side: SideBySide) -> dict[Slot, SlotStats]
     calibrating = CalibratingRouter.of(policy)
     side.images(calibrating)
     return calibrating.stats
+
+
+def refit_sequential(policy: LayerRouterPolicy, side: SideBySide, ridge: float) -> LayerRouterPolicy:
+    """The policy with every FORECAST slot solved in run order, each on the histories the slots before it (already
+    refit) make: one run, all calibration samples in one batch (a slot's solution must see all of them)."""
+    if side.setup.batch_size < side.setup.num_samples:
+        raise ValueError(
+            f"refit: sequential refit samples in one batch: field 'batch_size' is {side.setup.batch_size}, "
+            f"below the {side.setup.num_samples} samples"
+        )
+    calibrating = CalibratingRouter.of(policy, solve_ridge=ridge)
+    side.images(calibrating)
+    return dataclasses.replace(policy, forecast_weights=calibrating.forecast_weights)
 
 
 def refit(policy: LayerRouterPolicy, stats: dict[Slot, SlotStats], ridge: float) -> LayerRouterPolicy:
@@ -149,6 +192,7 @@ class RefitConfig:
     passes: int = DEFAULT_PASSES
     ridge: float = DEFAULT_RIDGE
     batch_size: int = 64
+    sequential: bool = False  # one run, each slot solved as it is reached (`refit_sequential`), in place of passes
 
     def __post_init__(self) -> None:
         for name in ("samples", "passes", "batch_size"):
@@ -180,7 +224,10 @@ def refit_policy(
         raise ValueError(f"refit: {source or 'the policy'} is not a forecast policy (no 'forecast.weights')")
     passes, start = [], None
     current = policy
-    for _ in range(config.passes):
+    if config.sequential:
+        start = slot_mse(policy, record(policy, side))
+        current = refit_sequential(policy, side, config.ridge)
+    for _ in range(0 if config.sequential else config.passes):
         stats = record(current, side)
         if not stats:
             raise ValueError(f"refit: {source or 'the policy'} has no FORECAST slot in its plan")
@@ -189,6 +236,8 @@ def refit_policy(
         start = ran if start is None else start
         passes.append({"mse_ran": mean(ran), "mse_fit": mean(slot_mse(fitted, stats))})
         current = fitted
+    if not start:
+        raise ValueError(f"refit: {source or 'the policy'} has no FORECAST slot in its plan")
     final = slot_mse(current, record(current, side))
     # Per slot, a refit beats the weights that ran on the histories it was fit on; a run with the refit weights
     # also moves the targets (upstream forecasts change a branch's input), so a slot may end slightly worse.
@@ -198,11 +247,12 @@ def refit_policy(
         "model": side.setup.model,
         "samples": config.samples,
         "noise": f"l2c.sampling.initial_noise run {CALIBRATION_RUN}",
-        "passes": config.passes,
+        "order": "sequential" if config.sequential else "passes",
+        "passes": 1 if config.sequential else config.passes,
         "ridge": config.ridge,
-        "slots": len(stats),
+        "slots": len(start),
         "mse_per_pass": passes,
-        "mse_before": passes[0]["mse_ran"],
+        "mse_before": mean(start),
         "mse_after": mean(final),
         "slots_worse": len(worse),
         "worst_ratio": max(worse.values(), default=None),
@@ -221,13 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=DEFAULT_PASSES, help=f"default {DEFAULT_PASSES}")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help=f"default {DEFAULT_RIDGE:g}")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--sequential", action="store_true", help="one run, each slot solved as it is reached (one batch: --samples)"
+    )
     args = parser.parse_args(argv)
 
     policy = load_policy(args.policy)
     model = args.model or policy.provenance.get("teacher")
     if model is None:
         raise SystemExit(f"--model: {args.policy} records no teacher in its provenance; name the model")
-    config = RefitConfig(args.samples, args.passes, args.ridge, args.batch_size)
+    batch_size = max(args.batch_size, args.samples) if args.sequential else args.batch_size
+    config = RefitConfig(args.samples, args.passes, args.ridge, batch_size, args.sequential)
     side = calibration_side(policy, model, config)
     refit_one, report = refit_policy(policy, side, config, source=str(args.policy))
     refit_one.save_pretrained(args.out)

@@ -19,6 +19,7 @@ from predictors.refit_weights import (
     record,
     refit,
     refit_policy,
+    refit_sequential,
     slot_mse,
 )
 from tests.test_forecast_training import KWARGS, STEPS, direct_step
@@ -104,3 +105,20 @@ def test_a_saved_refit_policy_samples_in_an_unmodified_dit_pipeline_as_the_in_me
     saved = images(loaded)
     torch.testing.assert_close(saved, images(refit), atol=1e-6, rtol=0)
     assert not torch.allclose(saved, images(policy), atol=1e-4), "the refit changed the samples"
+
+
+def test_a_sequential_refit_is_fit_on_the_histories_its_own_weights_make(exported):
+    teacher, directory = exported
+    policy = l2c.load_policy(directory)
+    config = RefitConfig(samples=4, batch_size=4, sequential=True)
+    side = calibration_side(policy, str(teacher), config)
+    start = policy.forecast_weights.clone()
+    refit_one = refit_sequential(policy, side, config.ridge)
+    assert torch.equal(policy.forecast_weights, start), "the source policy is left as it was"
+    # Sampling with the result sees the histories each slot was solved on: solving again there changes nothing.
+    stats = record(refit_one, side)
+    again = refit(refit_one, stats, config.ridge)
+    torch.testing.assert_close(again.forecast_weights, refit_one.forecast_weights, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(refit_one.forecast_weights, start, atol=1e-3)
+    with pytest.raises(ValueError, match="field 'batch_size' is 2"):
+        refit_sequential(policy, calibration_side(policy, str(teacher), RefitConfig(samples=4, batch_size=2)), 0.0)
