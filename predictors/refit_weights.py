@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -83,13 +84,44 @@ class SlotStats:
         w = weights.double()
         return float(w @ self.gram @ w - 2 * w @ self.cross + self.energy) / max(self.count, 1)
 
-    def solve(self, current: torch.Tensor, ridge: float) -> torch.Tensor:
-        """argmin_w ‖Hw − y‖² + λ‖w − current‖², λ = ridge · trace(HᵀH)/K (ridge 0: least squares, `lstsq`)."""
+    def solve(self, current: torch.Tensor, ridge: float, total: float | None = None) -> torch.Tensor:
+        """argmin_w ‖Hw − y‖² + λ‖w − current‖², λ = ridge · trace(HᵀH)/K (ridge 0: least squares, `lstsq`);
+        with `total`, subject to Σ_k w_k = total (the KKT system of the constrained problem)."""
         k = len(self.cross)
         strength = ridge * float(torch.trace(self.gram)) / k
         system = self.gram + strength * torch.eye(k, dtype=torch.float64)
         rhs = self.cross + strength * current.double()
-        return torch.linalg.lstsq(system, rhs.unsqueeze(-1)).solution.squeeze(-1)
+        if total is not None:
+            ones = torch.ones(k, 1, dtype=torch.float64)
+            system = torch.cat(
+                [torch.cat([system, ones], 1), torch.cat([ones.T, torch.zeros(1, 1, dtype=torch.float64)], 1)]
+            )
+            rhs = torch.cat([rhs, torch.tensor([float(total)], dtype=torch.float64)])
+        return torch.linalg.lstsq(system, rhs.unsqueeze(-1)).solution.squeeze(-1)[:k]
+
+
+WeightSum = Literal["free", "one", "kept"]
+WEIGHT_SUMS: tuple[str, ...] = get_args(WeightSum)
+
+
+@dataclass(frozen=True)
+class SlotSolver:
+    """How a slot is solved: the ridge towards the current weights, and what Σ_k w_k must be: `free`, `one` (a
+    constant history is forecast as that constant, as every rule here does) or `kept` (the current weights' sum:
+    only how the history is combined is refit, not the overall gain)."""
+
+    ridge: float = DEFAULT_RIDGE
+    weight_sum: WeightSum = "free"
+
+    def __post_init__(self) -> None:
+        if not self.ridge >= 0:
+            raise ValueError(f"refit: field 'ridge' must be ≥ 0, got {self.ridge}")
+        if self.weight_sum not in WEIGHT_SUMS:
+            raise ValueError(f"refit: field 'weight_sum' must be one of {list(WEIGHT_SUMS)}, got {self.weight_sum!r}")
+
+    def __call__(self, stats: SlotStats, current: torch.Tensor) -> torch.Tensor:
+        totals = {"free": None, "one": 1.0, "kept": float(current.sum())}
+        return stats.solve(current, self.ridge, totals[self.weight_sum])
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,24 +142,24 @@ class CalibratingRouter(LayerRouterPolicy):
     """A forecast router that, at each FORECAST call, also measures the branch's true output and accumulates its
     slot's `SlotStats` from the history the forecast reads (for analysis; not a registered policy kind).
 
-    With `solve_ridge` (sequential refit, one batch) each slot is solved as the run reaches it, before its forecast
+    With a `solver` (sequential refit, one batch) each slot is solved as the run reaches it, before its forecast
     is made: every later slot then sees exactly the histories the refit weights make.
     """
 
     kind = "l2c-refit-calibration"
     stats: dict[Slot, SlotStats] = field(default_factory=dict, kw_only=True, repr=False)
-    solve_ridge: float | None = field(default=None, kw_only=True)
+    solver: SlotSolver | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.solve_ridge is not None:
+        if self.solver is not None:
             self.forecaster = HandedWeights(self.forecast_weights)
 
     @classmethod
-    def of(cls, policy: LayerRouterPolicy, solve_ridge: float | None = None) -> CalibratingRouter:
+    def of(cls, policy: LayerRouterPolicy, solver: SlotSolver | None = None) -> CalibratingRouter:
         values = {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if f.init}
         values["forecast_weights"] = policy.forecast_weights.detach().clone().float()  # solved in place: a copy
-        return cls(**values, solve_ridge=solve_ridge)
+        return cls(**values, solver=solver)
 
     def observe(self, call: BranchCall):
         return self._recorded(call) if call.action == Action.FORECAST else None
@@ -140,9 +172,9 @@ class CalibratingRouter(LayerRouterPolicy):
             slot = (call.step, call.block, self.target.model.branches.index(call.branch))
             stats = self.stats.setdefault(slot, SlotStats.empty(history.shape[1]))
             stats.add(history, target)
-            if self.solve_ridge is not None:
+            if self.solver is not None:
                 kept = self.forecast_weights[slot][: history.shape[1]]
-                kept.copy_(stats.solve(kept, self.solve_ridge))
+                kept.copy_(self.solver(stats, kept))
                 self.forecaster.handed.pop(slot).copy_(kept)
             yield
 
@@ -154,7 +186,7 @@ def record(policy: LayerRouterPolicy, side: SideBySide) -> dict[Slot, SlotStats]
     return calibrating.stats
 
 
-def refit_sequential(policy: LayerRouterPolicy, side: SideBySide, ridge: float) -> LayerRouterPolicy:
+def refit_sequential(policy: LayerRouterPolicy, side: SideBySide, solver: SlotSolver) -> LayerRouterPolicy:
     """The policy with every FORECAST slot solved in run order, each on the histories the slots before it (already
     refit) make: one run, all calibration samples in one batch (a slot's solution must see all of them)."""
     if side.setup.batch_size < side.setup.num_samples:
@@ -162,17 +194,17 @@ def refit_sequential(policy: LayerRouterPolicy, side: SideBySide, ridge: float) 
             f"refit: sequential refit samples in one batch: field 'batch_size' is {side.setup.batch_size}, "
             f"below the {side.setup.num_samples} samples"
         )
-    calibrating = CalibratingRouter.of(policy, solve_ridge=ridge)
+    calibrating = CalibratingRouter.of(policy, solver=solver)
     side.images(calibrating)
     return dataclasses.replace(policy, forecast_weights=calibrating.forecast_weights)
 
 
-def refit(policy: LayerRouterPolicy, stats: dict[Slot, SlotStats], ridge: float) -> LayerRouterPolicy:
+def refit(policy: LayerRouterPolicy, stats: dict[Slot, SlotStats], solver: SlotSolver) -> LayerRouterPolicy:
     """The policy with each recorded slot's weights on its kept history replaced by the slot's solution."""
     table = policy.forecast_weights.detach().clone().float()
     for (step, block, branch), slot in stats.items():
         kept = len(slot.cross)
-        table[step, block, branch, :kept] = slot.solve(table[step, block, branch, :kept], ridge).float()
+        table[step, block, branch, :kept] = solver(slot, table[step, block, branch, :kept]).float()
     return dataclasses.replace(policy, forecast_weights=table)
 
 
@@ -193,13 +225,17 @@ class RefitConfig:
     ridge: float = DEFAULT_RIDGE
     batch_size: int = 64
     sequential: bool = False  # one run, each slot solved as it is reached (`refit_sequential`), in place of passes
+    weight_sum: WeightSum = "free"  # see `SlotSolver`
 
     def __post_init__(self) -> None:
         for name in ("samples", "passes", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"refit: field '{name}' must be ≥ 1, got {getattr(self, name)}")
-        if not self.ridge >= 0:
-            raise ValueError(f"refit: field 'ridge' must be ≥ 0, got {self.ridge}")
+        SlotSolver(self.ridge, self.weight_sum)  # refuses a bad ridge or weight sum
+
+    @property
+    def solver(self) -> SlotSolver:
+        return SlotSolver(self.ridge, self.weight_sum)
 
 
 def calibration_side(policy: LayerRouterPolicy, model: str, config: RefitConfig) -> SideBySide:
@@ -226,12 +262,12 @@ def refit_policy(
     current = policy
     if config.sequential:
         start = slot_mse(policy, record(policy, side))
-        current = refit_sequential(policy, side, config.ridge)
+        current = refit_sequential(policy, side, config.solver)
     for _ in range(0 if config.sequential else config.passes):
         stats = record(current, side)
         if not stats:
             raise ValueError(f"refit: {source or 'the policy'} has no FORECAST slot in its plan")
-        fitted = refit(current, stats, config.ridge)
+        fitted = refit(current, stats, config.solver)
         ran = slot_mse(current, stats)
         start = ran if start is None else start
         passes.append({"mse_ran": mean(ran), "mse_fit": mean(slot_mse(fitted, stats))})
@@ -250,6 +286,7 @@ def refit_policy(
         "order": "sequential" if config.sequential else "passes",
         "passes": 1 if config.sequential else config.passes,
         "ridge": config.ridge,
+        "weight_sum": config.weight_sum,
         "slots": len(start),
         "mse_per_pass": passes,
         "mse_before": mean(start),
@@ -271,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=DEFAULT_PASSES, help=f"default {DEFAULT_PASSES}")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help=f"default {DEFAULT_RIDGE:g}")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--weight-sum", choices=WEIGHT_SUMS, default="free", help="Σ_k w_k: free (default), one, kept")
     parser.add_argument(
         "--sequential", action="store_true", help="one run, each slot solved as it is reached (one batch: --samples)"
     )
@@ -281,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         raise SystemExit(f"--model: {args.policy} records no teacher in its provenance; name the model")
     batch_size = max(args.batch_size, args.samples) if args.sequential else args.batch_size
-    config = RefitConfig(args.samples, args.passes, args.ridge, batch_size, args.sequential)
+    config = RefitConfig(args.samples, args.passes, args.ridge, batch_size, args.sequential, args.weight_sum)
     side = calibration_side(policy, model, config)
     refit_one, report = refit_policy(policy, side, config, source=str(args.policy))
     refit_one.save_pretrained(args.out)

@@ -14,6 +14,7 @@ from l2c.models import make_scheduler
 from predictors.l2c_trainer import ForecastRouterTrainer
 from predictors.refit_weights import (
     RefitConfig,
+    SlotSolver,
     SlotStats,
     calibration_side,
     record,
@@ -49,6 +50,14 @@ def test_normal_equations_solve_to_lstsq_on_a_hand_made_history():
     solved = stats.solve(torch.zeros(3), ridge=0.0)
     torch.testing.assert_close(solved, expected, atol=1e-10, rtol=0)
     assert stats.mse(solved) == pytest.approx(float(((history @ solved - target) ** 2).mean()), rel=1e-9)
+    # Σ_k w_k = 1: least squares over w = e_0 + N·z, N's columns spanning the weights that sum to zero.
+    null = torch.tensor([[-1.0, -1.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    newest = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    z = torch.linalg.lstsq(history @ null, (target - history @ newest).unsqueeze(-1)).solution.squeeze(-1)
+    one = SlotSolver(ridge=0.0, weight_sum="one")(stats, torch.zeros(3))
+    torch.testing.assert_close(one, newest + null @ z, atol=1e-10, rtol=0)
+    kept = SlotSolver(ridge=0.0, weight_sum="kept")(stats, torch.tensor([0.5, 0.5, 0.7]))
+    assert float(kept.sum()) == pytest.approx(1.7)
     # A ridge pulls the solution towards the current weights.
     current = torch.tensor([1.0, 0.0, 0.0])
     ridged = stats.solve(current, ridge=10.0)
@@ -65,7 +74,7 @@ def test_refit_lowers_the_calibration_mse_of_every_forecast_slot(exported):
     assert set(stats) == {tuple(s) for s in (plan.actions == Action.FORECAST).nonzero().tolist()}
     before = slot_mse(policy, stats)
     # On the histories it is fit on, every slot's solution beats the weights that ran (the ridge's anchor).
-    fitted = slot_mse(refit(policy, stats, config.ridge), stats)
+    fitted = slot_mse(refit(policy, stats, config.solver), stats)
     assert all(fitted[slot] <= error for slot, error in before.items())
     assert sum(fitted.values()) < 0.9 * sum(before.values())
 
@@ -113,12 +122,14 @@ def test_a_sequential_refit_is_fit_on_the_histories_its_own_weights_make(exporte
     config = RefitConfig(samples=4, batch_size=4, sequential=True)
     side = calibration_side(policy, str(teacher), config)
     start = policy.forecast_weights.clone()
-    refit_one = refit_sequential(policy, side, config.ridge)
+    refit_one = refit_sequential(policy, side, config.solver)
     assert torch.equal(policy.forecast_weights, start), "the source policy is left as it was"
     # Sampling with the result sees the histories each slot was solved on: solving again there changes nothing.
     stats = record(refit_one, side)
-    again = refit(refit_one, stats, config.ridge)
+    again = refit(refit_one, stats, config.solver)
     torch.testing.assert_close(again.forecast_weights, refit_one.forecast_weights, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(refit_one.forecast_weights, start, atol=1e-3)
     with pytest.raises(ValueError, match="field 'batch_size' is 2"):
-        refit_sequential(policy, calibration_side(policy, str(teacher), RefitConfig(samples=4, batch_size=2)), 0.0)
+        refit_sequential(
+            policy, calibration_side(policy, str(teacher), RefitConfig(samples=4, batch_size=2)), SlotSolver()
+        )
