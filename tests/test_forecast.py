@@ -84,10 +84,8 @@ def test_taylor_order_two_is_taylorseers_expansion_not_the_polynomial_through_th
     assert forecast(squares, lagrange_weights(3, [2, 1, 0], 2)).item() == pytest.approx(9.0)
 
 
-@pytest.mark.parametrize("order", [0, 1, 2, 3])
-def test_taylor_weights_equal_diffusers_taylorseer_state_on_unequal_gaps(order):
-    """diffusers' own recursion (`TaylorSeerState.update` / `predict`) on the same computations and steps."""
-    steps, generator = [0, 1, 2, 4, 9], torch.Generator().manual_seed(order)
+def taylorseer_state(steps: list[int], order: int, generator: torch.Generator):
+    """diffusers' `TaylorSeerState` updated with random outputs computed at `steps`, and our kept history of them."""
     values = {s: torch.randn(2, 5, 3, generator=generator, dtype=torch.float64) for s in steps}
     state = TaylorSeerState(taylor_factors_dtype=torch.float64, max_order=order)
     kept: list[Computed] = []
@@ -95,6 +93,14 @@ def test_taylor_weights_equal_diffusers_taylorseer_state_on_unequal_gaps(order):
         state.current_step = s
         state.update((values[s],))
         kept = [Computed(s, 0.0, values[s]), *kept][: order + 1]
+    return state, kept
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_taylor_weights_equal_diffusers_taylorseer_state_on_unequal_gaps(order):
+    """diffusers' own recursion (`TaylorSeerState.update` / `predict`) on the same computations and steps."""
+    steps, generator = [0, 1, 2, 4, 9], torch.Generator().manual_seed(order)
+    state, kept = taylorseer_state(steps, order, generator)
     for target in (10, 13):
         state.current_step = target
         expected = state.predict()[0]
@@ -116,13 +122,7 @@ def test_hermite_weights_apply_hicaches_formula_to_diffusers_taylorseer_factors(
     """HiCache's forecast, F0 + Σ_k F_k · σ^k · H_k(σ·x) / k!, on the factors of diffusers' own `TaylorSeerState`,
     with H_k written out by its three-term recursion (an implementation apart from `physicists_hermite`)."""
     steps, scale, generator = [0, 1, 3, 4, 8], 0.6, torch.Generator().manual_seed(order)
-    values = {s: torch.randn(2, 5, 3, generator=generator, dtype=torch.float64) for s in steps}
-    state = TaylorSeerState(taylor_factors_dtype=torch.float64, max_order=order)
-    kept: list[Computed] = []
-    for s in steps:
-        state.current_step = s
-        state.update((values[s],))
-        kept = [Computed(s, 0.0, values[s]), *kept][: order + 1]
+    state, kept = taylorseer_state(steps, order, generator)
     for target in (9, 12):
         x = scale * (target - steps[-1])
         hermite = [1.0, 2 * x]
