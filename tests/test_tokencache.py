@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -243,13 +244,26 @@ TEACHER = dict(
 )  # fmt: skip
 
 
+def save_tiny_teacher(directory: Path) -> None:
+    """A seeded tiny DiT teacher directory (transformer + scheduler), as the trainers load one."""
+    torch.manual_seed(0)
+    DiTTransformer2DModel(**TEACHER).save_pretrained(directory / "transformer")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(directory / "scheduler")
+
+
+def quiet_trainer(max_steps: int, root: Path) -> L.Trainer:
+    """A CPU Lightning trainer with no logger, bars, checkpoints or summary."""
+    return L.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=root,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokencache")
     teacher = root / "teacher"
-    torch.manual_seed(0)
-    DiTTransformer2DModel(**TEACHER).save_pretrained(teacher / "transformer")
-    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(teacher / "scheduler")
+    save_tiny_teacher(teacher)
     module = TokenCacheTrainer(
         teacher=str(teacher), steps=4, guidance_scale=2.0, ff_inner_dim=16, lr=0.01, objective="blend",
         export_dir=str(root / "policy"),
@@ -257,10 +271,7 @@ def fitted(tmp_path_factory):
     )  # fmt: skip
     before_teacher = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     before_head = module.predictor.head.weight.detach().clone()
-    trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, default_root_dir=root,
-    )  # fmt: skip
+    trainer = quiet_trainer(3, root)
     L.seed_everything(0, verbose=False)
     trainer.fit(module, ClassConditionDataModule(num_classes=10, samples_per_epoch=8, batch_size=4, seed=100))
     return SimpleNamespace(module=module, trainer=trainer, root=root, teacher=teacher, head=before_head,
@@ -317,19 +328,14 @@ def test_change_rate_is_the_per_step_change_over_the_samples_mean_output_norm():
 
 def test_rate_objective_fits_scores_to_measured_change_and_exports_age_ranking(tmp_path):
     teacher = tmp_path / "teacher"
-    torch.manual_seed(0)
-    DiTTransformer2DModel(**TEACHER).save_pretrained(teacher / "transformer")
-    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(teacher / "scheduler")
+    save_tiny_teacher(teacher)
     module = TokenCacheTrainer(
         teacher=str(teacher), steps=4, guidance_scale=2.0, ff_inner_dim=16, lr=0.01, objective="rate",
         init_score=0.05, export_dir=str(tmp_path / "policy"), export_full_steps=2, export_token_budget=0.5,
         calibration_samples=4,
     )  # fmt: skip
     before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
-    trainer = L.Trainer(
-        max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = quiet_trainer(12, tmp_path)
     L.seed_everything(0, verbose=False)
     data = ClassConditionDataModule(num_classes=10, samples_per_epoch=8, batch_size=4, seed=100)
     losses = []
