@@ -136,8 +136,12 @@ class CachePolicy:
         return None if self.target is None else self.target.timesteps
 
     def describe(self) -> str:
-        args = ",".join(f"{k}={v}" for k, v in self.params().items())
+        args = ",".join(f"{k}={v}" for k, v in self.described_params().items())
         return f"{self.kind}:{args}" if args else self.kind
+
+    def described_params(self) -> dict:
+        """The fields the preset string `describe` names (all of `params` unless a policy leaves some out)."""
+        return self.params()
 
     def plan_for(self, spec: ModelSpec, timesteps: torch.Tensor) -> Plan:
         plan = self.build_plan(spec, len(timesteps))

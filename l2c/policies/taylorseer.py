@@ -56,10 +56,9 @@ class TaylorSeerPolicy(CachePolicy):
             raise ValueError(f"{self.kind} policy: field 'rule' must be one of {sorted(RULES)}, got {self.rule!r}")
         self.forecaster = PolynomialForecaster(self.rule, self.order, scale=self.scale)
 
-    def describe(self) -> str:
-        """The preset; `scale` only where it acts (rule "hermite"), so TaylorSeer's settings read as before."""
-        params = {k: v for k, v in self.params().items() if k != "scale" or self.rule == "hermite"}
-        return f"{self.kind}:" + ",".join(f"{k}={v}" for k, v in params.items())
+    def described_params(self) -> dict:
+        """`scale` only where it acts (rule "hermite"), so TaylorSeer's settings read as before."""
+        return {k: v for k, v in self.params().items() if k != "scale" or self.rule == "hermite"}
 
     def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
         plan = Plan.full(num_steps, spec.num_blocks, len(spec.branches))

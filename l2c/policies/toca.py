@@ -248,9 +248,9 @@ class ToCaPolicy(TokenForecast, CachePolicy):
         bound = super().bind(model, timesteps, scheduler, num_tokens)
         return bound.resolved(bound.target.model)
 
-    def describe(self) -> str:
-        args = ",".join(f"{k}={v}" for k, v in self.params().items() if v is not None)
-        return f"{self.kind}:{args}" if args else self.kind
+    def described_params(self) -> dict:
+        """Unset fields (filled per model by `resolved`) are left out."""
+        return {k: v for k, v in self.params().items() if v is not None}
 
     # -- plan ------------------------------------------------------------------------------------------------------
     def full_steps(self, num_steps: int) -> list[tuple[int, int]]:
