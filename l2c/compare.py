@@ -201,12 +201,9 @@ class SeerSetting:
     def share(self, steps: int) -> float:
         return len(self.computed_steps(steps)) / steps
 
-    def native(self) -> CacheMethod:
-        return parse_preset(f"taylorseer:interval={self.interval},order={self.order},warmup={self.warmup}")
-
-    def hicache(self) -> CacheMethod:
-        """The same schedule forecast by HiCache's scaled-Hermite rule (σ: its code's default)."""
-        return parse_preset(f"taylorseer:interval={self.interval},order={self.order},warmup={self.warmup},rule=hermite")
+    def native(self, rule: str = "taylor") -> CacheMethod:
+        """l2c's `taylorseer:` policy on this schedule; rule "hermite" is HiCache (σ: its code's default)."""
+        return parse_preset(f"taylorseer:interval={self.interval},order={self.order},warmup={self.warmup},rule={rule}")
 
     def peer(self) -> TaylorSeer:
         return TaylorSeer(interval=self.interval, warmup=self.warmup, order=self.order)
@@ -214,6 +211,7 @@ class SeerSetting:
 
 NATIVE_TAYLORSEER = "TaylorSeer (native)"
 HICACHE = "HiCache (native)"
+HICACHE_NOTE = "l2c's runtime (`taylorseer:rule=hermite`, σ 0.5: HiCache's code default)"
 SEER_ORDERS = (1, 2)
 SEER_TOLERANCE = 0.03  # a grid setting computes a share of steps this close to the compute point
 
@@ -315,7 +313,7 @@ def taylorseer_rows(config: CompareConfig, bench: SideBySide, reference: torch.T
     implementations = [
         (NATIVE_TAYLORSEER, SeerSetting.native, "l2c's runtime (`taylorseer:` preset)"),
         (TaylorSeer.method, SeerSetting.peer, TaylorSeer.note),
-        (HICACHE, SeerSetting.hicache, "l2c's runtime (`taylorseer:rule=hermite`, σ 0.5: HiCache's code default)"),
+        (HICACHE, partial(SeerSetting.native, rule="hermite"), HICACHE_NOTE),
     ]
     rows = []
     for method, make, note in implementations:
