@@ -93,10 +93,14 @@ DIT_DDIM50 = dict(
     attn2_factor=1.0,
     ff_factor=2.5,
 )
-# FLUX.1 (double and single blocks): not the paper's FLUX setting (its code for FLUX is not followed here) but a plain
-# one, untuned: 30% of the image tokens on every partial step of every per-token branch (`ff`, the single blocks'
-# `proj_mlp` and `proj_out`; text tokens are always recomputed, see l2c.runtime), the joint attention and the text
-# MLP reused as DiT's self-attention is; no attention score (Flux's fused attention exposes none): staleness ranks.
+# FLUX.1 (double and single blocks): a plain setting, untuned, not the numbers of the reference's FLUX code: 30% of the
+# image tokens on every partial step of every per-token branch (`ff`, the single blocks' `proj_mlp` and `proj_out`;
+# text tokens are always recomputed, see l2c.runtime), the joint attention and the text MLP reused; no attention score
+# (Flux's fused attention exposes none): staleness ranks. The structure is the reference's (Shenyi-Z/ToCa,
+# flux-ToCa/src/flux/modules/layers.py): on its ToCa steps both block kinds reuse the cached attention and recompute
+# only MLP tokens. It differs in its numbers (fresh ratio 0.1, interval 4, the attention-map score computed by its own
+# attention function, frequency weight 0.25: flux-ToCa/.../cache_functions/cache_init.py) and in recomputing a share of
+# the double blocks' text-MLP tokens and of the single blocks' text tokens, which this preset reuses / recomputes.
 FLUX = dict(
     ratio=0.30,
     score="none",
