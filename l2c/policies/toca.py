@@ -99,8 +99,9 @@ DIT_DDIM50 = dict(
 # (Flux's fused attention exposes none): staleness ranks. The structure is the reference's (Shenyi-Z/ToCa,
 # flux-ToCa/src/flux/modules/layers.py): on its ToCa steps both block kinds reuse the cached attention and recompute
 # only MLP tokens. It differs in its numbers (fresh ratio 0.1, interval 4, the attention-map score computed by its own
-# attention function, frequency weight 0.25: flux-ToCa/.../cache_functions/cache_init.py) and in recomputing a share of
-# the double blocks' text-MLP tokens and of the single blocks' text tokens, which this preset reuses / recomputes.
+# attention function, frequency weight 0.25: flux-ToCa/.../cache_functions/cache_init.py) and in ranking text tokens
+# with the image tokens (the double blocks' text MLP, which this preset reuses; the single blocks' text tokens, which
+# the runtime always recomputes).
 FLUX = dict(
     ratio=0.30,
     score="none",
