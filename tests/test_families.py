@@ -6,6 +6,7 @@ are passed to `pipe(...)` directly, as a user with precomputed embeddings calls 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import l2c
 from l2c import Action
 from l2c.adapters import find_blocks, find_branches, model_family
+from l2c.policies.blockcache import BlockCachePolicy
 from l2c.policies.duca import DuCaPolicy
 from l2c.policies.toca import DIT_DDIM50, ToCaPolicy
 
@@ -618,3 +620,144 @@ def test_toca_refuses_a_query_key_score_on_wan(score):
     pipe = _pipe(FAMILIES["wan"])
     with pytest.raises(ValueError, match=f"score '{score}' cannot be read on wan"):
         l2c.load_policy(f"toca:score={score}").apply(pipe)
+
+
+def _step_states(pipe) -> Callable[[], object]:
+    """The running trajectory state of the current cache context (read in a forward hook, before the pipeline's end
+    resets it)."""
+    states = pipe.transformer._diffusers_hook.get_hook("l2c_step").states
+    return states.get_state
+
+
+def _branch_flops(model: torch.nn.Module, flops: dict[str, int]) -> dict[tuple[int, str], int]:
+    prefix = type(model).__name__
+    return {(b.block, b.name): flops.get(f"{prefix}.{_path(model, b.module)}", 0) for b in find_branches(model)}
+
+
+# Any change below 10 (every change these tiny models make): compute again two steps later. Steps 0 and 1 compute,
+# step 1 measures the first change, so step 2 reuses and step 3 computes: a quarter of the branch work is skipped.
+ADACACHE_EVERY_2 = "adacache:codebook=10:2"
+
+
+@pytest.mark.parametrize("name", list(WITH_TRUE_CFG))
+def test_adacache_probes_each_familys_attention_and_skips_the_reused_steps_flops(name):
+    family = WITH_TRUE_CFG[name]
+    pipe = _pipe(family)
+    model = pipe.transformer
+    reference, full_flops = _flops(lambda: family.call(pipe))
+    runtime = l2c.load_policy(ADACACHE_EVERY_2).apply(pipe)
+    state_of, seen = _step_states(pipe), {}
+
+    def after_call(module, args, output):
+        state = state_of()
+        seen[id(state)] = state.signals["adacache"]
+
+    handle = model.register_forward_hook(after_call)
+    cached, ada_flops = _flops(lambda: family.call(pipe))
+    handle.remove()
+    runtime.remove()
+    assert len(seen) == family.calls_per_step  # one per cache context, each deciding on its own
+    middle = runtime.spec.num_blocks // 2
+    for ada in seen.values():
+        assert ada.probe == (middle, family.branches[0])  # the (self/joint) attention, which every block has
+        rows = len(ada.next_compute)  # SD3: [uncond; cond], each row deciding on its own
+        actions = (Action.COMPUTE, Action.COMPUTE, Action.REUSE, Action.COMPUTE)
+        assert ada.history == [(step, [int(action)] * rows) for step, action in enumerate(actions)]
+        assert [step for step, _, _ in ada.changes] == [1, 3]
+        assert all(0 < change < 10 for _, _, changes in ada.changes for change in changes)
+    quarter = family.calls_per_step * family.hooked
+    assert runtime.executed == Counter({Action.COMPUTE: 3 * quarter, Action.REUSE: quarter})
+    branch_flops = sum(_branch_flops(model, full_flops).values())
+    assert branch_flops > 0 and full_flops["Global"] - ada_flops["Global"] == branch_flops // STEPS
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+
+
+@pytest.mark.parametrize("name", list(WITH_TRUE_CFG))
+def test_adacache_rows_decide_apart_on_each_family(name):
+    """Two copies of one sample; the second is made to compute at every step (the uncached sample), the first
+    reuses step 2 as it does alone: there only the second's rows run, through every family's branches."""
+    family = WITH_TRUE_CFG[name]
+    pipe = _pipe(family)
+    uncached = family.call(pipe)
+    runtime = l2c.load_policy(ADACACHE_EVERY_2).apply(pipe)
+    alone = family.call(pipe)
+    state_of = _step_states(pipe)
+
+    def after_call(module, args, output):
+        state = state_of()
+        second = torch.arange(state.batch_size) % 2 == 1  # its rows (SD3 batches [uncond; cond]: rows 1 and 3)
+        state.signals["adacache"].next_compute[second] = state.step + 1
+
+    handle = pipe.transformer.register_forward_hook(after_call)
+    pair = family.call(pipe, batch=2)
+    handle.remove()
+    runtime.remove()
+    assert torch.allclose(pair[0], alone[0], atol=1e-5, rtol=0)
+    assert torch.allclose(pair[1], uncached[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(alone[0], uncached[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "block", "has"),
+    [
+        ("flux", "probe_branch=ff", 1, ["attn", "proj_mlp", "proj_out"]),
+        ("sd3", "probe_branch=attn2", 1, ["attn", "ff"]),
+    ],
+)
+def test_adacache_refuses_a_probe_slot_no_module_executes(name, option, block, has):
+    """Flux's middle block is a single block (no `ff`); SD3.5's dual attention is on block 0 only."""
+    pipe = _pipe(FAMILIES[name])
+    branch = option.partition("=")[2]
+    refusal = f"block {block} of this model ({name}) has no {branch!r} branch (it has {has}), so the probe would never"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        l2c.load_policy(f"adacache:{option}").apply(pipe)
+    l2c.load_policy(f"adacache:{option},probe_block=0").apply(pipe).remove()  # block 0 has it
+    with pytest.raises(ValueError, match=r"field 'probe_branch' is 'attn1'; the model's branches are \['attn'"):
+        l2c.load_policy("adacache:probe_branch=attn1").apply(pipe)  # an explicit (or saved) attn1 means attn1
+
+
+@pytest.mark.parametrize("name", list(WITH_TRUE_CFG))
+def test_blockcache_calibrates_on_each_family_and_skips_exactly_its_reused_branches(name, tmp_path):
+    family = WITH_TRUE_CFG[name]
+    pipe = _pipe(family)
+    model = pipe.transformer
+    _, full_flops = _flops(lambda: family.call(pipe))
+    calibrated = BlockCachePolicy().calibrate(pipe, lambda: family.call(pipe))
+    assert calibrated.provenance["calibration"] == {"runs": 1, "model_calls": STEPS * family.calls_per_step}
+    spec = calibrated.target.model
+    present = spec.present()
+    change = calibrated.change
+    assert change.shape == (STEPS, spec.num_blocks, len(family.branches))
+    assert (change[0] == 0).all() and (change[:, ~present] == 0).all()
+    assert (change[1:, present] > 0).all()  # every executed branch measured, joint (tuple) outputs included
+    # A threshold among the measured changes: some branches reuse, some compute.
+    policy = dataclasses.replace(calibrated, threshold=float(change[1:, present].median()))
+    runtime = policy.apply(pipe)
+    cached, flops = _flops(lambda: family.call(pipe))
+    runtime.remove()
+    reused = (runtime.plan.actions == Action.REUSE) & present
+    assert reused.any() and (~reused[1:] & present).any()
+    assert runtime.executed[Action.REUSE] == int(reused.sum()) * family.calls_per_step
+    index = {branch: i for i, branch in enumerate(family.branches)}
+    saved = sum(
+        int(reused[:, block, index[branch]].sum()) * work // STEPS
+        for (block, branch), work in _branch_flops(model, full_flops).items()
+    )
+    assert saved > 0 and full_flops["Global"] - flops["Global"] == saved
+    policy.save_pretrained(tmp_path / "policy", model_card=False)
+    loaded = l2c.load_policy(tmp_path / "policy")
+    assert torch.equal(loaded.change, change) and loaded.threshold == policy.threshold
+    runtime = loaded.apply(pipe)
+    assert torch.equal(family.call(pipe), cached)
+    runtime.remove()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_dato_refuses_the_mmdit_and_video_families_saying_why_and_what_works(name):
+    pipe = _pipe(FAMILIES[name])
+    with pytest.raises(ValueError, match=f"dato policy: the {name} family is not supported") as refusal:
+        l2c.load_policy("dato:interval=2").apply(pipe)
+    message = str(refusal.value)
+    assert "BasicTransformerBlock self-attention (DiT, PixArt, SD UNets)" in message
+    assert "use static, toca or duca (token-partial on image tokens), taylorseer, adacache or blockcache" in message
+    assert ("rotary" in message) == (name != "sd3")

@@ -1,8 +1,8 @@
 """`adacache`: adaptive caching (AdaCache, Kahatapitiya et al. 2024), per sample and content dependent.
 
 Each sample (batch row) either computes every branch at a step or reuses every branch's cache. Whenever a
-sample computes, the probe branch's output (by default the middle block's self-attention, the residual it adds
-to the stream) is compared with its output at the sample's previous computed step:
+sample computes, the probe branch's output (by default the middle block's attention, the residual it adds to the
+stream) is compared with its output at the sample's previous computed step:
 
     change = mean|out_t − out_prev| / mean|out_prev| / (t − prev)        (per sample)
 
@@ -10,6 +10,13 @@ and the codebook picks how many steps until that sample computes again: `codeboo
 change < 0.12 → compute again 4 steps later (reuse 3), < 0.18 → 3, < 0.3 → 2, otherwise the next step. Steps 0
 and 1 always compute (the first change needs two computed steps). The paper's motion regularisation scales the
 rate with a video's frame-to-frame motion; it is video-only and left out here.
+
+The probe: block `probe_block` (-1: `num_blocks // 2` of the blocks in execution order), branch `probe_branch`
+(None: the model's first branch, its self or joint attention in every family: `attn1` of BasicTransformerBlock and
+Wan, `attn` of Flux.1/Flux.2 (double and single blocks), SD3 and Qwen-Image; a saved "attn1" stays attn1). A joint
+attention's change is read on its image stream (`first_stream`); a Flux single block's attention runs on [text;
+image], so there it reads both. A probe slot that no module executes (e.g. `ff` on a Flux single block, SD3.5's
+`attn2` on a block without dual attention) is refused at apply: the probe would never fire.
 
 The decision lives in `decide` and the measurement in `observe` (the runtime's dynamic hooks); all per-trajectory
 signals sit in the trajectory state (`state.signals["adacache"]`), never on the policy. Rows that reuse are not
@@ -24,8 +31,8 @@ from typing import ClassVar
 
 import torch
 
-from ..adapters import ModelSpec
-from ..extension import BranchCall, TrajectoryState
+from ..adapters import ModelSpec, model_spec
+from ..extension import BlockInput, BranchCall, TrajectoryState, first_stream
 from ..plan import Action, Plan
 from .base import CachePolicy
 from .knobs import Range, at_least
@@ -74,6 +81,7 @@ class AdaState:
 
     next_compute: torch.Tensor  # [B] step at which each sample computes next
     last_computed: torch.Tensor  # [B] last step the sample computed (-1: never)
+    probe: tuple[int, str] | None = None  # the (block, branch) whose change is measured
     codes_step: int = -1
     codes: torch.Tensor | None = None  # [B] this step's action per sample
     history: list[tuple[int, list[int]]] = field(default_factory=list)  # (step, action per sample)
@@ -86,22 +94,39 @@ class AdaCachePolicy(CachePolicy):
     knob_ranges: ClassVar[dict[str, Range]] = {"probe_block": at_least(-1)}  # -1: the middle block
     codebook: str = "0.12:4+0.18:3+0.3:2"  # threshold:steps-to-next-compute, '+'-separated ('/' reads as a hub id)
     probe_block: int = -1  # -1: the middle block (num_blocks // 2)
-    probe_branch: str = "attn1"
+    probe_branch: str | None = None  # None: the model's first branch (its self or joint attention)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_codebook(self.codebook)
 
-    def check_model(self, spec: ModelSpec, pipeline: object | None = None) -> None:
-        if self.probe_branch not in spec.branches:
-            raise ValueError(
-                f"adacache policy: field 'probe_branch' is {self.probe_branch!r}; the model's branches are "
-                f"{list(spec.branches)}"
-            )
+    def described_params(self) -> dict:
+        """An unset probe branch (the model's own) is left out."""
+        return {k: v for k, v in self.params().items() if v is not None}
+
+    def probe(self, spec: ModelSpec) -> tuple[int, str]:
+        """The (block, branch) this policy measures on a model; ValueError where no module executes that slot."""
         if self.probe_block >= spec.num_blocks:
             raise ValueError(
                 f"adacache policy: field 'probe_block' is {self.probe_block}; the model has {spec.num_blocks} blocks"
             )
+        block = spec.num_blocks // 2 if self.probe_block == -1 else self.probe_block
+        branch = spec.branches[0] if self.probe_branch is None else self.probe_branch
+        if branch not in spec.branches:
+            raise ValueError(
+                f"adacache policy: field 'probe_branch' is {branch!r}; the model's branches are {list(spec.branches)}"
+            )
+        if (block, branch) in spec.absent:
+            there = [name for name in spec.branches if (block, name) not in spec.absent]
+            raise ValueError(
+                f"adacache policy: block {block} of this model ({spec.family}) has no {branch!r} branch (it has "
+                f"{there}), so the probe would never fire; set field 'probe_block' to a block that has it, or "
+                "'probe_branch' to one of those"
+            )
+        return block, branch
+
+    def check_model(self, spec: ModelSpec, pipeline: object | None = None) -> None:
+        self.probe(spec)
         super().check_model(spec, pipeline)
 
     def build_plan(self, spec: ModelSpec, num_steps: int) -> Plan:
@@ -126,12 +151,14 @@ class AdaCachePolicy(CachePolicy):
             ada.history.append((step, ada.codes.tolist()))
         return ada.codes, 1.0
 
+    def before_blocks(self, point: BlockInput) -> None:
+        """Resolve the probe once per trajectory (the runtime checked at apply that it exists)."""
+        ada = self._state(point.state)
+        if ada.probe is None:
+            ada.probe = self.probe(model_spec(point.model))
+
     def observe(self, call: BranchCall):
-        if call.action != Action.COMPUTE or call.branch != self.probe_branch:
-            return None
-        num_blocks = call.plan.actions.shape[1] if call.plan is not None else call.block + 1
-        probe = num_blocks // 2 if self.probe_block == -1 else self.probe_block
-        if call.block != probe:
+        if call.action != Action.COMPUTE or (call.block, call.branch) != self._state(call.state).probe:
             return None
         return self._measure(call)
 
@@ -140,7 +167,7 @@ class AdaCachePolicy(CachePolicy):
         old = call.store.output
         yield
         ada = self._state(call.state)
-        new = call.store.output
+        new = first_stream(call.store.output)
         rows = call.rows if call.rows is not None else torch.arange(new.shape[0])
         rows_cpu = rows.cpu()
         if old is None:  # the first computed step: measure from the next one
@@ -148,6 +175,7 @@ class AdaCachePolicy(CachePolicy):
         else:
             device_rows = rows.to(new.device)
             gap = (call.step - ada.last_computed[rows_cpu]).clamp_min(1)
+            old = first_stream(old)
             change = relative_change(new.index_select(0, device_rows), old.index_select(0, device_rows)).cpu()
             change = change / gap
             ada.next_compute[rows_cpu] = call.step + steps_until_next(change, *parse_codebook(self.codebook))

@@ -8,7 +8,10 @@ From it, each branch's relative change between consecutive steps,
 
 gives a static schedule: a branch is computed at step 0, then reused until the change accumulated since its
 last computation passes `threshold`, computed at that step, and so on. The caching unit is the runtime's
-branch (attn1 / attn2 / ff of each block), the residual branch that the paper's "block" is for a UNet layer.
+branch (attn1 / attn2 / ff of each block, or a family's own: `l2c.adapters.BLOCK_FAMILIES`), the residual branch
+that the paper's "block" is for a UNet layer. A joint attention's change is read on both its streams (image and
+text), the value its reuse returns. Pipelines that call the model twice per step (Wan, Qwen-Image: `cache_context`
+"cond" / "uncond") are measured per context, each call against the same context's previous step, and summed.
 The paper's learned scale-shift alignment is not training-free and is left out.
 
 Calibrate once, then save: the directory stores the measured changes (`blockcache.change`) and the plan they
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelSpec, find_branches, model_spec, resolve_denoiser
-from ..extension import BlockInput, BranchCall
+from ..extension import BlockInput, BranchCall, BranchOutput, map_streams
 from ..plan import Action, Plan
 from ..runtime import BRANCH_HOOK, RECORD_TIMESTEPS, STEP_HOOK, CacheRuntime
 from .base import CachePolicy, PolicyTarget
@@ -127,6 +130,19 @@ def _has_hook(module: nn.Module, name: str) -> bool:
     return registry is not None and registry.get_hook(name) is not None
 
 
+def _streams(output: BranchOutput) -> tuple[torch.Tensor, ...]:
+    return output if isinstance(output, tuple) else (output,)
+
+
+def _shapes(output: BranchOutput) -> list[torch.Size]:
+    return [part.shape for part in _streams(output)]
+
+
+def _l1(output: BranchOutput) -> float:
+    """‖output‖₁ over every stream (a joint attention's image and text)."""
+    return sum(float(part.abs().double().sum()) for part in _streams(output))
+
+
 class _ChangeMeter(FullPolicy):
     """Calibration: computes every branch (a full policy) and sums each branch's ‖Δout‖₁ and ‖out‖₁ per step.
 
@@ -169,7 +185,7 @@ class _ChangeMeter(FullPolicy):
     def _record(self, call: BranchCall) -> Iterator[None]:
         yield
         branch = self.spec.branches.index(call.branch)
-        self.current[(self.call_in_step, call.block, branch)] = call.store.output.detach()
+        self.current[(self.call_in_step, call.block, branch)] = map_streams(torch.Tensor.detach, call.store.output)
 
     def _close_step(self) -> None:
         """Fold the finished step's outputs into the sums, against the previous step of the same run."""
@@ -178,9 +194,9 @@ class _ChangeMeter(FullPolicy):
         for key, output in self.current.items():
             before = self.previous.get(key)
             slot = (self.step, key[1], key[2])
-            if before is not None and before.shape == output.shape:
-                self.delta[slot] = self.delta.get(slot, 0.0) + float((output - before).abs().double().sum())
-                self.norm[slot] = self.norm.get(slot, 0.0) + float(output.abs().double().sum())
+            if before is not None and _shapes(before) == _shapes(output):
+                self.delta[slot] = self.delta.get(slot, 0.0) + _l1(map_streams(torch.sub, output, before))
+                self.norm[slot] = self.norm.get(slot, 0.0) + _l1(output)
         self.previous, self.current = self.current, {}
 
     def change(self, num_steps: int) -> torch.Tensor:

@@ -50,6 +50,18 @@ DYNAMICS = "dato.dynamics"  # state.signals[DYNAMICS] -> |ε_t − ε_{t−1}| o
 PRUNING = "dato.pruning"  # state.signals[(PRUNING, block)] -> (step, TokenPruning | None)
 PRUNABLE = ("attn1", "attn2", "ff")
 REUSED = "-"  # a `schedule` entry: the step reuses every branch
+# Why DaTo's pruned call does not fit each MMDiT / video family (it keeps to BasicTransformerBlock models).
+_ROTARY = (
+    "applies the rotary embedding of every position to the queries and keys, so a call on fewer image tokens breaks"
+)
+UNSUPPORTED_FAMILIES = {
+    "flux": f"Flux.1's joint attention (image and text tokens in one call) {_ROTARY}",
+    "flux2": f"Flux.2's joint attention (image and text tokens in one call) {_ROTARY}",
+    "sd3": "SD3's attention is joint: one call on [image; text] returns both streams, which DaTo's prune-and-restore "
+    "of a single-stream self-attention does not split",
+    "wan": f"Wan predicts 5-D video latents [batch, channels, frames, height, width] and its self-attention {_ROTARY}",
+    "qwenimage": f"Qwen-Image's joint attention (image and text tokens in one call) {_ROTARY}",
+}
 SCHEDULE_DEFAULTS = {"interval": 2, "first_full": 0, "last_full": 0, "prune": 0.4}  # what a `schedule` replaces
 
 
@@ -234,6 +246,13 @@ class DaToPolicy(StaticPolicy):
         return None if pruning is None else pruned_keys_values(call, pruning)
 
     def check_model(self, spec: ModelSpec, pipeline: object | None = None) -> None:
+        if spec.family in UNSUPPORTED_FAMILIES:
+            raise ValueError(
+                f"dato policy: the {spec.family} family is not supported: DaTo prunes the image tokens of a "
+                "BasicTransformerBlock self-attention (DiT, PixArt, SD UNets) on a 2-D token grid read from a "
+                f"[batch, channels, height, width] prediction, and {UNSUPPORTED_FAMILIES[spec.family]}; on this "
+                "family use static, toca or duca (token-partial on image tokens), taylorseer, adacache or blockcache"
+            )
         missing = [name for name in self.pruned_branches if name not in spec.branches]
         if missing:
             raise ValueError(
