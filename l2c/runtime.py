@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,7 +60,9 @@ HOOK_NAMES = (STEP_HOOK, BLOCKS_HOOK, BRANCH_HOOK)
 DEFAULT_CONTEXT = "default"
 # `timesteps=RECORD_TIMESTEPS`: no table up front; the first run's timesteps become it (Block Caching's calibration).
 RECORD_TIMESTEPS = "record"
-Gates = torch.Tensor  # [blocks, branches(, batch(, tokens))]
+# [blocks, branches(, batch(, tokens))], or a mapping (block, branch index) -> that slot's gate, for gates whose token
+# counts differ by slot (TokenCache on Flux: per image token on the token-wise branches, a scalar on the others).
+Gates = torch.Tensor | Mapping[tuple[int, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -545,11 +547,14 @@ class BranchHook(ModelHook):
         gate = run.gate
         if isinstance(gate, SlotGates):
             return self._blend_actions(original, store, run, args, kwargs)
+        fresh = original(*args, **kwargs)
+        if gate.ndim == 2 and self.branch.joint:  # gates of the image tokens: the text tokens recompute, as on a
+            text = first_stream(fresh).shape[1] - gate.shape[1]  # partial step (`_joint_selection`)
+            gate = torch.cat([gate.new_ones(gate.shape[0], text), gate], dim=1)
         if gate.ndim == 2:  # per (sample, token)
             gate = gate.unsqueeze(-1)
         elif gate.ndim == 1:  # per sample
             gate = gate.view(-1, 1, 1)
-        fresh = original(*args, **kwargs)
         mixed = map_streams(lambda new, kept: gate * new + (1 - gate) * kept, fresh, store.output)
         if run.refresh:
             store.output = mixed

@@ -36,7 +36,7 @@ from l2c.extension import BlockInput, first_stream
 from l2c.hooks import on_first_block, record_outputs
 from l2c.policies.selectors import spearman
 from l2c.policies.tokencache import TokenCacheCalibration, TokenCachePolicy
-from l2c.token_importance import TokenImportancePredictor
+from l2c.token_importance import TokenImportancePredictor, block_image_tokens
 
 from .frozen_teacher import FrozenTeacherModule, step_generator
 
@@ -114,11 +114,17 @@ class TokenCacheTrainer(FrozenTeacherModule):
         if not 0.0 <= hp.target_ratio <= 1.0:
             raise ValueError(f"tokencache trainer: field 'target_ratio' must be in [0, 1], got {hp.target_ratio}")
 
-    def _gates(self, point: BlockInput) -> torch.Tensor:
-        """The student call's blend gates: the predictor's scores of the very input its first block sees."""
+    def _gates(self, point: BlockInput) -> dict[tuple[int, int], torch.Tensor]:
+        """The student call's blend gates: the predictor's scores of the very input its first block sees, per image
+        token on the token-wise branches (the runtime recomputes a joint branch's text tokens); the other branches
+        (Flux's joint attention and text MLP) reuse their cache, as on an inference cache step."""
         scores = self.predictor(point.args, point.kwargs)  # [batch, blocks, tokens]
         self._scores = scores
-        return scores.transpose(0, 1).unsqueeze(1).expand(-1, len(self.spec.branches), -1, -1)
+        reuse = scores.new_zeros(())
+        return {
+            (branch.block, self.spec.branches.index(branch.name)): scores[:, branch.block] if branch.partial else reuse
+            for branch in find_branches(self.teacher)
+        }
 
     # -- training ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -164,8 +170,8 @@ class TokenCacheTrainer(FrozenTeacherModule):
                 later = branch_outputs(self.teacher, lambda: self.teacher_output(trajectory, step))
         finally:
             scoring.remove()
-        target = change_rate(earlier, later, gap)  # [batch, blocks, tokens]
         scores = self.predictor(*seen["input"])
+        target = change_rate(earlier, later, gap, image_tokens=scores.shape[-1])  # [batch, blocks, tokens]
         loss = F.mse_loss(torch.log(scores + RATE_FLOOR), torch.log(target + RATE_FLOOR))
         self.check_finite({"train/loss": loss})
         with torch.no_grad():
@@ -198,11 +204,12 @@ class TokenCacheTrainer(FrozenTeacherModule):
         was_training = self.predictor.training
         self.predictor.eval()
         try:
-            with record_outputs(blocks_of, keep=lambda output: output.detach().float()) as outputs:
+            with record_outputs(blocks_of, keep=lambda output: output) as recorded:
                 for step in tqdm(
                     range(steps), desc="calibrating tokencache", unit="step", disable=self.global_rank > 0
                 ):
                     self.teacher_output(trajectory, step)
+                    outputs = {b: block_image_tokens(blocks_of[b], recorded[b]).float() for b in range(blocks)}
                     if step > 0:
                         scores = seen["scores"].double().cpu()
                         for block in range(blocks):
@@ -211,7 +218,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
                         error[step] = torch.stack(
                             [(outputs[b] - previous[b]).norm() / previous[b].norm() for b in range(blocks)]
                         ).mean()
-                    previous = dict(outputs)
+                    previous = outputs
         finally:
             scoring.remove()
             self.predictor.train(was_training)
@@ -241,22 +248,27 @@ class TokenCacheTrainer(FrozenTeacherModule):
 
 
 def branch_outputs(model: nn.Module, run) -> dict[tuple[int, str], torch.Tensor]:
-    """Every branch's output (its image stream, float) during `run()`: {(block, branch name): [batch, tokens, C]}."""
-    modules = {(branch.block, branch.name): branch.module for branch in find_branches(model)}
+    """Every token-wise branch's output (float) during `run()`: {(block, branch name): [batch, tokens, C]}: the
+    branches a cache step recomputes token by token, whose tokens the scores rank (a joint one's are [text; image])."""
+    modules = {(branch.block, branch.name): branch.module for branch in find_branches(model) if branch.partial}
     with record_outputs(modules, keep=lambda output: first_stream(output).detach().float()) as outputs:
         run()
     return dict(outputs)
 
 
-def change_rate(earlier: dict, later: dict, gap: int) -> torch.Tensor:
+def change_rate(earlier: dict, later: dict, gap: int, image_tokens: int | None = None) -> torch.Tensor:
     """The rate objective's target [batch, blocks, tokens]: per block and token, Σ_branches ‖later − earlier‖ / gap,
-    over the mean (per sample, over blocks and tokens) of Σ_branches ‖later‖."""
+    over the mean (per sample, over blocks and tokens) of Σ_branches ‖later‖. `image_tokens`: keep each output's last
+    that many tokens (the image tokens of a joint branch's [text; image]; None: every token)."""
     blocks = 1 + max(block for block, _ in later)
+    image = slice(None) if image_tokens is None else slice(-image_tokens, None)
     moved, size = [], []
     for block in range(blocks):
         names = [key for key in later if key[0] == block]
-        moved.append(sum((later[key] - earlier[key]).norm(dim=-1) for key in names))
-        size.append(sum(later[key].norm(dim=-1) for key in names))
+        if not names:
+            raise ValueError(f"tokencache trainer: block {block} has no token-wise branch to measure the rate of")
+        moved.append(sum((later[key][:, image] - earlier[key][:, image]).norm(dim=-1) for key in names))
+        size.append(sum(later[key][:, image].norm(dim=-1) for key in names))
     moved, size = torch.stack(moved, dim=1), torch.stack(size, dim=1)
     return moved / gap / size.mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 

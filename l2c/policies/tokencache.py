@@ -2,10 +2,14 @@
 
 Steps are *full* (every branch computes) or *cache* steps, set by a Two-Phase Round-Robin schedule (TPRR): a
 boundary step splits the run into two phases, each with its own interval between full steps. On a cache step,
-block b recomputes the share `ratio[b]` of its tokens in every branch (attn1, attn2, ff) and reuses the rest; which
-tokens: the highest scores of a `TokenImportancePredictor` (`l2c/token_importance.py`) run on that step's
-input inside the model call, at the runtime's before-blocks point (so FlopCounterMode counts it). Blocks whose ratio
-falls under `floor` are cached whole.
+block b recomputes the share `ratio[b]` of its image tokens in every token-partial branch (DiT/PixArt: attn1, attn2,
+ff; Flux.1: the double blocks' `ff`, the single blocks' `proj_mlp` and `proj_out`, whose text tokens always
+recompute) and reuses the rest; a branch that cannot run token by token (Flux's joint attention, its text MLP
+`ff_context`) computes on full steps and is reused on cache steps, as ToCa's Flux preset does. Which tokens: the
+highest scores of a `TokenImportancePredictor` (`l2c/token_importance.py`) run on that step's input inside the model
+call, at the runtime's before-blocks point (so FlopCounterMode counts it). Blocks whose ratio falls under `floor`
+are cached whole. Which slots are token-partial is read from the model when the policy is bound to it
+(`partial_slots`, saved as `tokencache.partial_slots`; a directory without it is from a DiT, where every slot is).
 
 `staleness` says how a token's age enters the selection. The predictor reads only the step's input, so it cannot tell
 a token recomputed on the previous cache step from one cached since the last full step: ranking by its score alone
@@ -37,7 +41,7 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from ..adapters import ModelSpec, module_device
+from ..adapters import ModelSpec, find_branches, model_spec, module_device, resolve_denoiser
 from ..extension import BlockInput, PartialKeys, SelectionRequest, TokenSelector
 from ..plan import Action, Plan
 from ..token_importance import TokenImportancePredictor
@@ -180,6 +184,9 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
     taylor_order: int | None = None  # None or 0: reuse them
     predictor_state: dict[str, torch.Tensor] | None = field(default=None, kw_only=True, repr=False)
     calibration: TokenCacheCalibration | None = field(default=None, kw_only=True, repr=False)
+    # bool [blocks, branches]: the slots whose branch runs token-partial on the bound model (None: every slot, as on
+    # a DiT); set by `bind`, saved as `tokencache.partial_slots`.
+    partial_slots: torch.Tensor | None = field(default=None, kw_only=True, repr=False, compare=False)
     # The predictor of each model the policy is applied to (built by `prepare`, dropped with the model).
     _predictors: WeakKeyDictionary = field(default_factory=WeakKeyDictionary, init=False, repr=False, compare=False)
 
@@ -250,8 +257,15 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
         cache = ~self.step_types(num_steps).bool()
         per_slot = ratios.view(1, -1, 1).expand(shape)
         cache_slots = cache.view(-1, 1, 1).expand(shape)
-        plan.actions[cache_slots & (per_slot <= 0)] = self.not_recomputed_action
-        partial = cache_slots & (per_slot > 0) & (per_slot < 1)
+        token_wise = torch.ones(shape[1:], dtype=torch.bool) if self.partial_slots is None else self.partial_slots
+        if tuple(token_wise.shape) != shape[1:]:
+            raise ValueError(
+                f"{self.kind} policy: field 'partial_slots' is {list(token_wise.shape)} [blocks, branches], the model "
+                f"has {list(shape[1:])}"
+            )
+        token_wise = token_wise.bool().view(1, *shape[1:]).expand(shape)
+        plan.actions[cache_slots & ((per_slot <= 0) | ~token_wise)] = self.not_recomputed_action
+        partial = cache_slots & token_wise & (per_slot > 0) & (per_slot < 1)
         plan.actions[partial] = Action.PARTIAL
         plan.token_ratio[partial] = per_slot[partial]
         return plan
@@ -300,8 +314,26 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
             )
         return predictor.to(module_device(model)).eval().requires_grad_(False)
 
+    def bind(
+        self,
+        model: nn.Module | object,
+        timesteps: torch.Tensor | list,
+        scheduler: str | None,
+        num_tokens: int | None = None,
+    ) -> CachePolicy:
+        """As `CachePolicy.bind`, and record which of the model's slots run token-partial (`partial_slots`)."""
+        bound = super().bind(model, timesteps, scheduler, num_tokens)
+        bound.partial_slots = token_partial_slots(model)
+        return bound
+
     def prepare(self, model: nn.Module) -> None:
         """Build the predictor on the model's unhooked first block (`before_blocks` runs it on every scored step)."""
+        if self.partial_slots is None and not bool(token_partial_slots(model).all()):
+            raise ValueError(
+                f"{self.kind} policy: field 'partial_slots' is unset and this {model_spec(model).family} model has "
+                "branches that cannot run token by token; bind the policy to the model (`policy.bind(model, ...)`) "
+                "or load it from a directory written by predictors/tokencache_trainer.py"
+            )
         if self.tokens == "predictor":
             self._predictors[model] = self.build_predictor(model)
 
@@ -323,6 +355,8 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
             "tokencache.block_ratio": self.block_ratios(),
             "tprr.step_type": self.step_types(len(self.target.timesteps)),
         }
+        if self.partial_slots is not None:
+            tables["tokencache.partial_slots"] = self.partial_slots.to(torch.int8)
         return {**predictor, **self._calibration("saving").tensors(), **tables}
 
     @classmethod
@@ -331,9 +365,11 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
         if not state:
             raise ValueError("missing tensors 'predictor.*' (the token importance predictor) in policy.safetensors")
         params = {"staleness": STALENESS_OF_OLD_FILES, **params}
+        slots = tensors.get("tokencache.partial_slots")  # absent: a directory written on a DiT, every slot partial
         policy = cls(
-            **params, predictor_state=state, calibration=TokenCacheCalibration.from_tensors(tensors), target=target
-        )
+            **params, predictor_state=state, calibration=TokenCacheCalibration.from_tensors(tensors), target=target,
+            partial_slots=None if slots is None else slots.bool(),
+        )  # fmt: skip
         for name, derived in (
             ("tokencache.block_ratio", policy.block_ratios()),
             ("tprr.step_type", policy.step_types(len(target.timesteps))),
@@ -343,3 +379,12 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
             if tensors[name].shape != derived.shape or not torch.allclose(tensors[name].float(), derived.float()):
                 raise ValueError(f"tensor {name!r} disagrees with the table its calibration and params give")
         return policy
+
+
+def token_partial_slots(model: nn.Module | object) -> torch.Tensor:
+    """bool [blocks, branches]: the model's plan slots whose branch can run on a subset of its tokens."""
+    spec = model_spec(model)
+    slots = torch.zeros(spec.num_blocks, len(spec.branches), dtype=torch.bool)
+    for branch in find_branches(resolve_denoiser(model)):
+        slots[branch.block, spec.branches.index(branch.name)] = branch.partial
+    return slots
