@@ -64,5 +64,5 @@ def test_dbcache_on_flux_leaves_the_block_order_diffusers_hooks_rely_on(bundle):
 def test_presets_that_do_not_fit_flux_are_skipped_with_a_note(bundle):
     notes = []
     rows = compare.preset_rows("DaTo", ["dato:interval=2"], notes, model_spec(bundle.transformer))
-    assert rows == [] and "attn1" in notes[0]
+    assert rows == [] and "skipped DaTo" in notes[0] and "flux family is not supported" in notes[0]
     assert len(compare.preset_rows("ToCa", ["toca:interval=2"], notes, model_spec(bundle.transformer))) == 1
