@@ -35,7 +35,7 @@ from l2c.adapters import find_blocks, find_branches
 from l2c.extension import BlockInput, first_stream
 from l2c.hooks import on_first_block, record_outputs
 from l2c.policies.selectors import spearman
-from l2c.policies.tokencache import TokenCacheCalibration, TokenCachePolicy
+from l2c.policies.tokencache import TokenCacheCalibration, TokenCachePolicy, token_partial_slots
 from l2c.token_importance import TokenImportancePredictor, block_image_tokens
 
 from .frozen_teacher import FrozenTeacherModule, step_generator
@@ -105,6 +105,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
             TokenImportancePredictor.from_teacher(self.teacher, ff_inner_dim, init_score)
         )
         self._scores: torch.Tensor | None = None
+        self.token_wise: list[list[bool]] = token_partial_slots(self.teacher).tolist()  # [blocks][branches]
 
     def check_fields(self) -> None:
         super().check_fields()
@@ -122,8 +123,9 @@ class TokenCacheTrainer(FrozenTeacherModule):
         self._scores = scores
         reuse = scores.new_zeros(())
         return {
-            (branch.block, self.spec.branches.index(branch.name)): scores[:, branch.block] if branch.partial else reuse
-            for branch in find_branches(self.teacher)
+            (block, index): scores[:, block] if wise else reuse
+            for block, row in enumerate(self.token_wise)
+            for index, wise in enumerate(row)
         }
 
     # -- training ----------------------------------------------------------------------------------
