@@ -328,7 +328,6 @@ def test_full_identical_static_saves_its_flops_and_remove_restores(name):
     model = pipe.transformer
     reference, full_flops = _flops(lambda: family.call(pipe))
     before = _snapshot(model)
-    prefix = type(model).__name__
 
     runtime = l2c.load_policy("full").apply(pipe)
     assert runtime.spec.family == family.name and runtime.branch_names == family.branches
@@ -343,7 +342,7 @@ def test_full_identical_static_saves_its_flops_and_remove_restores(name):
     half = STEPS // 2 * family.calls_per_step * family.hooked
     assert runtime.executed == Counter({Action.COMPUTE: half, Action.REUSE: half})
     # Exactly the reused half of the branches' work is skipped; everything outside the branches runs as before.
-    branch_flops = sum(full_flops.get(f"{prefix}.{_path(model, b.module)}", 0) for b in find_branches(model))
+    branch_flops = sum(_branch_flops(model, full_flops).values())
     assert branch_flops > 0
     assert full_flops["Global"] - static_flops["Global"] == branch_flops // 2
     runtime.remove()
@@ -353,6 +352,11 @@ def test_full_identical_static_saves_its_flops_and_remove_restores(name):
 
 def _path(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
+
+
+def _branch_flops(model: torch.nn.Module, flops: dict[str, int]) -> dict[tuple[int, str], int]:
+    prefix = type(model).__name__
+    return {(b.block, b.name): flops.get(f"{prefix}.{_path(model, b.module)}", 0) for b in find_branches(model)}
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -627,11 +631,6 @@ def _step_states(pipe) -> Callable[[], object]:
     resets it)."""
     states = pipe.transformer._diffusers_hook.get_hook("l2c_step").states
     return states.get_state
-
-
-def _branch_flops(model: torch.nn.Module, flops: dict[str, int]) -> dict[tuple[int, str], int]:
-    prefix = type(model).__name__
-    return {(b.block, b.name): flops.get(f"{prefix}.{_path(model, b.module)}", 0) for b in find_branches(model)}
 
 
 # Any change below 10 (every change these tiny models make): compute again two steps later. Steps 0 and 1 compute,
