@@ -45,6 +45,11 @@ def first_stream(output: BranchOutput) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def streams(output: BranchOutput) -> tuple[torch.Tensor, ...]:
+    """Every stream of a branch output: (the tensor,), or a joint attention's (image, text)."""
+    return output if isinstance(output, tuple) else (output,)
+
+
 @dataclass(frozen=True)
 class Computed:
     """One computed output of a branch, with the step index and timestep at which it was computed."""

@@ -38,7 +38,7 @@ from typing import Literal, get_args
 import torch
 
 from l2c.evaluate import SamplingSetup, SideBySide
-from l2c.extension import BranchCall, ForecastRequest
+from l2c.extension import BranchCall, ForecastRequest, streams
 from l2c.forecast import WeightTable
 from l2c.models import load_model
 from l2c.plan import Action
@@ -55,8 +55,7 @@ Slot = tuple[int, int, int]  # (step, block, branch index)
 
 def flat(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """A branch output as one float64 vector (a joint attention's streams one after the other)."""
-    streams = output if isinstance(output, tuple) else (output,)
-    return torch.cat([stream.detach().reshape(-1).double() for stream in streams])
+    return torch.cat([stream.detach().reshape(-1).double() for stream in streams(output)])
 
 
 @dataclass

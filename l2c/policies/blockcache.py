@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelSpec, find_branches, model_spec, resolve_denoiser
-from ..extension import BlockInput, BranchCall, BranchOutput, map_streams
+from ..extension import BlockInput, BranchCall, BranchOutput, map_streams, streams
 from ..plan import Action, Plan
 from ..runtime import BRANCH_HOOK, RECORD_TIMESTEPS, STEP_HOOK, CacheRuntime
 from .base import CachePolicy, PolicyTarget
@@ -130,17 +130,13 @@ def _has_hook(module: nn.Module, name: str) -> bool:
     return registry is not None and registry.get_hook(name) is not None
 
 
-def _streams(output: BranchOutput) -> tuple[torch.Tensor, ...]:
-    return output if isinstance(output, tuple) else (output,)
-
-
 def _shapes(output: BranchOutput) -> list[torch.Size]:
-    return [part.shape for part in _streams(output)]
+    return [part.shape for part in streams(output)]
 
 
 def _l1(output: BranchOutput) -> float:
     """‖output‖₁ over every stream (a joint attention's image and text)."""
-    return sum(float(part.abs().double().sum()) for part in _streams(output))
+    return sum(float(part.abs().double().sum()) for part in streams(output))
 
 
 class _ChangeMeter(FullPolicy):
