@@ -10,7 +10,9 @@
 
 Compute points 0.75, 0.5, 0.35, 0.25, 0.2 (`--targets`); after the table, the learned row against the best other
 at each point (JSON key `margins`). The "+ TaylorSeer forecast" rows are ToCa, DuCa and each TokenCache directory
-with `taylor_order=1` (the third command: BENCHMARKS.md's token-wise table). The logic lives in `l2c/compare.py`
+with `taylor_order=1` (the third command: BENCHMARKS.md's token-wise table); the "TokenCache, tuned" rows
+(`--only "TokenCache, tuned"`) are each directory's tables set to every compute point on the calibration noise, as
+TaylorSeer's knobs are. The logic lives in `l2c/compare.py`
 (also `python infer.py compare`); see BENCHMARKS.md for the latest table.
 """
 

@@ -8,7 +8,9 @@ would pick instead (`l2c.peers`: diffusers' FBCache and TaylorSeer, cache-dit's 
 to the compute points in `targets` (FLOPs ratio), always on a calibration noise set apart from the evaluation's:
 peers with a threshold by bisection of their FLOPs ratio; TaylorSeer (native and diffusers') and HiCache by the best
 calibration PSNR over a grid (orders 1, 2 × every interval and warm-up computing the point's share of steps);
-static every-N by rule. `margins` checks the issue's rule at each point (the learned row ≥ 3 dB ahead of the best
+each TokenCache directory also by the best calibration PSNR over its step tables (up to the point's share of full
+steps, TPRR's or one interval's), the token budget solved for the point's FLOPs ("TokenCache, tuned": the trained
+predictor as it is, its tables re-derived from the saved calibration); static every-N by rule. `margins` checks the issue's rule at each point (the learned row ≥ 3 dB ahead of the best
 other). A method that cannot run here is left out and said so in a note, never faked. `bench/compare.py` and
 `infer.py compare` are thin command lines over `run_comparison`.
 """
@@ -21,9 +23,9 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -33,12 +35,13 @@ from .metrics import psnr_db
 from .models import ModelBundle, load_model, model_scheduler_config, resolve_scheduler
 from .options import SCHEDULER_CHOICES, SCHEDULER_HELP, class_spec
 from .peers import DBCache, FBCache, Peer, TaylorSeer
-from .policies import FullPolicy, StaticPolicy
+from .policies import FullPolicy, StaticPolicy, TokenCachePolicy
 from .policies.taylorseer import compute_steps
 from .policy_io import load_policy, parse_preset
 from .rebudget import load_router, parse_budget_dir
 from .results import Column, format_table, write_results
 
+Setting = TypeVar("Setting")
 COLUMNS = ("method", "setting", "flops_ratio", "speedup_wall", "psnr_db", "ssim", "digit_accuracy", "fd_digits")
 
 
@@ -171,22 +174,6 @@ def l2c_rows(config: CompareConfig, notes: list[str]) -> list[Row]:
     return rows
 
 
-def tokencache_rows(config: CompareConfig, notes: list[str]) -> list[Row]:
-    if not config.tokencache:
-        notes.append("skipped TokenCache: no --tokencache policy directory given")
-    rows = []
-    for directory in config.tokencache:
-        try:
-            policy = load_policy(directory)
-        except ValueError as error:
-            notes.append(f"skipped TokenCache ({directory}): {error}")
-            continue
-        forecast = dataclasses.replace(policy, taylor_order=FORECAST_ORDER)
-        rows.append(Row("TokenCache", directory, policy))
-        rows.append(Row("TokenCache" + FORECAST_SUFFIX, f"{directory} (taylor_order={FORECAST_ORDER})", forecast))
-    return rows
-
-
 @dataclass(frozen=True)
 class SeerSetting:
     """One TaylorSeer setting, the same knobs for the native policy and diffusers' hook."""
@@ -253,26 +240,30 @@ def beside_presets(flops_ratio: float, steps: int) -> list[tuple[str, str]]:
     return [("static every-N", static_preset_at(flops_ratio, steps)), (NATIVE_TAYLORSEER, native.describe())]
 
 
+SEER_GRID = (
+    f"orders {', '.join(map(str, SEER_ORDERS))} × intervals and warm-ups computing within {SEER_TOLERANCE} of the point"
+)
+
+
 @dataclass
-class Tuned:
+class Tuned(Generic[Setting]):
     """The setting chosen on the calibration noise and what choosing it cost."""
 
-    setting: SeerSetting
+    setting: Setting
     psnr_db: float
     grid_size: int
     wall_s: float
 
-    def note(self, calibration: SamplingSetup) -> str:
+    def note(self, calibration: SamplingSetup, grid: str = SEER_GRID) -> str:
         return (
-            f"chosen of {self.grid_size} settings (orders {', '.join(map(str, SEER_ORDERS))} × intervals and "
-            f"warm-ups computing within {SEER_TOLERANCE} of the point) by PSNR on {calibration.num_samples} "
+            f"chosen of {self.grid_size} settings ({grid}) by PSNR on {calibration.num_samples} "
             f"calibration samples (seed {calibration.seed}): {self.psnr_db:.2f} dB; tuning took {self.wall_s:.1f}s"
         )
 
 
 def tune_on_calibration(
-    grid: list[SeerSetting], make: Callable[[SeerSetting], CacheMethod], bench: SideBySide, reference: torch.Tensor
-) -> Tuned:
+    grid: list[Setting], make: Callable[[Setting], CacheMethod], bench: SideBySide, reference: torch.Tensor
+) -> Tuned[Setting]:
     """The grid setting whose samples on `bench`'s (calibration) noise are closest to `reference`, the uncached
     samples of that noise, by PSNR; ties go to the earlier setting."""
     start = time.perf_counter()
@@ -326,9 +317,141 @@ def taylorseer_rows(config: CompareConfig, bench: SideBySide, reference: torch.T
     return rows
 
 
-def peer_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> list[Row]:
-    calibration = config.calibration_run(config.calibration_samples)
-    bench = SideBySide(bundle, calibration, progress=False)
+PLAN_FLOPS_SAMPLES = 2
+
+
+class CalibrationSet:
+    """The calibration noise (the evaluation's seed + 1) every tuned knob is set on, and its uncached samples, made
+    once for all the methods tuned on them."""
+
+    def __init__(self, bundle: ModelBundle, config: CompareConfig) -> None:
+        self.bench = SideBySide(bundle, config.calibration_run(config.calibration_samples), progress=False)
+        # A plan fixes what TokenCache computes whatever the noise: its FLOPs are counted on a couple of samples.
+        self.plan_flops = SideBySide(bundle, config.calibration_run(PLAN_FLOPS_SAMPLES), progress=False)
+
+    @cached_property
+    def reference(self) -> torch.Tensor:
+        return self.bench.images(None)
+
+
+# -- TokenCache: as exported, and its tables set to each compute point on the calibration noise -----------------------
+TOKENCACHE = "TokenCache"
+TOKENCACHE_TUNED = "TokenCache, tuned"
+TOKENCACHE_PROBES = (0.1, 0.5)  # token budgets whose FLOPs fix the line a point's budget is read from
+TOKENCACHE_SECANT_STEPS = 3  # refinements of that budget until its FLOPs are within the point's tolerance
+TOKENCACHE_GRID = (
+    f"full steps ≤ the point's share × TPRR or one interval, the token budget solved for FLOPs within "
+    f"{SEER_TOLERANCE} of the point"
+)
+
+
+@dataclass(frozen=True)
+class TokenCacheSetting:
+    """One operating point of a trained TokenCache policy: its tables re-derived from the saved calibration (no
+    retraining), as `bench/tokencache_compare.py --token-budget --full-steps` does."""
+
+    full_steps: int
+    tprr: bool
+    token_budget: float
+
+    def of(self, policy: TokenCachePolicy) -> TokenCachePolicy:
+        return dataclasses.replace(
+            policy, full_steps=self.full_steps, tprr=self.tprr, token_budget=self.token_budget
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        schedule = "TPRR" if self.tprr else "one interval"
+        return f"full_steps={self.full_steps} ({schedule}), token_budget={self.token_budget:.3f}"
+
+
+def budget_at(flops: Callable[[float], float], target: float) -> float | None:
+    """The token budget in (0, 1] whose FLOPs ratio (`flops(budget)`) is within `SEER_TOLERANCE` of `target`: read
+    off the line through the two probe budgets, then refined by secant steps; None if no budget gets there."""
+    points = [(budget, flops(budget)) for budget in TOKENCACHE_PROBES]
+    for _ in range(TOKENCACHE_SECANT_STEPS):
+        (low, f_low), (high, f_high) = points
+        if f_high <= f_low:  # the budget does not move the FLOPs (e.g. no token-wise slot)
+            return None
+        guess = round(low + (target - f_low) * (high - low) / (f_high - f_low), 4)
+        if not 0.0 < guess <= 1.0:
+            return None
+        f_guess = flops(guess)
+        if near_point(f_guess, target, SEER_TOLERANCE):
+            return guess
+        nearer = min(points, key=lambda point: abs(point[1] - target))
+        points = sorted([nearer, (guess, f_guess)])
+    return None
+
+
+def tokencache_grid(
+    policy: TokenCachePolicy, target: float, steps: int, flops_ratio: Callable[[CacheMethod], float]
+) -> list[TokenCacheSetting]:
+    """Every distinct step table of `policy` with at most the point's share of full steps (TPRR's and the single
+    interval's, 2 full steps or more), each with the token budget that brings it to `target` (`budget_at`); a table
+    no budget brings there is left out."""
+    settings, seen = [], set()
+    for full_steps in range(2, math.floor(target * steps + 1e-9) + 1):
+        for tprr in (True, False):
+            table = tuple(dataclasses.replace(policy, full_steps=full_steps, tprr=tprr).step_types(steps).tolist())
+            if table in seen:
+                continue
+            seen.add(table)
+            budget = budget_at(
+                lambda b, f=full_steps, t=tprr: flops_ratio(TokenCacheSetting(f, t, b).of(policy)), target
+            )  # fmt: skip
+            if budget is not None:
+                settings.append(TokenCacheSetting(full_steps, tprr, budget))
+    return settings
+
+
+def load_tokencache(directory: str, notes: list[str]) -> TokenCachePolicy | None:
+    try:
+        policy = load_policy(directory)
+    except ValueError as error:
+        notes.append(f"skipped TokenCache ({directory}): {error}")
+        return None
+    if not isinstance(policy, TokenCachePolicy):
+        notes.append(f"skipped TokenCache ({directory}): a {policy.kind} policy, not a tokencache one")
+        return None
+    return policy
+
+
+def tokencache_rows(config: CompareConfig, calibration: CalibrationSet, notes: list[str]) -> list[Row]:
+    """Each directory as exported (and its forecast variant), then, as TaylorSeer is, set to every compute point on
+    the calibration noise: the `tokencache_grid` setting of best calibration PSNR (the forecast variant tuned on
+    its own)."""
+    if not config.tokencache:
+        notes.append("skipped TokenCache: no --tokencache policy directory given")
+    rows = []
+    for directory in config.tokencache:
+        policy = load_tokencache(directory, notes)
+        if policy is None:
+            continue
+        forecast = dataclasses.replace(policy, taylor_order=FORECAST_ORDER)
+        rows.append(Row(TOKENCACHE, directory, policy))
+        rows.append(Row(TOKENCACHE + FORECAST_SUFFIX, f"{directory} (taylor_order={FORECAST_ORDER})", forecast))
+        variants = [(TOKENCACHE_TUNED, policy), (TOKENCACHE_TUNED + FORECAST_SUFFIX, forecast)]
+        variants = [(method, base) for method, base in variants if config.wants(method)]
+        if not variants:
+            continue
+        for target in config.compute_points:
+            grid = tokencache_grid(policy, target, config.steps, calibration.plan_flops.flops_ratio)
+            if not grid:
+                notes.append(f"skipped {TOKENCACHE_TUNED} ({directory}) at {target}: no table reaches the point")
+                continue
+            for method, base in variants:
+                tuned = tune_on_calibration(grid, lambda s, base=base: s.of(base), calibration.bench,
+                                            calibration.reference)  # fmt: skip
+                setting = f"{directory} at {target}: {tuned.setting.describe()}"
+                if base.taylor_order:
+                    setting += f", taylor_order={base.taylor_order}"
+                note = tuned.note(calibration.bench.setup, TOKENCACHE_GRID)
+                rows.append(Row(method, setting, tuned.setting.of(base), note=note))
+    return rows
+
+
+def peer_rows(config: CompareConfig, bundle: ModelBundle, calibration: CalibrationSet, notes: list[str]) -> list[Row]:
+    bench = calibration.bench
     rows = []
     for cls in (FBCache, DBCache):
         if not config.wants(cls.method):
@@ -347,7 +470,7 @@ def peer_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> l
                 note = f"{cls.note}; tuned to {target} (calibration flops_ratio {ratio:.3f})"
             rows.append(Row(cls.method, peer.describe(), peer, note=note))
     if any(config.wants(method) for method in (NATIVE_TAYLORSEER, TaylorSeer.method, HICACHE)):
-        rows += taylorseer_rows(config, bench, bench.images(None))
+        rows += taylorseer_rows(config, bench, calibration.reference)
     return rows
 
 
@@ -360,8 +483,9 @@ def build_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> 
         rows += preset_rows(method, presets, notes, spec)
     rows += preset_rows("DaTo", interval_presets("dato", config), notes, spec)
     rows += l2c_rows(config, notes)
-    rows += tokencache_rows(config, notes)
-    rows += peer_rows(config, bundle, notes)
+    calibration = CalibrationSet(bundle, config)
+    rows += tokencache_rows(config, calibration, notes)
+    rows += peer_rows(config, bundle, calibration, notes)
     return [row for row in rows if row.method == "uncached" or config.wants(row.method)]
 
 

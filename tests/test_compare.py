@@ -308,3 +308,17 @@ def test_exported_forecast_routers_run_as_labelled_l2c_rows(forecast_policy, tmp
     assert at_half["best_other"]["method"] == "static every-N"
     expected = rows["L2C"]["psnr_db"] - rows["static every-N"]["psnr_db"]
     assert at_half["learned"]["method"] == "L2C" and at_half["psnr_margin_db"] == pytest.approx(expected)
+
+
+def test_the_token_budget_is_solved_for_the_point_through_a_curved_flops_line():
+    calls = []
+
+    def flops(budget):
+        calls.append(budget)
+        return 0.2 + 0.5 * budget**2  # convex: the line through the probes overshoots, secant steps correct it
+
+    budget = compare.budget_at(flops, 0.45)
+    assert budget is not None and abs(flops(budget) - 0.45) <= compare.SEER_TOLERANCE
+    assert calls[:2] == list(compare.TOKENCACHE_PROBES) and len(calls) <= 2 + compare.TOKENCACHE_SECANT_STEPS + 1
+    assert compare.budget_at(lambda b: 0.3, 0.5) is None  # the budget does not move the FLOPs
+    assert compare.budget_at(lambda b: 0.2 + 0.1 * b, 0.9) is None  # no budget in (0, 1] gets there

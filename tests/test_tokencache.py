@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -376,3 +377,29 @@ def test_random_tokens_ablation_runs_the_same_plan_without_the_predictor():
         assert SIGNAL not in request.state.signals
         assert torch.equal(index, random_tokens(0)(request))
     assert run(policy) == run(tiny_policy(model))  # the same executions as the predictor's policy
+
+
+def test_compare_sets_the_tables_to_each_point_on_calibration_noise_and_keeps_the_best(fitted):
+    from l2c import compare
+    from l2c.metrics import psnr_db
+    from l2c.models import load_model
+
+    config = compare.CompareConfig(model=str(fitted.teacher), steps=4, guidance_scale=2.0, targets=(0.75,),
+                                   calibration_samples=2, tokencache=[str(fitted.root / "policy")])  # fmt: skip
+    bundle = load_model(config.model)
+    calibration = compare.CalibrationSet(bundle, config)
+    notes = []
+    rows = compare.tokencache_rows(config, calibration, notes)
+    assert [row.method for row in rows] == ["TokenCache", "TokenCache + TaylorSeer forecast", "TokenCache, tuned",
+                                            "TokenCache, tuned + TaylorSeer forecast"] and not notes  # fmt: skip
+    policy = rows[0].policy
+    grid = compare.tokencache_grid(policy, 0.75, 4, calibration.plan_flops.flops_ratio)
+    assert grid and all(2 <= s.full_steps <= 3 for s in grid)  # at most 0.75 · 4 full steps
+    tables = {tuple(s.of(policy).step_types(4).tolist()) for s in grid}
+    assert len(tables) == len(grid)  # each step table once
+    for setting in grid:
+        assert abs(calibration.plan_flops.flops_ratio(setting.of(policy)) - 0.75) <= compare.SEER_TOLERANCE
+    scores = [psnr_db(calibration.bench.images(s.of(policy)), calibration.reference) for s in grid]
+    tuned = rows[2].policy
+    assert (tuned.full_steps, tuned.tprr, tuned.token_budget) == dataclasses.astuple(grid[scores.index(max(scores))])
+    assert rows[3].policy.taylor_order == 1 and "chosen of" in rows[2].note
