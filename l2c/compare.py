@@ -4,15 +4,16 @@ Rows: the uncached model (`full`: hooks on, nothing reused), fewer sampling step
 every-N, ToCa, DuCa, DaTo, trained L2C and TokenCache policy directories, ToCa, DuCa and TokenCache each also with
 the tokens they do not recompute forecast (`taylor_order=1`, the "+ TaylorSeer forecast" rows: the same plan, so the
 same compute), native TaylorSeer, HiCache (TaylorSeer's schedule, its scaled-Hermite forecast), and the peers users
-would pick instead (`l2c.peers`: diffusers' FBCache and TaylorSeer, cache-dit's DBCache). Methods with a knob are set
-to the compute points in `targets` (FLOPs ratio), always on a calibration noise set apart from the evaluation's:
+would pick instead (`l2c.peers`: diffusers' FBCache and TaylorSeer, cache-dit's DBCache). Methods with a knob are
+set to the compute points in `targets` (FLOPs ratio), always on a calibration noise set apart from the evaluation's:
 peers with a threshold by bisection of their FLOPs ratio; TaylorSeer (native and diffusers') and HiCache by the best
-calibration PSNR over a grid (orders 1, 2 × every interval and warm-up computing the point's share of steps);
-each TokenCache directory also by the best calibration PSNR over its step tables (up to the point's share of full
-steps, TPRR's or one interval's), the token budget solved for the point's FLOPs ("TokenCache, tuned": the trained
-predictor as it is, its tables re-derived from the saved calibration); static every-N by rule. `margins` checks the issue's rule at each point (the learned row ≥ 3 dB ahead of the best
-other). A method that cannot run here is left out and said so in a note, never faked. `bench/compare.py` and
-`infer.py compare` are thin command lines over `run_comparison`.
+calibration PSNR over a grid (orders 1, 2 × every interval and warm-up computing the point's share of steps); each
+TokenCache directory also by the best calibration PSNR over its step tables (up to the point's share of full steps,
+TPRR's or one interval's), the token budget solved for the point's FLOPs ("TokenCache, tuned": the trained predictor
+as it is, its tables re-derived from the saved calibration); static every-N by rule. `margins` checks the issue's
+rule at each point (the learned row ≥ 3 dB ahead of the best other). A method that cannot run here is left out and
+said so in a note, never faked. `bench/compare.py` and `infer.py compare` are thin command lines over
+`run_comparison`.
 """
 
 from __future__ import annotations
