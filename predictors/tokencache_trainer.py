@@ -17,7 +17,8 @@ step Σ_branches ‖f(z_s)ᵢ − f(z_{s−g})ᵢ‖ / g of block b, divided by 
 `token_budget`, not the scores' mean.
 
 Export (on fit end): the predictor runs over `calibration_samples` teacher trajectories (seeds apart from the
-training and evaluation seeds) and the measured statistics (`TokenCacheCalibration`) are saved with its weights.
+training and evaluation seeds; class labels 0, 1, …, or a text-conditioned teacher's first prompts of the fit's data)
+and the measured statistics (`TokenCacheCalibration`) are saved with its weights.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 from tqdm.auto import tqdm
 
+from data.prompts import PromptConditions
 from l2c.adapters import find_blocks, find_branches
 from l2c.extension import BlockInput, first_stream
 from l2c.hooks import on_first_block, record_outputs
 from l2c.policies.selectors import spearman
 from l2c.policies.tokencache import TokenCacheCalibration, TokenCachePolicy, token_partial_slots
+from l2c.sampling import Condition
 from l2c.token_importance import TokenImportancePredictor, block_image_tokens
 
 from .frozen_teacher import FrozenTeacherModule, step_generator
@@ -104,8 +107,11 @@ class TokenCacheTrainer(FrozenTeacherModule):
         self.predictor = without_label_dropout(
             TokenImportancePredictor.from_teacher(self.teacher, ff_inner_dim, init_score)
         )
-        self._scores: torch.Tensor | None = None
+        self._scores: list[torch.Tensor] = []  # of the student's calls this step (Wan, Qwen-Image: cond, uncond)
         self.token_wise: list[list[bool]] = token_partial_slots(self.teacher).tolist()  # [blocks][branches]
+        # The blocks with a token-wise branch: the only ones a cache step recomputes tokens of (not Flux.2's single
+        # blocks), so the only ones whose scores are trained, budgeted and calibrated.
+        self.scored_blocks = [block for block, row in enumerate(self.token_wise) if any(row)]
 
     def check_fields(self) -> None:
         super().check_fields()
@@ -118,9 +124,10 @@ class TokenCacheTrainer(FrozenTeacherModule):
     def _gates(self, point: BlockInput) -> dict[tuple[int, int], torch.Tensor]:
         """The student call's blend gates: the predictor's scores of the very input its first block sees, per image
         token on the token-wise branches (the runtime recomputes a joint branch's text tokens); the other branches
-        (Flux's joint attention and text MLP) reuse their cache, as on an inference cache step."""
+        (the joint attentions, the text MLPs, Flux.2's single blocks) reuse their cache, as on an inference cache
+        step."""
         scores = self.predictor(point.args, point.kwargs)  # [batch, blocks, tokens]
-        self._scores = scores
+        self._scores.append(scores)
         reuse = scores.new_zeros(())
         return {
             (block, index): scores[:, block] if wise else reuse
@@ -138,13 +145,14 @@ class TokenCacheTrainer(FrozenTeacherModule):
         if hp.objective == "rate":
             return self._rate_step(trajectory, step, gap)
         self.start_cache(trajectory, step - gap)
+        self._scores = []
         with self.blending(self._gates):
             out = self.teacher_output(trajectory, step)
-        scores, self._scores = self._scores, None
+        scores = torch.cat(self._scores)
         mse = F.mse_loss(out, trajectory.model_output(step))
         # The budget is on the global batch's mean score: its value all-reduced over ranks, its gradient this rank's,
         # so DDP's gradient average is the 1-process gradient of (mean − target)² (a square of a mean is not linear).
-        mean = scores.mean()
+        mean = scores[:, self.scored_blocks].mean()
         mean = mean + (self.trainer.strategy.reduce(mean.detach().clone(), reduce_op="mean") - mean).detach()
         budget = BUDGET_TERMS[hp.budget_loss](mean, hp.target_ratio)
         loss = mse + hp.budget_weight * budget
@@ -172,8 +180,8 @@ class TokenCacheTrainer(FrozenTeacherModule):
                 later = branch_outputs(self.teacher, lambda: self.teacher_output(trajectory, step))
         finally:
             scoring.remove()
-        scores = self.predictor(*seen["input"])
-        target = change_rate(earlier, later, gap, image_tokens=scores.shape[-1])  # [batch, blocks, tokens]
+        scores = self.predictor(*seen["input"])[:, self.scored_blocks]
+        target = change_rate(earlier, later, gap, image_tokens=scores.shape[-1])  # [batch, scored blocks, tokens]
         loss = F.mse_loss(torch.log(scores + RATE_FLOOR), torch.log(target + RATE_FLOOR))
         self.check_finite({"train/loss": loss})
         with torch.no_grad():
@@ -192,9 +200,8 @@ class TokenCacheTrainer(FrozenTeacherModule):
     @torch.no_grad()
     def calibrate(self, num_samples: int) -> TokenCacheCalibration:
         """Run the predictor over teacher trajectories: score histograms per block, per-step importance and change."""
-        labels = torch.arange(num_samples) % self.bundle.num_classes
         seeds = CALIBRATION_SEED + torch.arange(num_samples)
-        trajectory = self.trajectories.get(self, labels, seeds)
+        trajectory = self.trajectories.get(self, self.calibration_conditions(num_samples), seeds)
         steps, blocks = len(self.timesteps), self.spec.num_blocks
         histogram = torch.zeros(blocks, HISTOGRAM_BINS, dtype=torch.float64)
         importance = torch.zeros(steps, dtype=torch.float64)
@@ -211,12 +218,13 @@ class TokenCacheTrainer(FrozenTeacherModule):
                     range(steps), desc="calibrating tokencache", unit="step", disable=self.global_rank > 0
                 ):
                     self.teacher_output(trajectory, step)
-                    outputs = {b: block_image_tokens(blocks_of[b], recorded[b]).float() for b in range(blocks)}
+                    scores = seen["scores"].double().cpu()
+                    tokens = scores.shape[-1]
+                    outputs = {b: block_image_tokens(blocks_of[b], recorded[b], tokens).float() for b in range(blocks)}
                     if step > 0:
-                        scores = seen["scores"].double().cpu()
                         for block in range(blocks):
                             histogram[block] += torch.histc(scores[:, block], HISTOGRAM_BINS, 0.0, 1.0)
-                        importance[step] = scores.mean()
+                        importance[step] = scores[:, self.scored_blocks].mean()
                         error[step] = torch.stack(
                             [(outputs[b] - previous[b]).norm() / previous[b].norm() for b in range(blocks)]
                         ).mean()
@@ -225,6 +233,21 @@ class TokenCacheTrainer(FrozenTeacherModule):
             scoring.remove()
             self.predictor.train(was_training)
         return TokenCacheCalibration(histogram, importance.float(), error.float())
+
+    def calibration_conditions(self, num_samples: int) -> Condition:
+        """What the calibration trajectories are conditioned on: labels 0, 1, … of a class-conditional teacher; of a
+        text-conditioned one, the fit's first prompts (items 0 … n−1 of its `PromptDataModule`: the same on every
+        rank)."""
+        if not self.bundle.text_conditioned:
+            return torch.arange(num_samples) % self.bundle.num_classes
+        prompts = getattr(getattr(self._trainer, "datamodule", None), "train_set", None)
+        if not isinstance(prompts, PromptConditions):
+            raise ValueError(
+                f"tokencache trainer: teacher {self.hparams.teacher!r} is text-conditioned; its calibration reads the "
+                "prompts of the fit's PromptDataModule (export at the end of `fit`, with `--model.export_dir`)"
+            )
+        condition, _ = prompts.collate([prompts[index] for index in range(num_samples)])
+        return condition
 
     def trained_policy(self) -> TokenCachePolicy:
         """The policy of the current predictor, calibrated on teacher trajectories."""
@@ -259,16 +282,14 @@ def branch_outputs(model: nn.Module, run) -> dict[tuple[int, str], torch.Tensor]
 
 
 def change_rate(earlier: dict, later: dict, gap: int, image_tokens: int | None = None) -> torch.Tensor:
-    """The rate objective's target [batch, blocks, tokens]: per block and token, Σ_branches ‖later − earlier‖ / gap,
-    over the mean (per sample, over blocks and tokens) of Σ_branches ‖later‖. `image_tokens`: keep each output's last
-    that many tokens (the image tokens of a joint branch's [text; image]; None: every token)."""
-    blocks = 1 + max(block for block, _ in later)
+    """The rate objective's target [batch, blocks, tokens] (the blocks with a measured branch, in order): per block
+    and token, Σ_branches ‖later − earlier‖ / gap, over the mean (per sample, over blocks and tokens) of
+    Σ_branches ‖later‖. `image_tokens`: keep each output's last that many tokens (the image tokens of a joint
+    branch's [text; image]; None: every token)."""
     image = slice(None) if image_tokens is None else slice(-image_tokens, None)
     moved, size = [], []
-    for block in range(blocks):
+    for block in sorted({block for block, _ in later}):
         names = [key for key in later if key[0] == block]
-        if not names:
-            raise ValueError(f"tokencache trainer: block {block} has no token-wise branch to measure the rate of")
         moved.append(sum((later[key][:, image] - earlier[key][:, image]).norm(dim=-1) for key in names))
         size.append(sum(later[key][:, image].norm(dim=-1) for key in names))
     moved, size = torch.stack(moved, dim=1), torch.stack(size, dim=1)

@@ -1,5 +1,6 @@
 """TokenCache on Flux.1 (`embedded:digits-flux`): the trainer's blend on the token-wise branches, the export's plan
-partial exactly there, and what `infer.py sample` executes is that plan; families without a scored block are refused."""
+partial exactly there, and what `infer.py sample` executes is that plan; a block class without a `ScoredBlock` is
+refused (the other families: tests/test_tokencache_families.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from test_families import sd3_pipeline
+from diffusers.models.resnet import ResnetBlock2D
 from test_tokencache import quiet_trainer
 
 import l2c
 from data.conditions import ClassConditionDataModule
 from l2c import Action
+from l2c.adapters import BLOCK_FAMILIES
 from l2c.hooks import on_first_block
 from l2c.policies.tokencache import TokenCachePolicy, token_partial_slots
-from l2c.token_importance import TokenImportancePredictor
+from l2c.token_importance import SCORED_BLOCKS, TokenImportancePredictor, scored_block
 from predictors.tokencache_trainer import TokenCacheTrainer
 
 STEPS = 4
@@ -88,10 +90,10 @@ def test_export_is_partial_exactly_on_the_token_wise_slots_and_infer_executes_it
     assert report["flops_ratio"] < 1.0
 
 
-def test_families_without_a_scored_block_and_unbound_flux_policies_are_refused(fitted):
-    transformer = sd3_pipeline().transformer
-    with pytest.raises(TypeError, match="cannot score the tokens of a JointTransformerBlock"):
-        TokenImportancePredictor.from_teacher(transformer)
+def test_every_block_family_has_a_scored_block_other_blocks_and_unbound_flux_policies_are_refused(fitted):
+    assert {family.block_class for family in BLOCK_FAMILIES} <= {entry.block_class for entry in SCORED_BLOCKS}
+    with pytest.raises(TypeError, match="cannot score the tokens of a ResnetBlock2D"):
+        scored_block(ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=None, groups=2))
     policy = l2c.load_policy(fitted.root / "policy")
     unbound = TokenCachePolicy(
         **policy.params(), predictor_state=policy.predictor_state, calibration=policy.calibration

@@ -4,8 +4,9 @@ Steps are *full* (every branch computes) or *cache* steps, set by a Two-Phase Ro
 boundary step splits the run into two phases, each with its own interval between full steps. On a cache step,
 block b recomputes the share `ratio[b]` of its image tokens in every token-partial branch (DiT/PixArt: attn1, attn2,
 ff; Flux.1: the double blocks' `ff`, the single blocks' `proj_mlp` and `proj_out`, whose text tokens always
-recompute) and reuses the rest; a branch that cannot run token by token (Flux's joint attention, its text MLP
-`ff_context`) computes on full steps and is reused on cache steps, as ToCa's Flux preset does. Which tokens: the
+recompute; Flux.2 and SD3: `ff`; Wan: `attn2`, `ffn`; Qwen-Image: `img_mlp`) and reuses the rest; a branch that
+cannot run token by token (the joint attentions, the text MLPs, SD3.5's `attn2`, Wan's self-attention, Flux.2's fused
+single blocks) computes on full steps and is reused on cache steps, as ToCa's presets do. Which tokens: the
 highest scores of a `TokenImportancePredictor` (`l2c/token_importance.py`) run on that step's input inside the model
 call, at the runtime's before-blocks point (so FlopCounterMode counts it). Blocks whose ratio falls under `floor`
 are cached whole. Which slots are token-partial is read from the model when the policy is bound to it
@@ -20,8 +21,9 @@ same age and the two rules agree. A policy directory without the field loads as 
 `tokens="random"` (the ablation of the predictor) picks seeded uniform tokens on the same plan, the predictor not run.
 
 Both tables come from statistics measured at export (`TokenCacheCalibration`), not from constants:
-- per-block ratios (adaptive block selection): every calibration score of every (block, token) is pooled, the top
-  `token_budget` share of the pool is kept, and block b's ratio is the share of its own scores in that top set;
+- per-block ratios (adaptive block selection): every calibration score of every (block, token) is pooled (the
+  blocks with a token-wise slot), the top `token_budget` share of the pool is kept, and block b's ratio is the share
+  of its own scores in that top set;
 - TPRR: among all two-phase schedules with at most `full_steps` full steps, the one whose worst accumulated
   per-step change since the last full step is smallest (the measured per-step error or the predictor's mean
   per-step importance, `tprr_signal`). See docs/tokencache.md for the choices and their measurements.
@@ -224,13 +226,28 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
         return self.calibration
 
     def block_ratios(self) -> torch.Tensor:
-        """Exported per-block ratios [blocks] (0 = cached whole on cache steps)."""
-        adaptive = adaptive_block_ratios(
-            self._calibration("block selection").score_histogram, self.token_budget, self.floor
-        )
+        """Exported per-block ratios [blocks] (0 = cached whole on cache steps). The budget is shared among the blocks
+        with a token-wise slot; a block without one (Flux.2's single blocks) is cached whole on cache steps."""
+        histogram = self._calibration("block selection").score_histogram
+        scored = self.scored_blocks(len(histogram))
+        ratios = torch.zeros(len(histogram))
+        if not bool(scored.any()):
+            return ratios
+        ratios[scored] = adaptive_block_ratios(histogram[scored], self.token_budget, self.floor)
         if self.adaptive:
-            return adaptive
-        return torch.full_like(adaptive, float(adaptive.mean()))
+            return ratios
+        return torch.where(scored, ratios[scored].mean(), ratios)
+
+    def scored_blocks(self, num_blocks: int) -> torch.Tensor:
+        """bool [blocks]: the blocks with at least one token-wise slot (all of them without `partial_slots`)."""
+        if self.partial_slots is None:
+            return torch.ones(num_blocks, dtype=torch.bool)
+        if len(self.partial_slots) != num_blocks:
+            raise ValueError(
+                f"{self.kind} policy: field 'partial_slots' has {len(self.partial_slots)} blocks, the calibration "
+                f"{num_blocks}"
+            )
+        return self.partial_slots.bool().any(dim=1)
 
     def tprr_schedule(self, num_steps: int) -> TPRRSchedule:
         calibration = self._calibration("TPRR")
