@@ -172,6 +172,45 @@ def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops(sta
     assert one_call > 0 and with_predictor - without == 3 * one_call
 
 
+def test_rescore_interval_runs_the_predictor_once_per_cache_interval_and_ranks_those_scores_by_age():
+    model = tiny_dit()
+    latents, labels = dit_inputs(batch=2)
+    timesteps = ddim_timesteps(6)
+    seen, flops = {}, {}
+    for rescore in ("step", "interval"):
+        policy = tiny_policy(model, rescore=rescore)  # full steps 0, 3, 5; cache steps 1, 2, 4
+
+        def run(policy=policy, rescore=rescore):
+            with policy.apply(model, timesteps=timesteps) as runtime, torch.no_grad():
+                selector = runtime.selector
+
+                def select(request):
+                    scores = request.state.signals[SIGNAL][:, request.block].clone()
+                    index = selector(request)
+                    ranked = scores * (request.store.age + 1)
+                    assert torch.equal(index, torch.argsort(ranked, dim=1, descending=True, stable=True)[:, :8])
+                    seen.setdefault(rescore, {})[request.step] = scores
+                    return index
+
+                runtime.selector = select
+                for t in timesteps:
+                    model(latents, timestep=t.expand(2), class_labels=labels)
+
+        _, flops[rescore] = count_flops(run)
+    every, interval = seen["step"], seen["interval"]
+    assert sorted(every) == sorted(interval) == [1, 2, 4]
+    assert not torch.equal(every[2], every[1])  # each step's own input scores differently...
+    assert torch.equal(interval[2], every[1])  # ...but "interval" ranks step 1's scores again on step 2
+    assert torch.equal(interval[1], every[1]) and torch.equal(interval[4], every[4])  # rescored after each full step
+    grab = {}
+    handle = on_first_block(model, lambda a, k: grab.setdefault("call", (a, k)))
+    with torch.no_grad():
+        model(latents, timestep=timesteps[2].expand(2), class_labels=labels)
+    handle.remove()
+    _, one_call = count_flops(lambda: policy.build_predictor(model)(*grab["call"]))
+    assert one_call > 0 and flops["step"] - flops["interval"] == one_call  # step 2's predictor call, no other
+
+
 def record(selector, chosen: list, ages: dict | None = None):
     def wrapped(request):
         if ages is not None:  # the store's ages as the selector saw them (the store is updated after selection)
@@ -226,6 +265,7 @@ def test_ablation_switches_change_only_their_table():
         ({"full_steps": 0}, "full_steps"),
         ({"tprr_signal": "x"}, "tprr_signal"),
         ({"staleness": "steps"}, "staleness"),
+        ({"rescore": "always"}, "rescore"),
     ],
 )
 def test_bad_fields_are_named(kwargs, field):

@@ -19,6 +19,9 @@ a token recomputed on the previous cache step from one cached since the last ful
 drift its cached output has accumulated at that rate; on the first cache step after a full step every token has the
 same age and the two rules agree. A policy directory without the field loads as `"none"` (what it was saved with).
 `tokens="random"` (the ablation of the predictor) picks seeded uniform tokens on the same plan, the predictor not run.
+`rescore="interval"` runs the predictor on the first cache step after each full step only and ranks the same scores
+(× the tokens' ages) on the interval's later cache steps: the predictor is a copy of a whole block, which on a model
+of few blocks costs as much as recomputing a fifth of the tokens on every cache step (docs/tokencache.md).
 
 Both tables come from statistics measured at export (`TokenCacheCalibration`), not from constants:
 - per-block ratios (adaptive block selection): every calibration score of every (block, token) is pooled (the
@@ -61,6 +64,10 @@ TPRR_SIGNALS = ("error", "importance")
 Staleness = Literal["none", "age"]  # selection score: the predictor's score, or score × steps since last computed
 STALENESS: tuple[str, ...] = get_args(Staleness)
 STALENESS_OF_OLD_FILES = "none"  # what a policy directory saved before the field existed selected by
+# When the predictor runs: on every cache step ("step", the paper), or on the first cache step after each full step
+# only ("interval"), the later cache steps of that interval ranking the same scores (× their tokens' new ages).
+Rescore = Literal["step", "interval"]
+RESCORE: tuple[str, ...] = get_args(Rescore)
 TokenChoice = Literal["predictor", "random"]  # who picks a cache step's tokens ("random": the ablation)
 TOKEN_CHOICES: tuple[str, ...] = get_args(TokenChoice)
 PREDICTOR_PREFIX = "predictor."
@@ -182,6 +189,7 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
     ff_inner_dim: int | None = None  # the predictor's MLP width (None: the teacher's)
     staleness: Staleness = "age"  # "none": rank by the score (the paper); "age": by score × steps since computed
     tokens: TokenChoice = "predictor"  # "random" (ablation): seeded uniform tokens, the predictor not run
+    rescore: Rescore = "step"  # "interval": the predictor runs once per cache interval (its cost / interval length)
     # m ≥ 1: forecast the tokens a cache step does not recompute (TaylorSeer order m; `token_forecast.py`).
     taylor_order: int | None = None  # None or 0: reuse them
     predictor_state: dict[str, torch.Tensor] | None = field(default=None, kw_only=True, repr=False)
@@ -211,6 +219,8 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
                 raise ValueError(f"{name} policy: field '{key}' must be true or false, got {getattr(self, key)!r}")
         if self.tokens not in TOKEN_CHOICES:
             raise ValueError(f"{name} policy: field 'tokens' must be one of {list(TOKEN_CHOICES)}, got {self.tokens!r}")
+        if self.rescore not in RESCORE:
+            raise ValueError(f"{name} policy: field 'rescore' must be one of {list(RESCORE)}, got {self.rescore!r}")
         if self.staleness not in STALENESS:
             raise ValueError(
                 f"{name} policy: field 'staleness' must be one of {list(STALENESS)}, got {self.staleness!r}"
@@ -355,10 +365,15 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
             self._predictors[model] = self.build_predictor(model)
 
     def before_blocks(self, point: BlockInput) -> None:
-        """Score the step's tokens from the first block's input, on steps with partial slots only."""
+        """Score the step's tokens from the first block's input, on steps with partial slots only (`rescore=
+        "interval"`: only where the step before had none, i.e. on the first cache step after a full step)."""
         if self.tokens != "predictor" or point.plan is None:
             return
-        if not bool((point.plan.actions[point.step] == Action.PARTIAL).any()):
+        actions = point.plan.actions
+        if not bool((actions[point.step] == Action.PARTIAL).any()):
+            return
+        scored_before = point.step > 0 and bool((actions[point.step - 1] == Action.PARTIAL).any())
+        if self.rescore == "interval" and scored_before and SIGNAL in point.state.signals:
             return
         with torch.no_grad():
             point.state.signals[SIGNAL] = self._predictors[point.model](point.args, point.kwargs)
