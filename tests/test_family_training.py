@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -195,20 +196,27 @@ BUILDERS = {"flux": flux_with_encoders, "flux2": flux2_with_encoders, "sd3": sd3
 CASES = {**{name: (name, {}) for name in BUILDERS}, "flux-true-cfg": ("flux", {"true_cfg_scale": TRUE_CFG})}
 
 
+def saved_teacher(family: str, root: Path):
+    """The family's tiny pipeline saved as a teacher directory under `root`, and its prompts' data module (text
+    conditions encoded by the pipeline's own encoders): (pipeline, directory, data module)."""
+    pipe = BUILDERS[family]()
+    teacher = root / "teacher"
+    pipe.save_pretrained(teacher)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    data = PromptDataModule(dataset=str(prompts), text_encoder=str(teacher), column="text", max_length=8,
+                            cache_dir=str(root / "cache"), embeds_dtype="float32", samples_per_epoch=2,
+                            batch_size=2, shuffle=False)  # fmt: skip
+    return pipe, teacher, data
+
+
 @pytest.mark.parametrize("trainer_class", [RolloutRouterTrainer, ForecastRouterTrainer], ids=["rollout", "forecast"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_rollout_trainer_on_a_tiny_family_exports_a_policy_its_pipeline_samples_as_the_hard_gate_rollout(
     name, trainer_class, tmp_path
 ):
     family, guidance = CASES[name]
-    pipe = BUILDERS[family]()
-    teacher = tmp_path / "teacher"
-    pipe.save_pretrained(teacher)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    data = PromptDataModule(dataset=str(prompts), text_encoder=str(teacher), column="text", max_length=8,
-                            cache_dir=str(tmp_path / "cache"), embeds_dtype="float32", samples_per_epoch=2,
-                            batch_size=2, shuffle=False)  # fmt: skip
+    pipe, teacher, data = saved_teacher(family, tmp_path)
     module = trainer_class(teacher=str(teacher), steps=STEPS, export_budget=0.75, lr=0.05,
                                   guidance_scale=GUIDANCE, height=SIZE, width=SIZE, num_frames=FRAMES,
                                   **guidance)  # fmt: skip

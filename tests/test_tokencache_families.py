@@ -12,12 +12,11 @@ import lightning as L
 import pytest
 import torch
 from test_families import _SIZES, FAMILIES, PARTIAL_BRANCHES, STEPS, OutputRecorder, _image_tokens, _pipe
-from test_family_training import BUILDERS, FRAMES, GUIDANCE, PROMPTS, SIZE, _user_call
+from test_family_training import FRAMES, GUIDANCE, SIZE, _user_call, saved_teacher
 from test_family_training import STEPS as PIPELINE_STEPS
 from torch import nn
 
 import l2c
-from data.prompts import PromptDataModule
 from l2c import Action
 from l2c.adapters import find_blocks
 from l2c.hooks import on_first_block
@@ -154,14 +153,7 @@ OBJECTIVES = {"sd3": "blend", "flux2": "rate", "wan": "blend", "qwenimage": "rat
 
 @pytest.mark.parametrize("name", NAMES)
 def test_trainer_fits_on_the_tiny_family_and_its_export_loads_and_runs_in_the_unmodified_pipeline(name, tmp_path):
-    pipe = BUILDERS[name]()
-    teacher = tmp_path / "teacher"
-    pipe.save_pretrained(teacher)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    data = PromptDataModule(dataset=str(prompts), text_encoder=str(teacher), column="text", max_length=8,
-                            cache_dir=str(tmp_path / "cache"), embeds_dtype="float32", samples_per_epoch=2,
-                            batch_size=2, shuffle=False)  # fmt: skip
+    pipe, teacher, data = saved_teacher(name, tmp_path)
     module = TokenCacheTrainer(
         teacher=str(teacher), steps=PIPELINE_STEPS, objective=OBJECTIVES[name], ff_inner_dim=INNER, lr=0.01,
         guidance_scale=GUIDANCE, height=SIZE, width=SIZE, num_frames=FRAMES, export_dir=str(tmp_path / "policy"),
