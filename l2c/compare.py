@@ -63,6 +63,7 @@ class CompareConfig(SamplingSetup):
     fixed_threshold: float = 0.3
     quick: bool = False  # CI: one compute point, one setting per method
     only: tuple[str, ...] = ()  # run only these methods (and the uncached row); empty: all
+    reference_once: bool = False  # uncached samples made once, not beside every row (`SideBySide.reference_once`)
 
     def wants(self, method: str) -> bool:
         return not self.only or method.lower() in {m.lower() for m in self.only}
@@ -577,7 +578,8 @@ def run_comparison(
         if on_row is not None:
             on_row(results)
 
-    measure_rows(SideBySide(bundle, config, progress=progress), rows, quality, on_row=done)
+    bench = SideBySide(bundle, config, progress=progress, reference_once=config.reference_once)
+    measure_rows(bench, rows, quality, on_row=done)
     return results, notes
 
 
@@ -617,6 +619,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokencache", action="append", default=[], help="TokenCache policy DIR (repeatable)")
     parser.add_argument("--only", nargs="+", default=[], help="run only these methods, e.g. TokenCache L2C")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--reference-once",
+        action="store_true",
+        help="sample the uncached model once and measure every row against it (about half the time of a long run; "
+        "speedup_wall then compares runs made apart in time, not side by side)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
@@ -639,6 +647,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         tune_iters=0 if quick else CompareConfig.tune_iters,
         quick=quick,
         only=tuple(args.only),
+        reference_once=args.reference_once,
     )
 
 

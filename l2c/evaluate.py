@@ -132,8 +132,14 @@ class PolicyRun:
 class SideBySide:
     """One model, one set of noises and labels; each policy is timed batch by batch beside the uncached run."""
 
-    def __init__(self, bundle: ModelBundle, setup: SamplingSetup, progress: bool = True) -> None:
+    def __init__(
+        self, bundle: ModelBundle, setup: SamplingSetup, progress: bool = True, reference_once: bool = False
+    ) -> None:
+        """`reference_once`: sample the uncached batches once, with their wall time, and measure every later policy
+        against those (half the work of a long table; `speedup_wall` then compares runs made apart in time)."""
         self.bundle, self.setup, self.progress = bundle, setup.for_model(bundle), progress
+        self.reference_once = reference_once
+        self._references: dict[int, tuple[torch.Tensor, float]] = {}  # batch start -> uncached latents, seconds
         self.noise = initial_noise(setup.num_samples, bundle.sample_shape, setup.seed)
         self.labels = setup.labels(bundle.num_classes)
         self.denoiser = bundle.denoiser(setup.guidance_scale)
@@ -214,17 +220,23 @@ class SideBySide:
         label = label or policy.describe()
         latents, reference = [], []
         timer = Interleaved("abba")  # which side runs first alternates batch by batch
+        reference_s = 0.0  # seconds of the kept uncached batches (`reference_once`)
         work = 2 * self.setup.num_samples * self.setup.steps
         with tqdm(
             total=work, desc=f"sampling {label} + uncached", unit="sample-step", disable=not self.progress
         ) as bar:
             for batch in self._batches():
-                calls = {
-                    "reference": partial(self._sample, batch, None, bar),
-                    "policy": partial(self._sample, batch, policy, bar, steps),
-                }
+                kept = self._references.get(batch.start)
+                if kept is not None:
+                    bar.update((batch.stop - batch.start) * self.setup.steps)
+                    reference_s += kept[1]
+                calls = {"policy": partial(self._sample, batch, policy, bar, steps)}
+                if kept is None:
+                    calls = {"reference": partial(self._sample, batch, None, bar), **calls}
                 results = timer.round(calls)
-                reference.append(results["reference"])
+                if kept is None and self.reference_once:
+                    self._references[batch.start] = (results["reference"], timer.seconds["reference"][-1])
+                reference.append(kept[0] if kept is not None else results["reference"])
                 latents.append(results["policy"])
         executed, plan = dict(self._executed), self._plan
         if self._flops_uncached is None:
@@ -236,7 +248,7 @@ class SideBySide:
             reference=self._decode(torch.cat(reference)),
             labels=self.labels,
             wall_s=timer.total("policy"),
-            wall_s_uncached=timer.total("reference"),
+            wall_s_uncached=sum(timer.seconds.get("reference", [])) + reference_s,
             flops=flops,
             flops_uncached=flops_uncached,
             plan=plan,

@@ -16,6 +16,7 @@ from l2c.metrics import psnr_db
 from l2c.models import ModelBundle
 from l2c.peers import DBCache, FBCache, TaylorSeer
 from l2c.plan import Action
+from l2c.policies import StaticPolicy
 from l2c.policies.taylorseer import compute_steps
 
 ROW_KEYS = {"method", "flops_ratio", "speedup_wall", "psnr_db", "ssim", "digit_accuracy", "fd_digits"}
@@ -322,3 +323,31 @@ def test_the_token_budget_is_solved_for_the_point_through_a_curved_flops_line():
     assert calls[:2] == list(compare.TOKENCACHE_PROBES) and len(calls) <= 2 + compare.TOKENCACHE_SECANT_STEPS + 1
     assert compare.budget_at(lambda b: 0.3, 0.5) is None  # the budget does not move the FLOPs
     assert compare.budget_at(lambda b: 0.2 + 0.1 * b, 0.9) is None  # no budget in (0, 1] gets there
+
+
+def test_reference_once_samples_the_uncached_model_once_and_measures_every_row_as_side_by_side_does():
+    bundle = ModelBundle("tiny", tiny_dit(num_layers=2), {"num_train_timesteps": 1000})
+    setup = SamplingSetup(steps=4, num_samples=3, batch_size=2, guidance_scale=1.0)
+    policies = [StaticPolicy(interval=2), StaticPolicy(interval=3)]
+    calls = {}
+    runs = {}
+    for once in (False, True):
+        bench = SideBySide(bundle, setup, progress=False, reference_once=once)
+        calls[once] = 0
+
+        def count(*_, once=once):
+            calls[once] += 1
+
+        handle = bundle.transformer.register_forward_pre_hook(count)
+        try:
+            runs[once] = [bench.run(policy) for policy in policies]
+        finally:
+            handle.remove()
+    # Each run: 4 steps × 2 batches for the policy, and as much again for the uncached side unless kept; then the
+    # FLOPs count: the policy's (8 calls) every run, the uncached model's (8) once.
+    counting = 2 * 8 + 8
+    assert calls[False] == 2 * (8 + 8) + counting and calls[True] == 8 + 8 + 8 + counting
+    for plain, kept in zip(runs[False], runs[True], strict=True):
+        assert torch.equal(plain.images, kept.images) and torch.equal(plain.reference, kept.reference)
+        assert kept.wall_s_uncached > 0
+    assert runs[True][0].wall_s_uncached == runs[True][1].wall_s_uncached  # the kept batches' own time
