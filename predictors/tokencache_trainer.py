@@ -76,7 +76,7 @@ class TokenCacheTrainer(FrozenTeacherModule):
         export_full_steps: int = 6,
         export_tprr_signal: Literal["error", "importance"] = "error",
         export_staleness: Literal["none", "age"] = "age",
-        export_rescore: Literal["step", "interval"] = "step",
+        export_rescore: Literal["step", "interval"] = "interval",
         calibration_samples: int = 32,
         seed: int = 0,
         **kwargs,
@@ -100,8 +100,8 @@ class TokenCacheTrainer(FrozenTeacherModule):
             export_tprr_signal: What places the full steps: the calibrated step-to-step `error` or the `importance`.
             export_staleness: How the exported policy ranks tokens on a cache step: `none`, by the score alone (the
                 paper's rule), or `age`, by score × steps since the token was last computed (TokenCachePolicy).
-            export_rescore: When the exported policy's predictor runs: on every cache step (`step`, the paper) or on
-                the first cache step after each full step only (`interval`; TokenCachePolicy).
+            export_rescore: When the exported policy's predictor runs: on the first cache step after each full step
+                only (`interval`, the default; TokenCachePolicy) or on every cache step (`step`, the paper).
             calibration_samples: Teacher trajectories the predictor is calibrated on at export.
             seed: Seed of the (step, gap) each optimizer step trains (a pure function of seed and step: resumable).
             **kwargs: The frozen teacher's settings (`FrozenTeacherModule`).

@@ -123,7 +123,7 @@ def test_plan_full_steps_partial_block_and_floored_block():
 @pytest.mark.parametrize("staleness", ["none", "age"])
 def test_cache_steps_recompute_the_predictors_top_tokens_and_count_its_flops(staleness):
     model = tiny_dit()
-    policy = tiny_policy(model, staleness=staleness)
+    policy = tiny_policy(model, staleness=staleness, rescore="step")
     latents, labels = dit_inputs(batch=2)
     timesteps = ddim_timesteps(6)
     counter = ComputeCounter(model)
@@ -237,12 +237,14 @@ def test_round_trip_keeps_tables_and_weights_and_refuses_tampering(tmp_path):
         loaded.plan_for(spec, ddim_timesteps(6)).actions, policy.plan_for(spec, ddim_timesteps(6)).actions
     )
     assert loaded.staleness == policy.staleness == "age"
-    # A directory saved before `staleness` existed loads with the rule it was saved with: the score alone.
+    # A directory saved before `staleness` and `rescore` existed loads with the rules it was saved with: the score
+    # alone, the predictor run on every cache step.
     shutil.copytree(tmp_path / "tc", tmp_path / "old")
     config = json.loads((tmp_path / "old" / "config.json").read_text())
-    del config["params"]["staleness"]
+    del config["params"]["staleness"], config["params"]["rescore"]
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
-    assert l2c.load_policy(tmp_path / "old").staleness == "none"
+    old = l2c.load_policy(tmp_path / "old")
+    assert (old.staleness, old.rescore) == ("none", "step") and policy.rescore == "interval"
     shutil.copytree(tmp_path / "tc", tmp_path / "bad")
     tensors["tprr.step_type"] = torch.tensor([1, 1, 1, 0, 1, 0], dtype=torch.int8)
     save_file(tensors, str(tmp_path / "bad" / "policy.safetensors"))

@@ -19,7 +19,8 @@ a token recomputed on the previous cache step from one cached since the last ful
 drift its cached output has accumulated at that rate; on the first cache step after a full step every token has the
 same age and the two rules agree. A policy directory without the field loads as `"none"` (what it was saved with).
 `tokens="random"` (the ablation of the predictor) picks seeded uniform tokens on the same plan, the predictor not run.
-`rescore="interval"` runs the predictor on the first cache step after each full step only and ranks the same scores
+`rescore="interval"` (the default; a directory saved before the field existed loads as `"step"`, the paper's rule:
+every cache step) runs the predictor on the first cache step after each full step only and ranks the same scores
 (× the tokens' ages) on the interval's later cache steps: the predictor is a copy of a whole block, which on a model
 of few blocks costs as much as recomputing a fifth of the tokens on every cache step (docs/tokencache.md).
 
@@ -64,6 +65,7 @@ TPRR_SIGNALS = ("error", "importance")
 Staleness = Literal["none", "age"]  # selection score: the predictor's score, or score × steps since last computed
 STALENESS: tuple[str, ...] = get_args(Staleness)
 STALENESS_OF_OLD_FILES = "none"  # what a policy directory saved before the field existed selected by
+RESCORE_OF_OLD_FILES = "step"  # when the predictor of a directory saved before `rescore` existed ran
 # When the predictor runs: on every cache step ("step", the paper), or on the first cache step after each full step
 # only ("interval"), the later cache steps of that interval ranking the same scores (× their tokens' new ages).
 Rescore = Literal["step", "interval"]
@@ -189,7 +191,7 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
     ff_inner_dim: int | None = None  # the predictor's MLP width (None: the teacher's)
     staleness: Staleness = "age"  # "none": rank by the score (the paper); "age": by score × steps since computed
     tokens: TokenChoice = "predictor"  # "random" (ablation): seeded uniform tokens, the predictor not run
-    rescore: Rescore = "step"  # "interval": the predictor runs once per cache interval (its cost / interval length)
+    rescore: Rescore = "interval"  # "step": the predictor runs on every cache step (the paper)
     # m ≥ 1: forecast the tokens a cache step does not recompute (TaylorSeer order m; `token_forecast.py`).
     taylor_order: int | None = None  # None or 0: reuse them
     predictor_state: dict[str, torch.Tensor] | None = field(default=None, kw_only=True, repr=False)
@@ -396,7 +398,7 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
         state = {k[len(PREDICTOR_PREFIX) :]: v for k, v in tensors.items() if k.startswith(PREDICTOR_PREFIX)}
         if not state:
             raise ValueError("missing tensors 'predictor.*' (the token importance predictor) in policy.safetensors")
-        params = {"staleness": STALENESS_OF_OLD_FILES, **params}
+        params = {"staleness": STALENESS_OF_OLD_FILES, "rescore": RESCORE_OF_OLD_FILES, **params}
         slots = tensors.get("tokencache.partial_slots")  # absent: a directory written on a DiT, every slot partial
         policy = cls(
             **params, predictor_state=state, calibration=TokenCacheCalibration.from_tensors(tensors), target=target,
