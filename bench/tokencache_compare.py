@@ -6,7 +6,7 @@
 Rows, all on the same noise and labels, each timed batch by batch beside the uncached model (ABBA):
 - `tokencache`: the exported policy (optionally with `--token-budget` / `--full-steps` set anew: the tables are
   re-derived from the calibration saved in the policy, no retraining; `--taylor-order m`: the tokens not recomputed
-  forecast, as ToCa's option);
+  forecast, as ToCa's option; `--rescore`: when its predictor runs);
 - `tokencache, uniform ratios`: every block recomputes the adaptive ratios' mean share (no adaptive selection);
 - `tokencache, single interval`: one round-robin interval for the whole run (no TPRR);
 - `tokencache, random tokens`: seeded uniform tokens on the same plan (no predictor, whose FLOPs it saves);
@@ -28,7 +28,7 @@ if not __package__:  # run as a file: this checkout's packages first (see bench/
 from l2c.evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_for
 from l2c.models import load_model
 from l2c.policies import LayerRouterPolicy, StaticPolicy, TokenCachePolicy
-from l2c.policies.tokencache import STALENESS
+from l2c.policies.tokencache import RESCORE, STALENESS
 from l2c.policy_io import load_policy
 from l2c.rebudget import load_router
 from l2c.results import format_table, write_results
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-budget", type=float, default=None, help="override the policy's token_budget")
     parser.add_argument("--full-steps", type=int, default=None, help="override the policy's full_steps")
     parser.add_argument("--taylor-order", type=int, default=None, help="override the policy's taylor_order")
+    parser.add_argument("--rescore", choices=RESCORE, default=None, help="override the policy's rescore")
     parser.add_argument("--model", default="embedded:digits")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -83,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         router = None if args.l2c is None else load_router(args.l2c, args.l2c_budget, steps, flag=f"--l2c {args.l2c}")
     except ValueError as error:
         parser.error(str(error))
-    given = (("token_budget", args.token_budget), ("full_steps", args.full_steps), ("taylor_order", args.taylor_order))
+    given = (
+        ("token_budget", args.token_budget),
+        ("full_steps", args.full_steps),
+        ("taylor_order", args.taylor_order),
+        ("rescore", args.rescore),
+    )
     overrides = {k: v for k, v in given if v}
     tokencache = dataclasses.replace(tokencache, **overrides)
     bundle = load_model(args.model)
