@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     predictor = None if args.tokencache is None else load_policy(args.tokencache)
     if predictor is not None and not isinstance(predictor, TokenCachePolicy):
         parser.error(f"--tokencache {args.tokencache}: a {predictor.kind} policy, expected a tokencache one")
+    if predictor is not None:  # a selector row scores every partial step, whatever the directory's `rescore`
+        predictor = dataclasses.replace(predictor, rescore="step")
 
     knobs: dict = {"interval": args.interval, "ratio": args.ratio}
     bundle = load_model(args.model)
