@@ -16,6 +16,11 @@ same FLOPs); only the selector differs:
 Beside them: `static every-N` (the same full steps, the steps between reused: ToCa's plan at ratio 0) and the full
 recompute (the uncached run, PSNR ∞ against itself).
 
+`--taylor-order m` runs every row with the tokens a step does not recompute forecast by TaylorSeer's order-m rule
+(`taylor_order`, ToCa + TaylorSeer) instead of reused: the reference row is then `static every-N + forecast` (ToCa's
+plan with every ratio 0 and the forecast: TaylorSeer's rule between the same full steps), and the oracle picks the tokens
+farthest from their forecast (‖true − forecast‖), so the table asks how much token choice adds to a forecast.
+
 `gap_closed` = 1 − MSE_selector / MSE_static: the share of static every-N's error (against the uncached images) the
 selector removes; a full recompute closes 1, static 0. From PSNR: 1 − 10^(−(psnr_sel − psnr_static)/10).
 The attribution (`--rank-samples`; the JSON's setup, key `rank_by_step`) adds, per step, the mean Spearman rank
@@ -148,13 +153,25 @@ def by_step(log: Log, column: int) -> dict[int, float]:
     return {step: sum(values) / len(values) for step, values in sorted(steps.items())}
 
 
+def static_row(knobs: dict) -> Row:
+    """ToCa's full steps with nothing recomputed between them: reused (static every-N) or, with the forecast,
+    forecast (ToCa's plan with every branch's ratio factor 0)."""
+    interval, order = knobs["interval"], knobs.get("taylor_order")
+    if not order:
+        return Row(f"static every-{interval}", f"static:interval={interval}", StaticPolicy(interval=interval))
+    nothing = dict(attn1_factor=0.0, attn2_factor=0.0, ff_factor=0.0, score="none")
+    policy = ToCaPolicy(**{**knobs, **nothing})
+    setting = f"toca:interval={interval},factors=0,taylor_order={order}"
+    return Row(f"static every-{interval} + forecast", setting, policy)
+
+
 def rows_for(
     knobs: dict, seed: int, predictor: TokenCachePolicy | None = None, branches: tuple[str, ...] = ("attn1",)
 ) -> list[Row]:
-    """Static every-N, then ToCa's plan with each selector (all with the same fresh-ratio knobs); a score row only
-    where the model has the branch the score reads (Flux's fused attention exposes no attention score)."""
-    interval = knobs["interval"]
-    rows = [Row(f"static every-{interval}", f"static:interval={interval}", StaticPolicy(interval=interval))]
+    """Static every-N, then ToCa's plan with each selector (all with the same fresh-ratio knobs, `taylor_order`
+    among them); a score row only where the model has the branch the score reads (Flux's fused attention exposes no
+    attention score)."""
+    rows = [static_row(knobs)]
     for name in ("oracle", "random", "stalest"):
         rows.append(Row(name, f"selector={name}", SelectorPolicy(selector=name, seed=seed, **knobs)))
     if knobs.get("attn1_factor"):  # self-attention is partial: the oracle and stalest with cached keys/values too
@@ -184,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank-samples", type=int, default=16, help="samples of the rank attribution (0: none)")
     parser.add_argument("--tokencache", type=Path, default=None, help="a trained TokenCache policy directory")
     parser.add_argument("--only", default=None, help="comma-separated method names to run (default: every row)")
+    parser.add_argument(
+        "--taylor-order", type=int, default=None, help="forecast the tokens not recomputed (TaylorSeer's order m)"
+    )
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     only = None if args.only is None else set(args.only.split(","))
@@ -193,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if predictor is not None:  # a selector row scores every partial step, whatever the directory's `rescore`
         predictor = dataclasses.replace(predictor, rescore="step")
 
-    knobs: dict = {"interval": args.interval, "ratio": args.ratio}
+    knobs: dict = {"interval": args.interval, "ratio": args.ratio, "taylor_order": args.taylor_order}
     bundle = load_model(args.model)
     branches = model_spec(bundle.transformer).branches
     if args.flat:  # a DiT's self-attention partial too; Flux's joint attention stays reused (its preset)
@@ -203,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         flops_samples=args.flops_samples,
     ).for_model(bundle)  # fmt: skip
     record = {**dataclasses.asdict(setup), "interval": args.interval, "ratio": args.ratio, "flat": args.flat}
+    record["taylor_order"] = args.taylor_order
     if predictor is not None:
         record["tokencache"] = {"policy": str(args.tokencache), "provenance": predictor.provenance}
     results: list[dict] = []

@@ -111,6 +111,14 @@ class SelectionRequest:
     store: BranchStore
     num_selected: int
     state: TrajectoryState | None = None  # the trajectory, for selectors that read `state.signals`
+    # What the tokens left unselected are returned as, when it is not `store.output`: under a forecaster that fills
+    # partial steps, a callable computing that forecast [batch, tokens, channels] (on demand: most selectors never
+    # read it). None: the stored output.
+    unselected: Callable[[], torch.Tensor] | None = None
+
+    def unselected_output(self) -> torch.Tensor:
+        """What a token this call does not select gets: the stored output, or the forecast filling the step."""
+        return self.store.output if self.unselected is None else self.unselected()
 
 
 class BranchCall(NamedTuple):

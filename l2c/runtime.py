@@ -9,6 +9,7 @@ hooks sit on the branch modules (`attn1`, `attn2`, `ff`) that the block then gat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -346,8 +347,9 @@ class BranchHook(ModelHook):
                 index = self._joint_selection(hidden, call.store, call.state, run.ratio)
             else:
                 count = max(1, min(hidden.shape[1], round(run.ratio * hidden.shape[1])))
+                filled = None if run.weights is None else functools.partial(self._predict, call, run)
                 request = SelectionRequest(
-                    call.step, call.block, call.branch, hidden, call.store, count, call.state
+                    call.step, call.block, call.branch, hidden, call.store, count, call.state, filled
                 )  # fmt: skip
                 index = self.runtime.selector(request)
             return dataclasses.replace(run, tokens=index)

@@ -4,6 +4,8 @@ selecting on ToCa's plan."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 import torch
 from l2c_testing import ddim_sample, ddim_timesteps, dit_inputs, tiny_dit
@@ -84,6 +86,62 @@ def test_oracle_runs_on_tocas_plan_and_beats_stalest():
     assert executed["oracle"] == executed["stalest"]
     assert executed["oracle"][Action.PARTIAL] == 6 * 2  # 6 partial steps × 2 blocks' ff
     assert errors["oracle"] < errors["stalest"]
+
+
+@dataclass
+class UnselectedLog(SelectorPolicy):
+    """The oracle, logging what each partial call's request says its unselected tokens get."""
+
+    kind = "oracle-unselected-log"
+    log: list = field(default_factory=list, compare=False, repr=False)
+
+    def token_selector(self):
+        pick = super().token_selector()
+
+        def select(request):
+            index = pick(request)
+            self.log.append((request.step, request.block, index, request.unselected_output(), request.store.output))
+            return index
+
+        return select
+
+
+@torch.no_grad()
+def test_under_the_forecast_the_oracle_ranks_against_the_forecast_the_branch_returns():
+    """With `taylor_order` the tokens a partial step leaves are forecast: the request's `unselected_output` is that
+    forecast (the branch returns it for every unselected token, bit for bit), it is not the stored output once two
+    whole computations exist, and the oracle picks the tokens farthest from it."""
+    model, steps = tiny_dit(), 8
+    latents, labels = dit_inputs(batch=2)
+    knobs = dict(interval=4, ratio=0.25, bonus=0.0, grid=1, step_weight=0.0, layer_weight=0.0, attn1_factor=0.0,
+                 ff_factor=1.0)  # fmt: skip
+    policy = UnselectedLog(selector="oracle", taylor_order=1, **knobs)
+    returned = []
+    handles = [
+        block.ff.register_forward_hook(lambda module, args, out, b=b: returned.append((b, out.clone())))
+        for b, block in enumerate(model.transformer_blocks)
+    ]
+    try:
+        with policy.apply(model, timesteps=ddim_timesteps(steps)) as runtime:
+            ddim_sample(model, latents, labels, steps)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert runtime.executed[Action.PARTIAL] == 6 * 2 and len(policy.log) == 12
+    # call order: step by step, block by block; a partial call is the oracle's probe (the true output), then the call
+    calls, branch_returned = iter(out for b, out in returned), []
+    for step in range(steps):
+        for _ in range(2):
+            next(calls)  # a full step's call, or a partial step's probe
+            if step % 4:
+                branch_returned.append(next(calls))
+    assert next(calls, None) is None
+    forecast_differs = 0
+    for (step, _block, index, unselected, stored), out in zip(policy.log, branch_returned, strict=True):
+        mask = torch.ones(out.shape[:2], dtype=torch.bool).scatter(1, index, False)
+        assert torch.equal(out[mask], unselected[mask])
+        forecast_differs += step > 4 and not torch.allclose(unselected, stored)
+    assert forecast_differs == 6  # steps 5, 6, 7 × 2 blocks: an order-1 forecast from steps 0 and 4
 
 
 @torch.no_grad()

@@ -6,9 +6,11 @@ partial step recomputes chosen by one of:
 - `stalest`: the tokens computed longest ago (the runtime's default selector; ties: lowest index);
 - `random`: uniformly at random, seeded by (seed, step, block, branch), so a run is reproducible and a selection
   does not depend on the order branches are called in;
-- `oracle`: the tokens whose true branch output moved most since they were last computed, ‖f(x)ᵢ − cachedᵢ‖.
-  The true output is computed with the full branch just before the partial execution (an analysis bound: that
-  extra branch call is real work which FLOP counters see, so a benchmark must report the plan's FLOPs for it);
+- `oracle`: the tokens whose true branch output is farthest from what they would get unselected, ‖f(x)ᵢ − cᵢ‖:
+  c the cached output (the tokens that moved most since they were last computed) or, under `taylor_order`, the
+  forecast that fills the step (the tokens the forecast gets most wrong). The true output is computed with the
+  full branch just before the partial execution (an analysis bound: that extra branch call is real work which FLOP
+  counters see, so a benchmark must report the plan's FLOPs for it);
 - `predictor`: the highest selection scores of a trained TokenCache policy (`predictor=`, a loaded
   `TokenCachePolicy`): its predictor run as TokenCache runs it (before the blocks, on steps with partial slots; its
   FLOPs count), ranked as that policy ranks (`TokenCachePolicy.staleness`: the score, or score × age).
@@ -80,7 +82,8 @@ def moved(true_output: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
 
 
 def measured_change(request: SelectionRequest) -> torch.Tensor:
-    """‖true − cached‖ of each selectable token [batch, tokens], from the true output `SelectorPolicy`'s probe measured.
+    """‖true − unselected‖ of each selectable token [batch, tokens]: the true output `SelectorPolicy`'s probe measured
+    against what the token gets if it is not selected (`SelectionRequest.unselected_output`: cached or forecast).
 
     A joint branch (Flux single blocks: [text; image]) selects among its image tokens, the last ones of the output.
     """
@@ -91,12 +94,12 @@ def measured_change(request: SelectionRequest) -> torch.Tensor:
             f"oracle selector: no true output of block {request.block} {request.branch} at step {request.step}; "
             "the oracle runs only under SelectorPolicy(selector='oracle'), whose probe measures it"
         )
-    cached, true_output = request.store.output, first_stream(true_output)
-    return moved(true_output[:, true_output.shape[1] - cached.shape[1] :], cached)
+    unselected, true_output = request.unselected_output(), first_stream(true_output)
+    return moved(true_output[:, true_output.shape[1] - unselected.shape[1] :], unselected)
 
 
 def oracle_tokens(request: SelectionRequest) -> torch.Tensor:
-    """The tokens whose true output moved most from the stored output."""
+    """The tokens whose true output is farthest from what they would get unselected (stored or forecast)."""
     return top_tokens(measured_change(request), request.num_selected)
 
 
