@@ -255,6 +255,7 @@ class Tuned(Generic[Setting]):
     psnr_db: float
     grid_size: int
     wall_s: float
+    scores: list[float] = field(default_factory=list)  # every grid setting's calibration PSNR, in grid order
 
     def note(self, calibration: SamplingSetup, grid: str = SEER_GRID) -> str:
         return (
@@ -271,7 +272,7 @@ def tune_on_calibration(
     start = time.perf_counter()
     scores = [psnr_db(bench.images(make(setting)), reference) for setting in grid]
     best = max(range(len(grid)), key=lambda i: (scores[i], -i))
-    return Tuned(grid[best], scores[best], len(grid), time.perf_counter() - start)
+    return Tuned(grid[best], scores[best], len(grid), time.perf_counter() - start, scores)
 
 
 def tune_threshold(
@@ -323,13 +324,16 @@ PLAN_FLOPS_SAMPLES = 2
 
 
 class CalibrationSet:
-    """The calibration noise (the evaluation's seed + 1) every tuned knob is set on, and its uncached samples, made
-    once for all the methods tuned on them."""
+    """The calibration noise every tuned knob is set on, and its uncached samples, made once for all the methods
+    tuned on them: of a `CompareConfig`, its run on `calibration_samples` noises of the evaluation's seed + 1; of
+    any other `SamplingSetup`, that run itself (the TokenCache export's tuning run, on a seed of its own)."""
 
-    def __init__(self, bundle: ModelBundle, config: CompareConfig) -> None:
-        self.bench = SideBySide(bundle, config.calibration_run(config.calibration_samples), progress=False)
+    def __init__(self, bundle: ModelBundle, config: SamplingSetup) -> None:
+        run = config.calibration_run(config.calibration_samples) if isinstance(config, CompareConfig) else config
+        self.bench = SideBySide(bundle, run, progress=False)
         # A plan fixes what TokenCache computes whatever the noise: its FLOPs are counted on a couple of samples.
-        self.plan_flops = SideBySide(bundle, config.calibration_run(PLAN_FLOPS_SAMPLES), progress=False)
+        plan_run = dataclasses.replace(run, num_samples=PLAN_FLOPS_SAMPLES, flops_samples=0)
+        self.plan_flops = SideBySide(bundle, plan_run, progress=False)
 
     @cached_property
     def reference(self) -> torch.Tensor:

@@ -18,11 +18,14 @@ step Σ_branches ‖f(z_s)ᵢ − f(z_{s−g})ᵢ‖ / g of block b, divided by 
 
 Export (on fit end): the predictor runs over `calibration_samples` teacher trajectories (seeds apart from the
 training and evaluation seeds; class labels 0, 1, …, or a text-conditioned teacher's first prompts of the fit's data)
-and the measured statistics (`TokenCacheCalibration`) are saved with its weights.
+and the measured statistics (`TokenCacheCalibration`) are saved with its weights. With `export_flops`, the export then
+sets its tables to that FLOPs target as `bench/compare.py`'s "TokenCache, tuned" rows do (`tune_tables`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -34,16 +37,29 @@ from tqdm.auto import tqdm
 
 from data.prompts import PromptConditions
 from l2c.adapters import find_blocks, find_branches
+from l2c.compare import (
+    PLAN_FLOPS_SAMPLES,
+    SEER_TOLERANCE,
+    TOKENCACHE_GRID,
+    CalibrationSet,
+    TokenCacheSetting,
+    tokencache_grid,
+    tune_on_calibration,
+)
+from l2c.evaluate import SamplingSetup
 from l2c.extension import BlockInput, first_stream
 from l2c.hooks import on_first_block, record_outputs
 from l2c.policies.selectors import spearman
 from l2c.policies.tokencache import TokenCacheCalibration, TokenCachePolicy, token_partial_slots
-from l2c.sampling import Condition
+from l2c.sampling import Condition, sample_seeds
 from l2c.token_importance import TokenImportancePredictor, block_image_tokens
 
 from .frozen_teacher import FrozenTeacherModule, step_generator
 
 CALIBRATION_SEED = 2_000_000  # calibration noise: apart from training (data seed) and evaluation (0 …) seeds
+# The `export_flops` tuning run's seed (`SamplingSetup.seed`; noise seeds 3 000 009 …): apart from the training
+# (100 000 …), calibration (2 000 000 …) and evaluation seeds, bench/compare.py's too (runs 0, 1: 0 …, 1 000 003 …).
+TUNING_RUN_SEED = 3
 HISTOGRAM_BINS = 1000
 RATE_FLOOR = 1e-4  # added to both sides of the rate objective's log: a token that does not move is not −∞
 BUDGET_TERMS = {  # the budget term of the loss, from the global batch's mean score and the target ratio
@@ -77,6 +93,8 @@ class TokenCacheTrainer(FrozenTeacherModule):
         export_tprr_signal: Literal["error", "importance"] = "error",
         export_staleness: Literal["none", "age"] = "age",
         export_rescore: Literal["step", "interval"] = "interval",
+        export_flops: float | None = None,
+        export_tune_samples: int = 8,
         calibration_samples: int = 32,
         seed: int = 0,
         **kwargs,
@@ -102,11 +120,22 @@ class TokenCacheTrainer(FrozenTeacherModule):
                 paper's rule), or `age`, by score × steps since the token was last computed (TokenCachePolicy).
             export_rescore: When the exported policy's predictor runs: on the first cache step after each full step
                 only (`interval`, the default; TokenCachePolicy) or on every cache step (`step`, the paper).
+            export_flops: A FLOPs ratio in (0, 1] the export sets its tables to, in place of `export_token_budget`,
+                `export_full_steps` and TPRR: the step table and token budget of best calibration PSNR at that
+                FLOPs (`tune_tables`); none: the tables as set. Class-conditioned teachers only (refused for a
+                text-conditioned one, whose prompts bench/compare.py's tuning does not sample).
+            export_tune_samples: Noises (seed `TUNING_RUN_SEED`) the `export_flops` tuning compares PSNR on.
             calibration_samples: Teacher trajectories the predictor is calibrated on at export.
             seed: Seed of the (step, gap) each optimizer step trains (a pure function of seed and step: resumable).
             **kwargs: The frozen teacher's settings (`FrozenTeacherModule`).
         """
         super().__init__(**kwargs)
+        if export_flops is not None and self.bundle.text_conditioned:
+            raise ValueError(
+                f"tokencache trainer: field 'export_flops' tunes the exported tables on class-conditioned samples, as "
+                f"bench/compare.py does, and teacher {self.hparams.teacher!r} is text-conditioned: leave export_flops "
+                "unset and set export_token_budget and export_full_steps"
+            )
         self.predictor = without_label_dropout(
             TokenImportancePredictor.from_teacher(self.teacher, ff_inner_dim, init_score)
         )
@@ -123,6 +152,12 @@ class TokenCacheTrainer(FrozenTeacherModule):
             raise ValueError(f"tokencache trainer: field 'max_gap' must be ≥ 1, got {hp.max_gap}")
         if not 0.0 <= hp.target_ratio <= 1.0:
             raise ValueError(f"tokencache trainer: field 'target_ratio' must be in [0, 1], got {hp.target_ratio}")
+        if hp.export_flops is not None and not 0.0 < hp.export_flops <= 1.0:
+            raise ValueError(f"tokencache trainer: field 'export_flops' must be in (0, 1], got {hp.export_flops}")
+        if hp.export_tune_samples < 1:
+            raise ValueError(
+                f"tokencache trainer: field 'export_tune_samples' must be ≥ 1, got {hp.export_tune_samples}"
+            )
 
     def _gates(self, point: BlockInput) -> dict[tuple[int, int], torch.Tensor]:
         """The student call's blend gates: the predictor's scores of the very input its first block sees, per image
@@ -267,13 +302,89 @@ class TokenCacheTrainer(FrozenTeacherModule):
             calibration=self.calibrate(hp.calibration_samples),
         )
 
+    def exported_policy(self, steps_trained: int | None = None) -> TokenCachePolicy:
+        """The trained policy bound to the teacher (`FrozenTeacherModule.exported_policy`); with `export_flops`, its
+        tables set to that target (`tune_tables`), what was tuned recorded in the provenance's `export_tuning`."""
+        policy = super().exported_policy(steps_trained)
+        if self.hparams.export_flops is None:
+            return policy
+        setting, record = self.tune_tables(policy, self.hparams.export_flops)
+        tuned = setting.of(policy)
+        tuned.provenance = {**policy.provenance, "export_tuning": record}
+        return tuned
+
+    def tuning_run(self) -> SamplingSetup:
+        """The run `export_flops` is tuned on: the trainer's schedule and guidance, `export_tune_samples` noises of
+        run `TUNING_RUN_SEED`, class labels balanced over the teacher's classes."""
+        hp = self.hparams
+        return SamplingSetup(
+            model=hp.teacher, steps=hp.steps, scheduler=self.scheduler_name, num_samples=hp.export_tune_samples,
+            seed=TUNING_RUN_SEED, guidance_scale=hp.guidance_scale, batch_size=hp.export_tune_samples,
+        )  # fmt: skip
+
+    def tune_tables(self, policy: TokenCachePolicy, target: float) -> tuple[TokenCacheSetting, dict]:
+        """bench/compare.py's "TokenCache, tuned" choice for the bound `policy` at FLOPs ratio `target`: every
+        distinct step table with at most the target's share of full steps (TPRR or one interval), each with the
+        token budget that brings its FLOPs (counted on 2 samples) within 0.03 of the target (`tokencache_grid`); the
+        one of best PSNR against the uncached samples of `tuning_run` kept (`tune_on_calibration`). Returns it and
+        the provenance's record: target, run, every candidate with its FLOPs and PSNR, the one kept. Raises if no
+        table reaches the target, naming the FLOPs the tables reach."""
+        start = time.perf_counter()
+        run = self.tuning_run()
+        calibration = CalibrationSet(self.bundle, run)
+        measured: dict[tuple, float] = {}  # (full_steps, tprr, token_budget) → FLOPs ratio: each candidate's, kept
+
+        def flops_ratio(candidate: TokenCachePolicy) -> float:
+            knobs = (candidate.full_steps, candidate.tprr, candidate.token_budget)
+            measured[knobs] = calibration.plan_flops.flops_ratio(candidate)
+            return measured[knobs]
+
+        steps = len(self.timesteps)
+        grid = tokencache_grid(policy, target, steps, flops_ratio)
+        if not grid:
+            lowest = min(flops_ratio(TokenCacheSetting(2, tprr, 0.0).of(policy)) for tprr in (True, False))
+            raise ValueError(
+                f"tokencache trainer: field 'export_flops' is {target}, and no step table (2 or more and at most "
+                f"{target:g} × {steps} full steps, TPRR or one interval) reaches it within {SEER_TOLERANCE} at any "
+                f"token budget: this policy's tables reach FLOPs ratios {lowest:.3f} (2 full steps, no token "
+                "recomputed) to 1 (every step full); nothing exported. Set a target in that range and export again, "
+                "e.g. from a checkpoint: "
+                "python -m predictors.tokencache_trainer --ckpt CKPT --out DIR --export-flops TARGET"
+            )
+        tuned = tune_on_calibration(grid, lambda setting: setting.of(policy), calibration.bench, calibration.reference)
+        candidates = [
+            {**dataclasses.asdict(setting), "flops_ratio": measured[dataclasses.astuple(setting)], "psnr_db": score}
+            for setting, score in zip(grid, tuned.scores)
+        ]
+        record = {
+            "export_flops": target,
+            "grid": TOKENCACHE_GRID,
+            "samples": run.num_samples,
+            "seed": run.seed,
+            "noise_seeds": "{}–{}".format(*sample_seeds(torch.tensor([0, run.num_samples - 1]), run.seed).tolist()),
+            "flops_samples": PLAN_FLOPS_SAMPLES,
+            "candidates": candidates,
+            "kept": candidates[grid.index(tuned.setting)],
+            "wall_s": round(time.perf_counter() - start, 1),
+        }
+        return tuned.setting, record
+
     def extra_provenance(self) -> dict:
         return {"calibration_seed": CALIBRATION_SEED}
 
     def policy_summary(self, policy: TokenCachePolicy) -> str:
         ratios = ", ".join(f"{r:.2f}" for r in policy.block_ratios().tolist())
         full = policy.step_types(len(policy.timesteps)).nonzero().flatten().tolist()
-        return f"block ratios [{ratios}], full steps {full}"
+        summary = f"block ratios [{ratios}], full steps {full}"
+        tuning = policy.provenance.get("export_tuning")
+        if tuning is None:
+            return summary
+        kept = tuning["kept"]
+        setting = TokenCacheSetting(kept["full_steps"], kept["tprr"], kept["token_budget"])
+        return (
+            f"{summary}; set to FLOPs {tuning['export_flops']}, of {len(tuning['candidates'])} tables: "
+            f"{setting.describe()} (FLOPs {kept['flops_ratio']:.3f}, calibration PSNR {kept['psnr_db']:.2f} dB)"
+        )
 
 
 def branch_outputs(model: nn.Module, run) -> dict[tuple[int, str], torch.Tensor]:
@@ -320,10 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--ckpt", type=Path, required=True, help="a Lightning checkpoint of TokenCacheTrainer")
     parser.add_argument("--out", type=Path, required=True, help="policy directory to write")
+    parser.add_argument(
+        "--export-flops", type=float, default=None, help="set the tables to this FLOPs ratio (the trainer's "
+        "export_flops; default: the checkpoint's setting)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from predictors.tokencache_trainer import TokenCacheTrainer as trainer  # the class the checkpoint names
 
-    module = trainer.load_from_checkpoint(args.ckpt, map_location="cpu")
+    overrides = {} if args.export_flops is None else {"export_flops": args.export_flops}
+    module = trainer.load_from_checkpoint(args.ckpt, map_location="cpu", **overrides)
     steps = torch.load(args.ckpt, map_location="cpu", weights_only=False)["global_step"]  # Lightning's own format
     print(module.export_message(module.export(args.out, steps_trained=steps), args.out))
     return 0
