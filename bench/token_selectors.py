@@ -18,8 +18,10 @@ recompute (the uncached run, PSNR ∞ against itself).
 
 `--taylor-order m` runs every row with the tokens a step does not recompute forecast by TaylorSeer's order-m rule
 (`taylor_order`, ToCa + TaylorSeer) instead of reused: the reference row is then `static every-N + forecast` (ToCa's
-plan with every ratio 0 and the forecast: TaylorSeer's rule between the same full steps), and the oracle picks the tokens
-farthest from their forecast (‖true − forecast‖), so the table asks how much token choice adds to a forecast.
+plan with every ratio 0 and the forecast: TaylorSeer's rule between the same full steps), the oracle picks the
+tokens farthest from their forecast (‖true − forecast‖), and the oracle and stalest rows also run with
+`partial_keys="forecast"` (the unselected tokens' keys/values forecast too); the table asks how much token choice
+adds to a forecast. `--only` takes names separated by ';' when a name has a comma ("oracle, cached keys").
 
 `gap_closed` = 1 − MSE_selector / MSE_static: the share of static every-N's error (against the uncached images) the
 selector removes; a full recompute closes 1, static 0. From PSNR: 1 − 10^(−(psnr_sel − psnr_static)/10).
@@ -175,9 +177,11 @@ def rows_for(
     for name in ("oracle", "random", "stalest"):
         rows.append(Row(name, f"selector={name}", SelectorPolicy(selector=name, seed=seed, **knobs)))
     if knobs.get("attn1_factor"):  # self-attention is partial: the oracle and stalest with cached keys/values too
-        for name in ("oracle", "stalest"):
-            policy = SelectorPolicy(selector=name, seed=seed, partial_keys="cached", **knobs)
-            rows.append(Row(f"{name}, cached keys", f"selector={name},partial_keys=cached", policy))
+        modes = ("cached", "forecast") if knobs.get("taylor_order") else ("cached",)  # forecast keys need the forecast
+        for mode in modes:
+            for name in ("oracle", "stalest"):
+                policy = SelectorPolicy(selector=name, seed=seed, partial_keys=mode, **knobs)
+                rows.append(Row(f"{name}, {mode} keys", f"selector={name},partial_keys={mode}", policy))
     for method, score in SCORED:
         if SCORE_SOURCE[score] in branches:
             rows.append(Row(method, f"score={score}", ToCaPolicy(**{**knobs, "score": score})))
@@ -200,13 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank-samples", type=int, default=16, help="samples of the rank attribution (0: none)")
     parser.add_argument("--tokencache", type=Path, default=None, help="a trained TokenCache policy directory")
-    parser.add_argument("--only", default=None, help="comma-separated method names to run (default: every row)")
+    parser.add_argument(
+        "--only", default=None, help="method names to run, separated by ';' or, if none has one, ',' (default: all)"
+    )
     parser.add_argument(
         "--taylor-order", type=int, default=None, help="forecast the tokens not recomputed (TaylorSeer's order m)"
     )
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
-    only = None if args.only is None else set(args.only.split(","))
+    only = None if args.only is None else set(args.only.split(";" if ";" in args.only else ","))
     predictor = None if args.tokencache is None else load_policy(args.tokencache)
     if predictor is not None and not isinstance(predictor, TokenCachePolicy):
         parser.error(f"--tokencache {args.tokencache}: a {predictor.kind} policy, expected a tokencache one")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol, get_args
 
@@ -23,8 +23,10 @@ from .plan import Action, Plan
 
 # What the queries of a partial self-attention attend to: "fresh" = keys/values of every token recomputed from this
 # step's input; "cached" = fresh keys/values for the selected tokens, the stored ones (from each token's last
-# computation) for the rest, so only selected tokens are projected.
-PartialKeys = Literal["fresh", "cached"]
+# computation) for the rest, so only selected tokens are projected; "forecast" = as "cached", but the other tokens'
+# keys/values are forecast from the branch's whole computations by the rule that forecasts their outputs (needs a
+# forecaster that fills partial steps), so a token's key and output come from the same step.
+PartialKeys = Literal["fresh", "cached", "forecast"]
 PARTIAL_KEYS: tuple[str, ...] = get_args(PartialKeys)
 
 
@@ -57,6 +59,8 @@ class Computed:
     step: int
     timestep: float
     output: BranchOutput  # [batch, tokens, channels] (per stream)
+    # Self-attention under `partial_keys="forecast"`: its key/value projections of this computation ("to_k", "to_v").
+    keys_values: Mapping[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -255,6 +259,12 @@ def check_extensions(policy: object, base: type) -> None:
             f"{list(PARTIAL_KEYS)}"
         )
     forecaster = policy.forecaster
+    if policy.partial_keys == "forecast" and not getattr(forecaster, "fill_partial", False):
+        raise ValueError(
+            f"policy {policy.describe()!r}: partial_keys='forecast' forecasts the keys/values of the tokens a partial "
+            f"step does not recompute, so it needs a forecaster that fills partial steps (fill_partial=True; e.g. "
+            f"taylor_order ≥ 1), got forecaster {forecaster!r}"
+        )
     if forecaster is not None:
         keep = getattr(forecaster, "history", None)
         counted = isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1

@@ -230,7 +230,7 @@ def soft_history(history: Sequence[Computed], output: torch.Tensor, keep: int) -
     entries = list(history[:keep]) or [Computed(-1, math.nan, output)]
     image = first_stream(output)  # a joint attention's output is a tuple (image, text): the shares are shared
     eye = torch.eye(keep, dtype=image.dtype, device=image.device)
-    return [SoftComputed(c.step, c.timestep, c.output, eye[k]) for k, c in enumerate(entries)]
+    return [SoftComputed(c.step, c.timestep, c.output, share=eye[k]) for k, c in enumerate(entries)]
 
 
 def soft_value(history: Sequence[SoftComputed], weights: torch.Tensor) -> torch.Tensor:
@@ -250,8 +250,8 @@ def soft_push(history: Sequence[SoftComputed], computed: Computed, gate: torch.T
     first = history[0].share
     entry = torch.zeros_like(first)
     entry[0] = 1
-    pushed = [SoftComputed(computed.step, computed.timestep, computed.output, gate * entry)]
+    pushed = [SoftComputed(computed.step, computed.timestep, computed.output, share=gate * entry)]
     for old in history:
         shifted = torch.cat([old.share.new_zeros(1), old.share[:-1]])
-        pushed.append(SoftComputed(old.step, old.timestep, old.output, gate * shifted + (1 - gate) * old.share))
+        pushed.append(SoftComputed(old.step, old.timestep, old.output, share=gate * shifted + (1 - gate) * old.share))
     return pushed

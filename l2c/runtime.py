@@ -261,8 +261,10 @@ class BranchHook(ModelHook):
         self.branch_index = branch_index
         self.states = states
         self.partial_ok = token_partial_supported(branch)
-        # `partial_keys="cached"` reads attn1's key/value projections through temporary forward hooks.
-        self.hooks_projections = branch.name == "attn1" and runtime.partial_keys == "cached"
+        # `partial_keys="cached"` (and "forecast") reads attn1's key/value projections through temporary forward hooks.
+        self.hooks_projections = branch.name == "attn1" and runtime.partial_keys in ("cached", "forecast")
+        # "forecast": its whole computations keep their keys/values, forecast on partial steps for unselected tokens.
+        self.forecasts_keys = self.hooks_projections and runtime.partial_keys == "forecast"
         self.key = (branch.block, branch.name)  # of its store in `TrajectoryState.stores`
 
     @torch.compiler.disable(recursive=False)
@@ -401,8 +403,10 @@ class BranchHook(ModelHook):
                 raise RuntimeError("partial self-attention with an attention mask is not supported")
             if not self.hooks_projections:  # "fresh": keys and values come from every token of this step
                 kwargs["encoder_hidden_states"] = hidden
-        # Selected tokens are the queries; under "cached" keys, `_keys_values` completes their keys and values.
-        with self._keys_values(self.branch.module, store, index=index):
+        # Selected tokens are the queries; under "cached" keys, `_keys_values` completes their keys and values (under
+        # "forecast" keys, from the other tokens' forecast keys and values).
+        forecast_kv = self._forecast_keys_values(call, run) if self.forecasts_keys and base is not None else None
+        with self._keys_values(self.branch.module, store, index=index, base=forecast_kv):
             fresh = original(selected, *args, **kwargs)
         scatter = index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
         store.output = store.output.scatter(1, scatter, fresh)  # a mix of steps: never a history entry
@@ -448,7 +452,8 @@ class BranchHook(ModelHook):
         keep = self.runtime.keeps[self.branch.block][self.branch_index]
         if keep:
             timestep = float(self.runtime.timesteps[call.step])
-            call.store.remember(Computed(call.step, timestep, output), keep)
+            keys_values = dict(call.store.keys_values) if self.forecasts_keys else None
+            call.store.remember(Computed(call.step, timestep, output, keys_values), keep)
 
     def _forecast_request(self, call: BranchCall, step: int) -> ForecastRequest:
         history = call.store.history
@@ -483,12 +488,21 @@ class BranchHook(ModelHook):
         whole computation gets F_t itself.
         """
         history = call.store.history
-        if run.changes is not None:  # v_i + Σ_k (w_k(t) − w_k(s_i))·h_k; v is each token's last computed value
-            output = call.store.output
-            for k, computed in enumerate(history):
-                output = output + run.changes[..., k : k + 1] * computed.output
-            return output
+        if run.changes is not None:
+            return advanced(call.store.output, [c.output for c in history], run.changes)
         return map_streams(lambda *outputs: weighted_sum(outputs, run.weights), *(c.output for c in history))
+
+    def _forecast_keys_values(self, call: BranchCall, run: Execution) -> dict[str, torch.Tensor]:
+        """Under `partial_keys="forecast"`: every token's key and value projections forecast as `_predict` forecasts
+        its output, from the keys/values of the whole computations in the history (`Computed.keys_values`)."""
+        store, forecast = call.store, {}
+        for name in ("to_k", "to_v"):
+            history = [c.keys_values[name] for c in store.history]
+            if run.changes is not None:
+                forecast[name] = advanced(store.keys_values[name], history, run.changes)
+            else:
+                forecast[name] = weighted_sum(history, run.weights)
+        return forecast
 
     def _changes(self, call: BranchCall, forecaster: Forecaster, weights: torch.Tensor) -> torch.Tensor:
         """w(t) − w(s_i) per token [batch, tokens, K], s_i = t − 1 − age_i ∈ [s_0, t) (w(s_0) = e_0: v_i = h_0)."""
@@ -590,14 +604,20 @@ class BranchHook(ModelHook):
 
     @contextmanager
     def _keys_values(
-        self, attn: nn.Module, store: BranchStore, rows: torch.Tensor | None = None, index: torch.Tensor | None = None
+        self,
+        attn: nn.Module,
+        store: BranchStore,
+        rows: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        base: Mapping[str, torch.Tensor] | None = None,
     ) -> Iterator[None]:
         """Self-attention under `partial_keys="cached"`: keep each token's key/value projections in the store.
 
         Forward hooks on `attn.to_k` / `attn.to_v` for the one call (the processor itself is untouched): a full
         computation stores them; `rows` updates those batch rows; `index` [batch, selected] (a partial step, where
         only the selected tokens are projected) scatters the fresh projections into the stored ones and hands the
-        processor the completed [batch, tokens, inner] keys and values.
+        processor the completed [batch, tokens, inner] keys and values: the stored ones, or `base` (the forecast
+        keys/values of `partial_keys="forecast"`) with the fresh ones scattered in.
         """
         if not self.hooks_projections:
             yield
@@ -613,9 +633,10 @@ class BranchHook(ModelHook):
                 fired.add(name)
                 stored = store.keys_values.get(name)
                 if index is not None:
-                    output = stored.scatter(1, index.unsqueeze(-1).expand(-1, -1, output.shape[-1]), output)
-                    store.keys_values[name] = output.detach()
-                    return output
+                    at = index.unsqueeze(-1).expand(-1, -1, output.shape[-1])
+                    completed = stored.scatter(1, at, output)
+                    store.keys_values[name] = completed.detach()
+                    return completed if base is None else base[name].scatter(1, at, output)
                 if rows is None:
                     store.keys_values[name] = output.detach()
                 elif stored is not None:
@@ -631,6 +652,14 @@ class BranchHook(ModelHook):
                 f"block {self.branch.block} attn1: partial_keys='cached' needs the attention processor to call "
                 f"attn.to_k and attn.to_v ({type(attn.processor).__name__} called {sorted(fired)})"
             )
+
+
+def advanced(stored: torch.Tensor, history: list[torch.Tensor], changes: torch.Tensor) -> torch.Tensor:
+    """Each token's last computed value v_i plus the rule's change since: v_i + Σ_k (w_k(t) − w_k(s_i))·h_k, with
+    `changes` [batch, tokens, K] the weight differences per token (`BranchHook._changes`) and h the history values."""
+    for k, value in enumerate(history):
+        stored = stored + changes[..., k : k + 1] * value
+    return stored
 
 
 # The Python parts of a branch call, as a compiled caller runs them: in eager frames (see `BranchHook.new_forward`).

@@ -26,6 +26,7 @@ from l2c_testing import (
 )
 
 from l2c import Action
+from l2c.forecast import PolynomialForecaster
 
 NUM_TOKENS = 16  # tiny DiT: 8×8 latents, patch 2
 SELECTED = {1: [[3, 0, 9, 15], [1, 2, 14, 7]], 2: [[3, 5, 6, 12], [0, 8, 9, 10]]}  # per step: [batch, 4] indices
@@ -64,7 +65,7 @@ def take(tensor: torch.Tensor, index: list[list[int]]) -> torch.Tensor:
     return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
 
 
-def run(mode: str, latents_per_step: list[torch.Tensor], fresh: bool = False):
+def run(mode: str, latents_per_step: list[torch.Tensor], fresh: bool = False, policy: FixedPlanPolicy | None = None):
     """Call the model once per step with the given latents; return attn1 of block 0's recorded calls.
 
     `fresh` also records what a full computation would return (which calls the projections once more)."""
@@ -75,7 +76,8 @@ def run(mode: str, latents_per_step: list[torch.Tensor], fresh: bool = False):
     _, labels = dit_inputs(batch=2)
     recorder = BranchRecorder(model, fresh=fresh)
     counter = ComputeCounter(model)
-    with attn1_partial_policy(mode, steps).apply(model, timesteps=timesteps), torch.no_grad():
+    policy = attn1_partial_policy(mode, steps) if policy is None else policy
+    with policy.apply(model, timesteps=timesteps), torch.no_grad():
         for step, latents in enumerate(latents_per_step):
             model(latents, timestep=timesteps[step].expand(2), class_labels=labels)
     recorder.remove()
@@ -128,6 +130,61 @@ def test_cached_keys_differ_from_fresh_keys_when_inputs_change():
     _, fresh_calls, _ = run("fresh", latents)
     _, cached_calls, _ = run("cached", latents)
     assert not torch.allclose(fresh_calls[1]["output"], cached_calls[1]["output"])
+
+
+FORECAST_SELECTED = {2: [[3, 0, 9, 15], [1, 2, 14, 7]], 3: [[3, 5, 6, 12], [0, 8, 9, 10]]}
+
+
+def forecast_keys_policy() -> FixedPlanPolicy:
+    """Steps 0 and 1 whole, 2 and 3 partial in attn1 with `partial_keys="forecast"` and Taylor order 1 filling them."""
+    plan = plan_maker({2: Action.PARTIAL, 3: Action.PARTIAL}, 0.25, ("attn1",))
+    policy = FixedPlanPolicy(plan, lambda request: torch.tensor(FORECAST_SELECTED[request.step]))
+    policy.partial_keys = "forecast"
+    policy.forecaster = PolynomialForecaster("taylor", 1, fill_partial=True)
+    return policy
+
+
+def test_forecast_keys_are_the_taylor_rule_on_whole_computations_with_the_selected_tokens_fresh():
+    """Order 1 from the whole computations at steps 0 and 1: F_t = K1 + (t − 1)(K1 − K0). At step 2 the unselected
+    tokens' keys/values are F_2; at step 3 a token step 2 recomputed is its step-2 projection plus F_3 − F_2, the
+    others F_3; the selected tokens' are fresh. Only the selected tokens are projected, as under "cached"."""
+    latents = [dit_inputs(batch=2, seed=s)[0] for s in (1, 2, 3, 4)]
+    attn, calls, counter = run("forecast", latents, policy=forecast_keys_policy())
+    x = [call["input"] for call in calls]
+    with torch.no_grad():
+        k0, k1, v0, v1 = attn.to_k(x[0]), attn.to_k(x[1]), attn.to_v(x[0]), attn.to_v(x[1])
+        rule = lambda t, h0, h1: h1 + (t - 1) * (h1 - h0)  # noqa: E731
+        key, value = k1.clone(), v1.clone()  # each token's last computed projection
+        for step in (2, 3):
+            index = torch.tensor(FORECAST_SELECTED[step]).unsqueeze(-1).expand(-1, -1, k0.shape[-1])
+            selected = take(x[step], FORECAST_SELECTED[step])
+            recomputed = torch.zeros(2, NUM_TOKENS, 1, dtype=torch.bool)
+            if step == 3:
+                recomputed = recomputed.scatter(1, torch.tensor(FORECAST_SELECTED[2]).unsqueeze(-1), True)
+            change_k, change_v = rule(step, k0, k1) - rule(2, k0, k1), rule(step, v0, v1) - rule(2, v0, v1)
+            forecast_k = torch.where(recomputed, key + change_k, rule(step, k0, k1))
+            forecast_v = torch.where(recomputed, value + change_v, rule(step, v0, v1))
+            fresh_k, fresh_v = attn.to_k(selected), attn.to_v(selected)
+            expected = by_hand(
+                attn, selected, forecast_k.scatter(1, index, fresh_k), forecast_v.scatter(1, index, fresh_v)
+            )
+            torch.testing.assert_close(
+                take(calls[step]["output"], FORECAST_SELECTED[step]), expected, rtol=1e-5, atol=1e-5
+            )
+            key, value = key.scatter(1, index, fresh_k), value.scatter(1, index, fresh_v)
+    assert [n for block, n in counter.keys if block == 0] == [NUM_TOKENS, NUM_TOKENS, 4, 4]
+    stored_keys = forecast_keys_policy()
+    stored_keys.partial_keys = "cached"  # the same forecast outputs, the stored keys/values: a different attention
+    _, cached_calls, _ = run("cached", latents, policy=stored_keys)
+    assert not torch.allclose(
+        take(cached_calls[3]["output"], FORECAST_SELECTED[3]), take(calls[3]["output"], FORECAST_SELECTED[3])
+    )
+
+
+def test_forecast_keys_need_a_forecaster_that_fills_partial_steps():
+    policy = attn1_partial_policy("forecast", 2)
+    with pytest.raises(ValueError, match="partial_keys='forecast'.*fill_partial=True"):
+        policy.apply(tiny_dit(), timesteps=ddim_timesteps(2))
 
 
 def test_unknown_partial_keys_mode_is_refused():
