@@ -29,7 +29,7 @@ from l2c.policies import CachePolicy, FullPolicy
 from l2c.runtime import CacheRuntime, GateSource
 from l2c.sampling import Condition, denoise, noise_from_seeds
 
-from .families import load_teacher, teacher_denoiser
+from .families import FamilyBundle, load_teacher, teacher_denoiser
 
 
 @dataclass
@@ -74,6 +74,9 @@ class TrajectoryCache:
         outputs = torch.stack([self.items[key][1] for key in keys], dim=2).to(module.device)
         final = torch.stack([self.items[key][2] for key in keys]).to(module.device)
         return Trajectory(0, inputs, outputs, labels.to(module.device), final)
+
+
+FAMILY_RESOLUTION = ("height", "width", "num_frames")  # settings only a model family's pipeline teacher reads
 
 
 class FrozenTeacherModule(L.LightningModule):
@@ -306,6 +309,9 @@ class FrozenTeacherModule(L.LightningModule):
         policy = self.trained_policy().bind(self.teacher, self.timesteps, type(self.sampler).__name__, tokens)
         settings = {name: list(value) if isinstance(value, tuple) else value for name, value in self.hparams.items()}
         settings["scheduler"] = self.scheduler_name  # not `auto`, nor `ddim` for a flow model's Euler
+        if not isinstance(self.bundle, FamilyBundle):  # the resolution a pipeline teacher samples at: not this one's
+            for name in FAMILY_RESOLUTION:
+                settings.pop(name, None)
         steps = self.global_step if steps_trained is None else steps_trained
         policy.provenance = {"trainer": self.kind, **settings, "global_steps": int(steps), **self.extra_provenance()}
         return policy

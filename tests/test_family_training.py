@@ -234,7 +234,8 @@ def test_rollout_trainer_on_a_tiny_family_exports_a_policy_its_pipeline_samples_
     finally:
         module.runtime.remove()
         module.runtime = None
-    module.export(tmp_path / "policy")
+    exported = module.export(tmp_path / "policy")
+    assert {"height", "width", "num_frames"} <= set(exported.provenance)  # the resolution it was trained at
 
     pipe = type(pipe).from_pretrained(teacher)  # the unmodified pipeline, as a user loads it
     pipe.set_progress_bar_config(disable=True)

@@ -89,6 +89,7 @@ def test_a_forecast_plan_saved_and_loaded_samples_in_a_dit_pipeline_as_the_hard_
     assert {int(Action.COMPUTE), int(Action.REUSE), int(Action.FORECAST)} <= set(actions.unique().tolist())
     assert torch.equal(tensors["forecast.weights"], module.forecast_weights.detach())
     assert policy.provenance["objective"] == "rollout-forecast"
+    assert not {"height", "width", "num_frames"} & set(policy.provenance)  # a family pipeline teacher's settings only
 
     pipe = type(tiny_dit_pipeline()).from_pretrained(pipeline_dir)
     pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
