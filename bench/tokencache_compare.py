@@ -6,10 +6,14 @@
 Rows, all on the same noise and labels, each timed batch by batch beside the uncached model (ABBA):
 - `tokencache`: the exported policy (optionally with `--token-budget` / `--full-steps` set anew: the tables are
   re-derived from the calibration saved in the policy, no retraining; `--taylor-order m`: the tokens not recomputed
-  forecast, as ToCa's option; `--rescore`: when its predictor runs);
+  forecast, as ToCa's option; `--rescore`: when its predictor runs; `--partial-keys`: what partial
+  self-attention attends to; `--single-interval`: one interval, not TPRR);
 - `tokencache, uniform ratios`: every block recomputes the adaptive ratios' mean share (no adaptive selection);
 - `tokencache, single interval`: one round-robin interval for the whole run (no TPRR);
 - `tokencache, random tokens`: seeded uniform tokens on the same plan (no predictor, whose FLOPs it saves);
+- `tokencache, oracle tokens (analysis bound)`: the same plan with the oracle's tokens (those whose true output is
+  farthest from what they would get: `OracleTokenCache`); the true outputs are measured with the full branch, so the
+  row reports the random-token plan's FLOPs and no speed-up;
 - `tokencache, staleness X`: the other token ranking (`none`: the score alone; `age`: score × steps since computed);
 - `l2c router` (with `--l2c`): the router exported by budget (fraction of branch slots, full steps included);
 - `static every-2`.
@@ -26,14 +30,17 @@ if not __package__:  # run as a file: this checkout's packages first (see bench/
     import _checkout  # noqa: F401
 
 from l2c.evaluate import Row, SamplingSetup, SideBySide, measure_rows, quality_for
+from l2c.extension import PARTIAL_KEYS
 from l2c.models import load_model
 from l2c.policies import LayerRouterPolicy, StaticPolicy, TokenCachePolicy
+from l2c.policies.selectors import OracleTokenCache
 from l2c.policies.tokencache import RESCORE, STALENESS
 from l2c.policy_io import load_policy
 from l2c.rebudget import load_router
 from l2c.results import format_table, write_results
 
 COLUMNS = ("method", "flops_ratio", "speedup_wall", "psnr_db", "ssim", "digit_accuracy", "fd_digits")
+ORACLE_ROW = "tokencache, oracle tokens (analysis bound)"
 
 
 def rows_for(tokencache: TokenCachePolicy, router: LayerRouterPolicy | None) -> list[Row]:
@@ -50,6 +57,7 @@ def rows_for(tokencache: TokenCachePolicy, router: LayerRouterPolicy | None) -> 
         (f"tokencache, uniform ratios ({float(uniform.block_ratios()[0]):.2f} every block)", uniform),
         (f"tokencache, single interval (full steps {single_full})", single),
         ("tokencache, random tokens", dataclasses.replace(tokencache, tokens="random")),
+        (ORACLE_ROW, OracleTokenCache.of(tokencache)),
         (f"tokencache, staleness {other}", dataclasses.replace(tokencache, staleness=other)),
     ]
     if router is not None:
@@ -67,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-steps", type=int, default=None, help="override the policy's full_steps")
     parser.add_argument("--taylor-order", type=int, default=None, help="override the policy's taylor_order")
     parser.add_argument("--rescore", choices=RESCORE, default=None, help="override the policy's rescore")
+    parser.add_argument("--partial-keys", choices=PARTIAL_KEYS, default=None, help="override the policy's partial_keys")
+    parser.add_argument("--single-interval", action="store_true", help="one interval instead of TPRR (tprr=false)")
     parser.add_argument("--model", default="embedded:digits")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -89,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         ("full_steps", args.full_steps),
         ("taylor_order", args.taylor_order),
         ("rescore", args.rescore),
+        ("partial_keys", args.partial_keys),
     )
     overrides = {k: v for k, v in given if v}
+    if args.single_interval:
+        overrides["tprr"] = False
     tokencache = dataclasses.replace(tokencache, **overrides)
     bundle = load_model(args.model)
     setup = SamplingSetup.trained_like(
@@ -99,14 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     record = {**dataclasses.asdict(setup), **{k: getattr(args, k) for k in ("policy", "l2c", "l2c_budget", "only")}}
     record.update(overrides)
-    rows = [row for row in rows_for(tokencache, router) if not args.only or row.method.startswith(tuple(args.only))]
+    every_row = rows_for(tokencache, router)
+    random_row = next(row for row in every_row if row.method == "tokencache, random tokens")
+    rows = [row for row in every_row if not args.only or row.method.startswith(tuple(args.only))]
     results: list[dict] = []
 
     def done(row: dict) -> None:
+        if row["method"] == ORACLE_ROW:  # its true-output calls are analysis: the random row's plan and FLOPs
+            flops = bench.flops_ratio(random_row.policy)
+            row.update(flops_ratio=flops, speedup_wall=None, note="flops_ratio: the random-token plan's (same plan)")
         results.append(row)
         write_results(args.json, record, results)
 
-    measure_rows(SideBySide(bundle, setup), rows, quality_for(bundle), on_row=done)
+    bench = SideBySide(bundle, setup)
+    measure_rows(bench, rows, quality_for(bundle), on_row=done)
     print(format_table(results, COLUMNS))
     return 0
 

@@ -4,7 +4,7 @@ selecting on ToCa's plan."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -15,7 +15,14 @@ from test_tokencache import tiny_policy
 from l2c import Action
 from l2c.extension import BranchStore, SelectionRequest, TrajectoryState
 from l2c.policies.scores import top_tokens
-from l2c.policies.selectors import TRUE_OUTPUT, SelectorPolicy, oracle_tokens, random_tokens, spearman
+from l2c.policies.selectors import (
+    TRUE_OUTPUT,
+    OracleTokenCache,
+    SelectorPolicy,
+    oracle_tokens,
+    random_tokens,
+    spearman,
+)
 from l2c.policies.tokencache import SIGNAL
 
 
@@ -173,3 +180,22 @@ def test_spearman_of_known_orders():
     b = torch.tensor([[10.0, 20.0, 30.0, 40.0], [4.0, 3.0, 2.0, 1.0]])
     assert spearman(a, b).tolist() == pytest.approx([1.0, -1.0])
     assert float(spearman(a[:1], torch.tensor([[2.0, 1.0, 4.0, 3.0]]))) == pytest.approx(0.6)
+
+
+@torch.no_grad()
+def test_oracle_tokencache_runs_tokencaches_plan_without_its_predictor_and_beats_random_tokens():
+    """`OracleTokenCache`: TokenCache's own tables (the same partial and reuse executions as its random-token
+    ablation), no predictor scores, the oracle's tokens; its final latents are closer to the uncached ones."""
+    model, steps = tiny_dit(), 6
+    latents, labels = dit_inputs(batch=2)
+    reference, _ = ddim_sample(model, latents, labels, steps)
+    policy = tiny_policy(model, steps)
+    errors, executed = {}, {}
+    for name, variant in (("oracle", OracleTokenCache.of(policy)), ("random", replace(policy, tokens="random"))):
+        with variant.apply(model, timesteps=ddim_timesteps(steps)) as runtime:
+            final, _ = ddim_sample(model, latents, labels, steps)
+            executed[name] = dict(runtime.executed)
+            assert SIGNAL not in trajectory(model).signals  # no predictor ran
+        errors[name] = float((final - reference).pow(2).mean())
+    assert executed["oracle"] == executed["random"] and executed["oracle"][Action.PARTIAL] == 3 * 2  # 3 cache steps
+    assert errors["oracle"] < errors["random"]

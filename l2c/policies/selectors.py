@@ -22,6 +22,7 @@ to the original forward and leaves the store untouched.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -151,3 +152,24 @@ class SelectorPolicy(ToCaPolicy):
         if self.selector != "oracle" or call.action != Action.PARTIAL:
             return None
         return true_output_measured(call)
+
+
+@dataclass
+class OracleTokenCache(TokenCachePolicy):
+    """TokenCache's own plan (its step table and block ratios) with the oracle's tokens: the bound of its token
+    choice, for analysis (not a registered kind). No predictor runs (`tokens="random"`'s plan and FLOPs); the
+    oracle's true-output calls are analysis, so a benchmark reports the `tokens="random"` row's FLOPs for it."""
+
+    kind = "tokencache-oracle"
+
+    @classmethod
+    def of(cls, policy: TokenCachePolicy) -> OracleTokenCache:
+        fields = {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if f.init}
+        return cls(**{**fields, "tokens": "random"})
+
+    def token_selector(self) -> TokenSelector:
+        return oracle_tokens
+
+    def observe(self, call: BranchCall):
+        """Measure the branch's true output before each partial execution (what the oracle ranks against)."""
+        return true_output_measured(call) if call.action == Action.PARTIAL else None
