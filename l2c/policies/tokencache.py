@@ -212,21 +212,20 @@ class TokenCachePolicy(TokenForecast, CachePolicy):
                 raise ValueError(f"{name} policy: field '{key}' must be a number in [0, 1], got {value!r}")
         if isinstance(self.full_steps, bool) or not isinstance(self.full_steps, int) or self.full_steps < 1:
             raise ValueError(f"{name} policy: field 'full_steps' must be an integer ≥ 1, got {self.full_steps!r}")
-        if self.tprr_signal not in TPRR_SIGNALS:
-            raise ValueError(
-                f"{name} policy: field 'tprr_signal' must be one of {list(TPRR_SIGNALS)}, got {self.tprr_signal!r}"
-            )
+        choices = (
+            ("tprr_signal", TPRR_SIGNALS),
+            ("tokens", TOKEN_CHOICES),
+            ("rescore", RESCORE),
+            ("staleness", STALENESS),
+        )
+        for key, allowed in choices:
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"{name} policy: field '{key}' must be one of {list(allowed)}, got {getattr(self, key)!r}"
+                )
         for key in ("adaptive", "tprr"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{name} policy: field '{key}' must be true or false, got {getattr(self, key)!r}")
-        if self.tokens not in TOKEN_CHOICES:
-            raise ValueError(f"{name} policy: field 'tokens' must be one of {list(TOKEN_CHOICES)}, got {self.tokens!r}")
-        if self.rescore not in RESCORE:
-            raise ValueError(f"{name} policy: field 'rescore' must be one of {list(RESCORE)}, got {self.rescore!r}")
-        if self.staleness not in STALENESS:
-            raise ValueError(
-                f"{name} policy: field 'staleness' must be one of {list(STALENESS)}, got {self.staleness!r}"
-            )
 
     # -- tables --------------------------------------------------------------------------------------------------------
     def _calibration(self, what: str) -> TokenCacheCalibration:
