@@ -436,12 +436,18 @@ def main(argv: list[str] | None = None) -> int:
         "export_flops; default: the checkpoint's setting)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if not args.ckpt.is_file():
+        parser.error(f"--ckpt {args.ckpt}: no such file")
     from predictors.tokencache_trainer import TokenCacheTrainer as trainer  # the class the checkpoint names
 
     overrides = {} if args.export_flops is None else {"export_flops": args.export_flops}
-    module = trainer.load_from_checkpoint(args.ckpt, map_location="cpu", **overrides)
-    steps = torch.load(args.ckpt, map_location="cpu", weights_only=False)["global_step"]  # Lightning's own format
-    print(module.export_message(module.export(args.out, steps_trained=steps), args.out))
+    try:  # a refused setting (or a teacher directory gone since training) is one line, like train.py's refusals
+        module = trainer.load_from_checkpoint(args.ckpt, map_location="cpu", **overrides)
+        steps = torch.load(args.ckpt, map_location="cpu", weights_only=False)["global_step"]  # Lightning's format
+        exported = module.export(args.out, steps_trained=steps)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: --ckpt {args.ckpt}: {error}\n")
+    print(module.export_message(exported, args.out))
     return 0
 
 

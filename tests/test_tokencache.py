@@ -354,6 +354,27 @@ def test_the_export_loads_and_samples_with_infer(fitted, tmp_path):
     assert report["executed"].get("partial", 0) > 0 and report["flops_ratio"] < 1.0
 
 
+def test_a_checkpoint_exports_the_same_policy_and_a_refusal_is_one_line(fitted, tmp_path, capsys):
+    from predictors import tokencache_trainer
+
+    checkpoint = tmp_path / "last.ckpt"
+    fitted.trainer.save_checkpoint(checkpoint)
+    assert tokencache_trainer.main(["--ckpt", str(checkpoint), "--out", str(tmp_path / "again")]) == 0
+    first, again = (load_file(root / "policy.safetensors") for root in (fitted.root / "policy", tmp_path / "again"))
+    assert first.keys() == again.keys() and all(torch.equal(first[key], again[key]) for key in first)
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    for argv, message in (
+        (["--ckpt", str(tmp_path / "missing.ckpt")], "missing.ckpt: no such file"),
+        (["--ckpt", str(checkpoint), "--export-flops", "0.05"], "export_flops"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            tokencache_trainer.main([*argv, "--out", str(refused)])
+        error = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message in error and "Traceback" not in error, error
+        assert not refused.exists()
+
+
 # -- the rate objective ------------------------------------------------------------------------------------------------
 def test_change_rate_is_the_per_step_change_over_the_samples_mean_output_norm():
     later = {
