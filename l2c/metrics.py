@@ -130,10 +130,12 @@ def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
     return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
 
 
-def frechet_distance_from_stats(
+def frechet_terms(
     mu_a: torch.Tensor, sigma_a: torch.Tensor, mu_b: torch.Tensor, sigma_b: torch.Tensor
-) -> float:
-    """||mu_a - mu_b||² + tr(Σa + Σb - 2 (Σa Σb)^½), the Fréchet (2-Wasserstein²) distance of two Gaussians.
+) -> tuple[float, float]:
+    """The Fréchet distance's two terms: where the sets lie, ||mu_a - mu_b||², and how they spread,
+    tr(Σa + Σb - 2 (Σa Σb)^½). Apart, they say whether a change of FD comes from a shift of the features or from a
+    change of their spread (a set that spreads less than the other can lower the second term without moving).
 
     tr (Σa Σb)^½ is computed as tr (Σa^½ Σb Σa^½)^½ (similar matrices): a symmetric PSD eigenproblem, so unlike
     `scipy.linalg.sqrtm` of the non-symmetric product it needs no complex arithmetic and stays stable for the
@@ -143,8 +145,16 @@ def frechet_distance_from_stats(
     root_a = _psd_sqrt(sigma_a)
     middle = root_a @ sigma_b @ root_a
     trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    distance = (mu_a - mu_b).square().sum() + torch.trace(sigma_a) + torch.trace(sigma_b) - 2 * trace_sqrt
-    return max(float(distance), 0.0)
+    spread = torch.trace(sigma_a) + torch.trace(sigma_b) - 2 * trace_sqrt
+    return float((mu_a - mu_b).square().sum()), max(float(spread), 0.0)
+
+
+def frechet_distance_from_stats(
+    mu_a: torch.Tensor, sigma_a: torch.Tensor, mu_b: torch.Tensor, sigma_b: torch.Tensor
+) -> float:
+    """||mu_a - mu_b||² + tr(Σa + Σb - 2 (Σa Σb)^½), the Fréchet (2-Wasserstein²) distance of two Gaussians
+    (the sum of `frechet_terms`)."""
+    return sum(frechet_terms(mu_a, sigma_a, mu_b, sigma_b))
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -19,7 +19,16 @@ from l2c.digits_classifier import (
     load_digits_classifier,
     train_digits_classifier,
 )
-from l2c.metrics import PSNR_CAP_DB, DigitsQuality, count_flops, frechet_distance, psnr_db, ssim
+from l2c.metrics import (
+    PSNR_CAP_DB,
+    DigitsQuality,
+    count_flops,
+    frechet_distance,
+    frechet_terms,
+    gaussian_stats,
+    psnr_db,
+    ssim,
+)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +151,20 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     expected = (a.mean(0) - b.mean(0)).square().sum() + (a.var(0).sqrt() - b.var(0).sqrt()).square().sum()
     assert frechet_distance(a, b) == pytest.approx(float(expected), rel=1e-10)
     assert frechet_distance(b, a) == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_frechet_terms_split_location_from_spread():
+    # The same Hadamard construction: each term has its closed form, and shifting one set moves only the first.
+    a = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + hadamard(8)[:, 1:4] * torch.tensor([1.0, 3.0, 0.2])
+    b = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64) + hadamard(16)[:, 1:4] * torch.tensor([2.0, 0.5, 0.2])
+    (mu_a, sigma_a), (mu_b, sigma_b) = gaussian_stats(a), gaussian_stats(b)
+    location, spread = frechet_terms(mu_a, sigma_a, mu_b, sigma_b)
+    assert location == pytest.approx(float((a.mean(0) - b.mean(0)).square().sum()), rel=1e-12)
+    assert spread == pytest.approx(float((a.var(0).sqrt() - b.var(0).sqrt()).square().sum()), rel=1e-10)
+    assert location + spread == pytest.approx(frechet_distance(a, b), rel=1e-12)
+    shifted = frechet_terms(mu_a, sigma_a, mu_b + torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64), sigma_b)
+    assert shifted[0] == pytest.approx(location - 9.0 + 36.0, rel=1e-12)  # second mean: (−2 − 4)² instead of (−2 − 1)²
+    assert shifted[1] == pytest.approx(spread, rel=1e-12)
 
 
 def test_frechet_distance_agrees_with_scipy_sqrtm_on_correlated_features():
