@@ -17,12 +17,10 @@ term without coming closer to anything; the image-operation rows show how little
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +28,8 @@ import torch.nn.functional as F
 if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
     import _checkout  # noqa: F401
 
-from bench.fd_spread import sign_agreement
-from l2c.evaluate import SamplingSetup, SideBySide, quality_for
+from bench.fd_spread import SeededRuns, seeded_parser, sign_agreement
 from l2c.metrics import DigitsQuality, frechet_terms, gaussian_stats, psnr_db
-from l2c.models import load_model
-from l2c.policy_io import load_policy
 from l2c.results import Column, format_table, write_results
 
 COLUMNS = (
@@ -80,38 +75,22 @@ def anatomy(quality: DigitsQuality, images: torch.Tensor, reference: torch.Tenso
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded:digits")
-    parser.add_argument("--policy", action="append", required=True, help="a preset or a policy directory (repeat)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--num-samples", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds: each seed once, got {args.seeds}")
-    bundle = load_model(args.model)
-    quality = quality_for(bundle)
-    if quality is None:
-        parser.error(f"--model {args.model}: fd_digits needs a digits teacher (embedded:digits, embedded:digits-flux)")
-    policies = {spec: load_policy(spec) for spec in args.policy}
+    parser = seeded_parser(__doc__)
+    parser.set_defaults(seeds=[0])
+    runs = SeededRuns.from_args(parser, argv)
+    args, quality = runs.args, runs.quality
 
     per_seed: dict[str, list[dict[str, float]]] = {}
     flops: dict[str, float] = {}
     for seed in args.seeds:
-        setup = SamplingSetup(
-            model=args.model, num_samples=args.num_samples, seed=seed, batch_size=args.batch_size, steps=args.steps,
-            flops_samples=min(16, args.num_samples),
-        ).for_model(bundle)  # fmt: skip
-        bench = SideBySide(bundle, setup)
-        runs = {spec: bench.run(policy, label=f"{spec} (seed {seed})") for spec, policy in policies.items()}
-        reference = next(iter(runs.values())).reference  # the uncached samples of this noise, the same for each
-        rows = {"uncached": reference, **{spec: run.images for spec, run in runs.items()}}
+        bench = runs.bench(seed)
+        done = {spec: bench.run(policy, label=f"{spec} (seed {seed})") for spec, policy in runs.policies.items()}
+        reference = next(iter(done.values())).reference  # the uncached samples of this noise, the same for each
+        rows = {"uncached": reference, **{spec: run.images for spec, run in done.items()}}
         rows.update({operation.name: operation.apply(reference) for operation in OPERATIONS})
         for name, images in rows.items():
             per_seed.setdefault(name, []).append(anatomy(quality, images, reference))
-        flops.update({spec: run.flops / run.flops_uncached for spec, run in runs.items()})
+        flops.update({spec: run.flops / run.flops_uncached for spec, run in done.items()})
 
     uncached_fd = [seed["fd_digits"] for seed in per_seed["uncached"]]
     table = []

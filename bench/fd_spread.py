@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +25,9 @@ import torch
 if not __package__:  # run as a file: this checkout's packages first (see bench/_checkout.py)
     import _checkout  # noqa: F401
 
-from l2c.evaluate import SamplingSetup, SideBySide, quality_for
-from l2c.models import load_model
+from l2c.evaluate import CacheMethod, SamplingSetup, SideBySide, quality_for
+from l2c.metrics import DigitsQuality
+from l2c.models import ModelBundle, load_model
 from l2c.policy_io import load_policy
 from l2c.results import format_table, write_results
 
@@ -42,8 +44,9 @@ def sign_agreement(values: list[float]) -> str:
     return "+" if all(v > 0 for v in values) else "-" if all(v < 0 for v in values) else "mixed"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def seeded_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of a per-seed digits benchmark (this one and `bench/fd_anatomy.py`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded:digits")
     parser.add_argument("--policy", action="append", required=True, help="a preset or a policy directory (repeat)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -51,25 +54,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds: each seed once, got {args.seeds}")
-    bundle = load_model(args.model)
-    quality = quality_for(bundle)
-    if quality is None:
-        parser.error(f"--model {args.model}: fd_digits needs a digits teacher (embedded:digits, embedded:digits-flux)")
-    policies = {spec: load_policy(spec) for spec in args.policy}
+    return parser
 
+
+@dataclass
+class SeededRuns:
+    """The teacher, its digits metrics and the policies of a per-seed benchmark; `bench(seed)` samples one noise."""
+
+    args: argparse.Namespace
+    bundle: ModelBundle
+    quality: DigitsQuality
+    policies: dict[str, CacheMethod]
+
+    @classmethod
+    def from_args(cls, parser: argparse.ArgumentParser, argv: list[str] | None) -> SeededRuns:
+        args = parser.parse_args(argv)
+        if len(set(args.seeds)) != len(args.seeds):
+            parser.error(f"--seeds: each seed once, got {args.seeds}")
+        bundle = load_model(args.model)
+        quality = quality_for(bundle)
+        if quality is None:
+            parser.error(
+                f"--model {args.model}: fd_digits needs a digits teacher (embedded:digits, embedded:digits-flux)"
+            )
+        return cls(args, bundle, quality, {spec: load_policy(spec) for spec in args.policy})
+
+    def bench(self, seed: int) -> SideBySide:
+        args = self.args
+        setup = SamplingSetup(
+            model=args.model, num_samples=args.num_samples, seed=seed, batch_size=args.batch_size, steps=args.steps,
+            flops_samples=min(16, args.num_samples),
+        ).for_model(self.bundle)  # fmt: skip
+        return SideBySide(self.bundle, setup)
+
+
+def main(argv: list[str] | None = None) -> int:
+    runs = SeededRuns.from_args(seeded_parser(__doc__), argv)
+    args, quality, policies = runs.args, runs.quality, runs.policies
     per_seed: dict[str, list[float]] = {"uncached": [], **{spec: [] for spec in policies}}
     paired: dict[str, list[float]] = {spec: [] for spec in policies}
     images: dict[str, list[torch.Tensor]] = {name: [] for name in per_seed}
     flops: dict[str, float] = {}
     for seed in args.seeds:
-        setup = SamplingSetup(
-            model=args.model, num_samples=args.num_samples, seed=seed, batch_size=args.batch_size, steps=args.steps,
-            flops_samples=min(16, args.num_samples),
-        ).for_model(bundle)  # fmt: skip
-        bench = SideBySide(bundle, setup)
+        bench = runs.bench(seed)
         for index, (spec, policy) in enumerate(policies.items()):
             run = bench.run(policy, label=f"{spec} (seed {seed})")
             if index == 0:  # the uncached samples of this noise: the same for every policy of the seed
