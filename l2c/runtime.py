@@ -35,6 +35,7 @@ from .adapters import (
 from .extension import (
     BlockInput,
     BranchCall,
+    BranchOutput,
     BranchStore,
     Computed,
     Forecaster,
@@ -487,22 +488,16 @@ class BranchHook(ModelHook):
         v_i + F_t − F_{s_i}, the rule's change since then added to it (`run.changes`); a token last computed by the
         whole computation gets F_t itself.
         """
-        history = call.store.history
-        if run.changes is not None:
-            return advanced(call.store.output, [c.output for c in history], run.changes)
-        return map_streams(lambda *outputs: weighted_sum(outputs, run.weights), *(c.output for c in history))
+        return forecast_value(call.store.output, [c.output for c in call.store.history], run)
 
     def _forecast_keys_values(self, call: BranchCall, run: Execution) -> dict[str, torch.Tensor]:
         """Under `partial_keys="forecast"`: every token's key and value projections forecast as `_predict` forecasts
         its output, from the keys/values of the whole computations in the history (`Computed.keys_values`)."""
-        store, forecast = call.store, {}
-        for name in ("to_k", "to_v"):
-            history = [c.keys_values[name] for c in store.history]
-            if run.changes is not None:
-                forecast[name] = advanced(store.keys_values[name], history, run.changes)
-            else:
-                forecast[name] = weighted_sum(history, run.weights)
-        return forecast
+        store = call.store
+        return {
+            name: forecast_value(store.keys_values[name], [c.keys_values[name] for c in store.history], run)
+            for name in ("to_k", "to_v")
+        }
 
     def _changes(self, call: BranchCall, forecaster: Forecaster, weights: torch.Tensor) -> torch.Tensor:
         """w(t) − w(s_i) per token [batch, tokens, K], s_i = t − 1 − age_i ∈ [s_0, t) (w(s_0) = e_0: v_i = h_0)."""
@@ -654,12 +649,16 @@ class BranchHook(ModelHook):
             )
 
 
-def advanced(stored: torch.Tensor, history: list[torch.Tensor], changes: torch.Tensor) -> torch.Tensor:
-    """Each token's last computed value v_i plus the rule's change since: v_i + Σ_k (w_k(t) − w_k(s_i))·h_k, with
-    `changes` [batch, tokens, K] the weight differences per token (`BranchHook._changes`) and h the history values."""
+def forecast_value(last: BranchOutput, history: list[BranchOutput], run: Execution) -> BranchOutput:
+    """The rule's forecast of a value its history holds (a branch's output, or its key/value projections):
+    Σ_k w_k(t)·h_k; or, once partial steps have recomputed tokens since the newest whole computation (`run.changes`
+    [batch, tokens, K], the weight differences per token of `BranchHook._changes`), each token's last computed value
+    v_i (`last`) plus the rule's change since: v_i + Σ_k (w_k(t) − w_k(s_i))·h_k."""
+    if run.changes is None:
+        return map_streams(lambda *values: weighted_sum(values, run.weights), *history)
     for k, value in enumerate(history):
-        stored = stored + changes[..., k : k + 1] * value
-    return stored
+        last = last + run.changes[..., k : k + 1] * value
+    return last
 
 
 # The Python parts of a branch call, as a compiled caller runs them: in eager frames (see `BranchHook.new_forward`).
