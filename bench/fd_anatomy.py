@@ -62,15 +62,17 @@ OPERATIONS = (
 )
 
 
-def anatomy(quality: DigitsQuality, images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """The row's numbers for one seed: FD to the real digits and its terms, feature spread, FD to `reference`."""
+def anatomy(
+    quality: DigitsQuality, images: torch.Tensor, reference: torch.Tensor, reference_stats: tuple[torch.Tensor, ...]
+) -> dict[str, float]:
+    """The row's numbers for one seed: FD to the real digits and its terms, feature spread, FD to `reference`
+    (`reference_stats`: `gaussian_stats` of its features, computed once per seed)."""
     mu, sigma = gaussian_stats(quality.features(images))
     location, spread = frechet_terms(quality.real_mu, quality.real_sigma, mu, sigma)
-    reference_mu, reference_sigma = gaussian_stats(quality.features(reference))
     return {
         "psnr_db": psnr_db(images, reference), "fd_digits": location + spread, "fd_location": location,
         "fd_spread_term": spread, "feature_spread": float(torch.trace(sigma)),
-        "fd_to_uncached": sum(frechet_terms(reference_mu, reference_sigma, mu, sigma)),
+        "fd_to_uncached": sum(frechet_terms(*reference_stats, mu, sigma)),
     }  # fmt: skip
 
 
@@ -88,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         reference = next(iter(done.values())).reference  # the uncached samples of this noise, the same for each
         rows = {"uncached": reference, **{spec: run.images for spec, run in done.items()}}
         rows.update({operation.name: operation.apply(reference) for operation in OPERATIONS})
+        reference_stats = gaussian_stats(quality.features(reference))
         for name, images in rows.items():
-            per_seed.setdefault(name, []).append(anatomy(quality, images, reference))
+            per_seed.setdefault(name, []).append(anatomy(quality, images, reference, reference_stats))
         flops.update({spec: run.flops / run.flops_uncached for spec, run in done.items()})
 
     uncached_fd = [seed["fd_digits"] for seed in per_seed["uncached"]]
