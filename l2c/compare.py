@@ -324,16 +324,20 @@ PLAN_FLOPS_SAMPLES = 2
 
 
 class CalibrationSet:
-    """The calibration noise every tuned knob is set on, and its uncached samples, made once for all the methods
-    tuned on them: of a `CompareConfig`, its run on `calibration_samples` noises of the evaluation's seed + 1; of
-    any other `SamplingSetup`, that run itself (the TokenCache export's tuning run, on a seed of its own)."""
+    """The calibration noise every tuned knob is set on (the run `run`: compare's, `of_config`, or the TokenCache
+    export's tuning run, on a seed of its own), and its uncached samples, made once for all the methods tuned on
+    them."""
 
-    def __init__(self, bundle: ModelBundle, config: SamplingSetup) -> None:
-        run = config.calibration_run(config.calibration_samples) if isinstance(config, CompareConfig) else config
+    def __init__(self, bundle: ModelBundle, run: SamplingSetup) -> None:
         self.bench = SideBySide(bundle, run, progress=False)
         # A plan fixes what TokenCache computes whatever the noise: its FLOPs are counted on a couple of samples.
         plan_run = dataclasses.replace(run, num_samples=PLAN_FLOPS_SAMPLES, flops_samples=0)
         self.plan_flops = SideBySide(bundle, plan_run, progress=False)
+
+    @classmethod
+    def of_config(cls, bundle: ModelBundle, config: CompareConfig) -> CalibrationSet:
+        """Compare's: `calibration_samples` noises of the evaluation's seed + 1."""
+        return cls(bundle, config.calibration_run(config.calibration_samples))
 
     @cached_property
     def reference(self) -> torch.Tensor:
@@ -489,7 +493,7 @@ def build_rows(config: CompareConfig, bundle: ModelBundle, notes: list[str]) -> 
         rows += preset_rows(method, presets, notes, spec)
     rows += preset_rows("DaTo", interval_presets("dato", config), notes, spec)
     rows += l2c_rows(config, notes)
-    calibration = CalibrationSet(bundle, config)
+    calibration = CalibrationSet.of_config(bundle, config)
     rows += tokencache_rows(config, calibration, notes)
     rows += peer_rows(config, bundle, calibration, notes)
     return [row for row in rows if row.method == "uncached" or config.wants(row.method)]

@@ -450,7 +450,7 @@ def test_compare_sets_the_tables_to_each_point_on_calibration_noise_and_keeps_th
     config = compare.CompareConfig(model=str(fitted.teacher), steps=4, guidance_scale=2.0, targets=(0.75,),
                                    calibration_samples=2, tokencache=[str(fitted.root / "policy")])  # fmt: skip
     bundle = load_model(config.model)
-    calibration = compare.CalibrationSet(bundle, config)
+    calibration = compare.CalibrationSet.of_config(bundle, config)
     notes = []
     rows = compare.tokencache_rows(config, calibration, notes)
     assert [row.method for row in rows] == ["TokenCache", "TokenCache + TaylorSeer forecast", "TokenCache, tuned",

@@ -46,7 +46,7 @@ def test_export_flops_keeps_the_best_calibration_table_at_the_target(tmp_path):
     }
     # The saved plan's FLOPs, counted as compare counts them (2 samples of its own calibration noise, seed 1).
     setup = compare.CompareConfig(model=str(tmp_path / "teacher"), steps=STEPS, guidance_scale=2.0)
-    flops = compare.CalibrationSet(load_model(setup.model), setup).plan_flops.flops_ratio(policy)
+    flops = compare.CalibrationSet.of_config(load_model(setup.model), setup).plan_flops.flops_ratio(policy)
     assert abs(flops - 0.5) <= compare.SEER_TOLERANCE
     assert flops == pytest.approx(kept["flops_ratio"])  # a plan's FLOPs do not depend on the noise
 
